@@ -1,0 +1,456 @@
+"""One dataclass tree for a run: loadable from YAML, overridable as ``section.key=value``.
+
+``RunConfig`` is the whole run. Its sections are plain dataclasses whose fields carry the
+defaults of the reference set-up where one exists (PAPER.md), so that a YAML file only names
+what differs. Loading is strict: an unknown key or a value of the wrong type is a
+:class:`ConfigError` that names the key and suggests the closest valid one.
+
+Example::
+
+    cfg = load_config("configs/demo.yaml", ["selection.threshold=dynamic", "training.steps=50"])
+    print(dump_config(cfg))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+SCHEMA_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Real data: an LVIS-format folder (local or ``s3://``) or the built-in long-tailed set."""
+
+    dataset: Literal["builtin", "lvis"] = "builtin"
+    # Folder holding the annotation JSONs and images. For `builtin` it is created on first use
+    # with `synth_*` below (deterministic from `synth_seed`).
+    root: str = "data/builtin"
+    train_json: str = "train.json"
+    val_json: str = "val.json"
+    # Images are read from `root/image_dir/<file_name>`; for LVIS v1 (no file_name field) the
+    # last two parts of `coco_url` are used, e.g. `train2017/000000391895.jpg`.
+    image_dir: str = "images"
+    # Evaluate on at most this many val images (None: all). Useful for quick checks.
+    max_val_images: Optional[int] = None
+    synth_seed: int = 0
+    synth_num_classes: int = 12
+    synth_train_images: int = 600
+    synth_val_images: int = 150
+    synth_image_size: int = 128
+    # Storage options passed to fsspec for s3:// roots (e.g. {"endpoint_url": ...}).
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class GenerationConfig:
+    """Text-to-image generation of candidate objects (Ray Data stage 1)."""
+
+    backend: Literal["procedural", "stable_diffusion"] = "procedural"
+    # Hub id or local folder of a diffusers text-to-image pipeline (SD 1.x/2.x/SDXL).
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    scheduler: Literal["dpm_multistep", "ddim", "euler", "pndm", "default"] = "dpm_multistep"
+    steps: int = 50
+    guidance: float = 7.5
+    resolution: int = 512
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    safety_checker: bool = False
+    prompt_template: str = "a photo of a single {name}, {definition}, in a white background"
+    # Optional JSON file {class_name: [prompt, ...]} of extra prompts per class.
+    extra_prompts: Optional[str] = None
+    class_weighting: Literal["uniform", "rare_boost", "inverse_frequency", "external"] = (
+        "rare_boost"
+    )
+    # Relative sampling weight per LVIS frequency group for `rare_boost`.
+    group_weights: dict = field(default_factory=lambda: {"r": 4.0, "c": 2.0, "f": 1.0})
+    # Optional JSON file {class_name_or_id: weight} for `external` weighting.
+    external_weights: Optional[str] = None
+    # Restrict generation to these frequency groups (LVIS letters r/c/f).
+    groups: list = field(default_factory=lambda: ["r", "c", "f"])
+    num_candidates: int = 1000
+    batch_size: int = 8
+    concurrency: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    # Built-in procedural generator only: image side (px) and how often it fails.
+    image_size: int = 128
+    failure_rates: dict = field(
+        default_factory=lambda: {"wrong_class": 0.1, "broken": 0.1, "clutter": 0.1, "noise": 0.1}
+    )
+
+
+@dataclass
+class AnnotationConfig:
+    """Mask annotation of generated images (Ray Data stage 2) and quality checks."""
+
+    backend: Literal["builtin", "sam"] = "builtin"
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
+    sam_checkpoint: Optional[str] = None
+    prompt: Literal["corners", "box", "point"] = "corners"
+    batch_size: int = 8
+    concurrency: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    # Quality checks (X-Paste's defaults).
+    min_area_ratio: float = 0.05
+    max_area_ratio: float = 0.95
+    largest_component: bool = True
+    reject_border_touch: bool = False
+    clip_score: bool = False
+    clip_model: str = "openai/clip-vit-base-patch32"
+
+
+@dataclass
+class SelectionConfig:
+    """How each batch of generated instances is judged (selector/)."""
+
+    method: Literal["bsgal", "accept_all", "random", "field_threshold", "lookahead", "none"] = (
+        "bsgal"
+    )
+    # faithful: the reference's three passes; efficient: one forward on the pasted batch.
+    mode: Literal["faithful", "efficient"] = "faithful"
+    score: Literal["cosine", "dot"] = "cosine"
+    cache_update: Literal["momentum", "average"] = "momentum"
+    # Weight kept on the old cache: new = m * old + (1 - m) * current (reference m = 0.1).
+    momentum: float = 0.1
+    cache_dtype: Literal["float32", "bfloat16"] = "float32"
+    # per_worker: the reference's separate cache per GPU; all_reduce: averaged real gradient.
+    cache_sync: Literal["per_worker", "all_reduce"] = "per_worker"
+    threshold: Literal["fixed", "dynamic", "schedule"] = "fixed"
+    fixed_threshold: float = -0.05
+    keep_fraction: float = 0.5
+    keep_fraction_start: float = 0.5
+    keep_fraction_end: float = 0.5
+    window: int = 1000
+    # Per-class option: keep at least this acceptance rate for rare classes (0 disables).
+    rare_min_accept_rate: float = 0.0
+    random_p: float = 0.5
+    quality_field: str = "mask_score"
+    quality_threshold: float = 0.5
+    # Real "test" images per worker batch (reference: 4).
+    real_batch_size: int = 4
+
+
+@dataclass
+class TrainingConfig:
+    """The detector being trained and its loop (trainer/)."""
+
+    backend: Literal["torchvision", "detectron2"] = "torchvision"
+    # small: CPU configuration (resnet18 + thin FPN, 128 px); resnet50_fpn: real runs.
+    arch: Literal["small", "resnet50_fpn"] = "small"
+    image_size: int = 128
+    batch_size: int = 4
+    steps: int = 300
+    # Steps on real data only before generated candidates are consumed.
+    warmup_real_steps: int = 0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 10.0
+    ema: float = 0.0
+    max_pastes_per_image: int = 3
+    repeat_factor_threshold: float = 0.001
+    eval_every: int = 0
+    checkpoint_every: int = 100
+    # Start from these weights (a checkpoint written by bsgal, or a torchvision/detectron2 file).
+    init_checkpoint: Optional[str] = None
+    device: str = "auto"
+    amp: bool = False
+    # Ray Train workers (DDP when > 1) and whether each takes a GPU.
+    num_workers: int = 1
+    use_gpu: bool = False
+
+
+@dataclass
+class OutputConfig:
+    """Where the run folder (config, metrics, checkpoints, decision shards) is written."""
+
+    # Local folder or s3://bucket/prefix.
+    dir: str = "runs/demo"
+    shard_max_rows: int = 256
+    shard_flush_seconds: float = 30.0
+    # fsspec storage options for s3:// (endpoint_url, profile, ...). Credentials come from the
+    # standard AWS chain; never put secrets in a committed file.
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class RayConfig:
+    """How the job reaches Ray: a local instance or an existing cluster."""
+
+    # None: start a local Ray; "auto" or "ray://host:10001": connect to a cluster.
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    object_store_memory_mb: Optional[int] = None
+    # Fraction of the cluster's CPUs that Ray Data may use, leaving the rest to the trainer.
+    data_cpu_fraction: float = 0.75
+
+
+@dataclass
+class RunConfig:
+    """A whole bsgal run. ``name`` and ``seed`` make candidate ids deterministic."""
+
+    name: str = "bsgal"
+    seed: int = 0
+    schema_version: int = SCHEMA_VERSION
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, dumping
+# --------------------------------------------------------------------------------------------
+
+
+def _suggest(key: str, valid: typing.Iterable[str], prefix: str = "") -> str:
+    """``"; did you mean 'prefix.closest'?"`` or ``""`` when nothing is close."""
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        hint = _suggest(str(value), [str(c) for c in choices])
+        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}{hint}")
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:  # pragma: no cover - only the annotations above are used in this module
+        raise TypeError(f"unsupported annotation {tp!r} for {key}")
+    raise ConfigError(f"{key}: {value!r} ({type(value).__name__}) is not {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the config file"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown key '{full}'{_suggest(str(key), fields, prefix)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Build a :class:`RunConfig` from nested plain data, checking every key and type."""
+    cfg = _build(RunConfig, data or {}, "")
+    if cfg.schema_version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"schema_version: {cfg.schema_version} is not supported by this bsgal "
+            f"(expects {SCHEMA_VERSION}); re-create the config from configs/demo.yaml"
+        )
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into a key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key; write it as section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
+    """Return a copy of nested ``data`` with each ``a.b=value`` override set."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping (local path or any fsspec URI); errors name the file."""
+    import fsspec
+
+    try:
+        with fsspec.open(str(path), "r") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Load ``path`` (or the defaults when None), apply overrides, and validate."""
+    data = read_yaml(path) if path is not None else {}
+    try:
+        return config_from_dict(apply_overrides(data, overrides))
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Nested plain-data form of a config (the inverse of :func:`config_from_dict`)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """YAML text of a resolved config, sections in declaration order."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+
+    def positive(value: float, key: str) -> None:
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+
+    def fraction(value: float, key: str) -> None:
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: must be within [0, 1], got {value}")
+
+    positive(cfg.training.steps, "training.steps")
+    positive(cfg.training.batch_size, "training.batch_size")
+    positive(cfg.training.lr, "training.lr")
+    positive(cfg.training.image_size, "training.image_size")
+    positive(cfg.training.num_workers, "training.num_workers")
+    positive(cfg.generation.batch_size, "generation.batch_size")
+    positive(cfg.generation.concurrency, "generation.concurrency")
+    positive(cfg.annotation.batch_size, "annotation.batch_size")
+    positive(cfg.annotation.concurrency, "annotation.concurrency")
+    positive(cfg.selection.window, "selection.window")
+    positive(cfg.selection.real_batch_size, "selection.real_batch_size")
+    positive(cfg.output.shard_max_rows, "output.shard_max_rows")
+    if cfg.generation.num_candidates < 0:
+        raise ConfigError(
+            f"generation.num_candidates: must be >= 0, got {cfg.generation.num_candidates}"
+        )
+    for key in ("momentum", "keep_fraction", "keep_fraction_start", "keep_fraction_end",
+                "rare_min_accept_rate", "random_p"):
+        fraction(getattr(cfg.selection, key), f"selection.{key}")
+    fraction(cfg.training.ema, "training.ema")
+    fraction(cfg.ray.data_cpu_fraction, "ray.data_cpu_fraction")
+    a = cfg.annotation
+    if not 0.0 <= a.min_area_ratio < a.max_area_ratio <= 1.0:
+        raise ConfigError(
+            "annotation.min_area_ratio/max_area_ratio: need 0 <= min < max <= 1, got "
+            f"{a.min_area_ratio} and {a.max_area_ratio}"
+        )
+    for group in cfg.generation.groups:
+        if group not in ("r", "c", "f"):
+            raise ConfigError(f"generation.groups: {group!r} is not one of 'r', 'c', 'f'")
+    for group, weight in cfg.generation.group_weights.items():
+        if group not in ("r", "c", "f"):
+            raise ConfigError(
+                f"generation.group_weights: key {group!r} is not one of 'r', 'c', 'f'"
+            )
+        if not isinstance(weight, (int, float)) or weight < 0:
+            raise ConfigError(f"generation.group_weights.{group}: must be a number >= 0")
+    for kind, rate in cfg.generation.failure_rates.items():
+        valid = ("wrong_class", "broken", "clutter", "noise")
+        if kind not in valid:
+            raise ConfigError(
+                f"generation.failure_rates: unknown failure {kind!r}{_suggest(kind, valid)}"
+            )
+        if not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"generation.failure_rates.{kind}: must be within [0, 1]")
+    if sum(cfg.generation.failure_rates.values()) > 1.0:
+        raise ConfigError("generation.failure_rates: the rates must sum to at most 1")
+    if cfg.annotation.backend == "sam" and cfg.annotation.sam_checkpoint is None:
+        raise ConfigError(
+            "annotation.sam_checkpoint: required when annotation.backend=sam; download e.g. "
+            "sam_vit_h_4b8939.pth and pass annotation.sam_checkpoint=/path/to/it"
+        )
