@@ -1,0 +1,97 @@
+"""The torchvision Mask R-CNN backend (default).
+
+A stock torchvision ``MaskRCNN`` whose ``rpn`` and ``roi_heads`` are replaced by the split
+subclasses of :mod:`trainer.backends.torchvision_heads` (same parameters, same state-dict keys as
+the stock model, so torchvision checkpoints load). Example::
+
+    backend = TorchvisionMaskRCNN.build(num_classes=12, arch="small", image_size=128)
+    split = backend.losses(images, targets)           # SplitLosses
+    split.total().backward()                          # == the stock Mask R-CNN loss
+    detections = backend.predict(images)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN
+
+from trainer.backends.split_losses import SplitLosses
+from trainer.backends.torchvision_arch import build_maskrcnn
+from trainer.backends.torchvision_heads import SplitRegionProposalNetwork, SplitRoIHeads
+
+
+def make_split(model: MaskRCNN) -> MaskRCNN:
+    """Swap ``model``'s RPN and RoI heads for their split subclasses (in place; returned)."""
+    if not isinstance(model.roi_heads, SplitRoIHeads):
+        model.roi_heads = SplitRoIHeads.from_stock(model.roi_heads)
+    if not isinstance(model.rpn, SplitRegionProposalNetwork):
+        model.rpn = SplitRegionProposalNetwork.from_stock(model.rpn)
+    return model
+
+
+class TorchvisionMaskRCNN:
+    """`DetectorBackend` over a torchvision Mask R-CNN (see :mod:`trainer.backends.base`)."""
+
+    name = "torchvision"
+
+    def __init__(self, model: MaskRCNN, num_classes: int, arch: str = "custom",
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.module: MaskRCNN = make_split(model).to(self.device)
+        self.model: nn.Module = self.module
+        self.num_classes = num_classes
+        self.arch = arch
+
+    @classmethod
+    def build(cls, num_classes: int, arch: str = "small", image_size: int = 128,
+              device: torch.device | str = "cpu") -> TorchvisionMaskRCNN:
+        """A randomly initialised model of ``arch`` (see :mod:`trainer.backends.torchvision_arch`)."""
+        return cls(build_maskrcnn(num_classes, arch, image_size), num_classes, arch, device)
+
+    def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
+        self.model = wrapper(self.module)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]], *,
+               score_only: bool = False) -> SplitLosses:
+        if not self.module.training:
+            raise RuntimeError("losses() needs the model in train mode (call module.train())")
+        model = self.module if score_only else self.model
+        return SplitLosses.from_flat(model(images, targets))
+
+    def real_classification_loss(self, images: list[Tensor],
+                                 targets: list[dict[str, Tensor]]) -> Tensor:
+        """Box-classifier cross-entropy on the ground-truth boxes (the reference's real loss).
+
+        Runs transform → backbone/FPN → box RoI pool → box head → box predictor on the
+        (resized) ground-truth boxes; RPN and mask head are not run and get no gradient.
+        """
+        model = self.module
+        batch, resized = model.transform(images, targets)
+        features = model.backbone(batch.tensors)
+        return model.roi_heads.gt_box_classification_loss(features, batch.image_sizes, resized)
+
+    @torch.no_grad()
+    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections in the input images' frame; masks thresholded at 0.5 (bool)."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            outputs = self.module(images)
+        finally:
+            self.module.train(was_training)
+        return [
+            {
+                "boxes": o["boxes"].float(),
+                "scores": o["scores"].float(),
+                "labels": o["labels"].to(torch.int64),
+                "masks": (o["masks"][:, 0] >= 0.5) if "masks" in o
+                else torch.zeros((0,) + tuple(img.shape[-2:]), dtype=torch.bool),
+            }
+            for o, img in zip(outputs, images)
+        ]

@@ -1,0 +1,383 @@
+"""The training loop: real batches, pasted candidates, BSGAL decisions, evaluation, checkpoints.
+
+`DetectorTrainer` is a plain object, usable from a script or from a Ray Train worker (it imports
+no Ray). A worker feeds it candidate batches as they arrive::
+
+    trainer = DetectorTrainer(backend, train_set, selector=selector, val_set=val_set, ...)
+    for batch in shard.iter_batches(batch_size=8, batch_format="numpy"):
+        result = trainer.train_on_candidates(batch)   # one or more steps
+        write(result.decisions)                       # exactly one row per candidate
+    trainer.save_checkpoint("ckpt.pt")                # model, optimizer, scheduler, EMA, cache,
+                                                      # threshold state, RNG states, offset
+
+Per step: ``batch_size`` real images from the repeat-factor sampler; candidates chosen
+class-balanced, 0..``max_pastes_per_image`` per image (`trainer.copy_paste`); the BSGAL step
+(`trainer.bsgal_step`) leaves the gradients; then gradient clipping, the optimizer, the
+warmup+cosine schedule and the optional EMA. A candidate batch is used up within the call, so a
+checkpoint taken between calls holds no half-used batch and ``stream_offset`` (candidates
+consumed) says where to resume the stream.
+
+Determinism: with the same seeds, inputs and thread count, two runs make the same decisions;
+the trainer seeds torch's global generator (used by torchvision's RoI/anchor samplers) from
+``seed`` and ``rank`` when it is built, and a checkpoint restores it together with numpy's and
+Python's global generators and the trainer's own generators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from selector import BatchSelector
+from trainer.backends.base import DetectorBackend, image_tensor
+from trainer.bsgal_step import BsgalStep, NonFiniteLossError, StepOutcome
+from trainer.candidates import Candidate, batch_rows, check_candidate, cut_out, decision_record
+from trainer.copy_paste import ClassSizeStatistics, CopyPaste
+from trainer.datasets.lvis_format import LvisDataset
+from trainer.evaluation import LvisEvaluator
+from trainer.optim import ModelEma, build_optimizer, build_scheduler
+from trainer.real_data import RealImages
+from trainer.sampling import ClassAwareSampler, RepeatFactorSampler
+
+CHECKPOINT_FORMAT = "bsgal-trainer/1"
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 32-bit seed for one purpose (``keys``) derived from the run seed."""
+    return int(np.random.SeedSequence([int(seed), *keys]).generate_state(1)[0])
+
+
+@dataclass
+class CandidateBatchResult:
+    """What `DetectorTrainer.train_on_candidates` did with one candidate batch.
+
+    Attributes:
+        decisions: one decision row per incoming candidate, in input order (CONTRACTS.md fields
+            plus ``sample_id``).
+        steps: one log dict per optimizer step taken (step, decision, losses, lr, grad norm,
+            seconds, and ``metrics`` when an evaluation ran after it).
+    """
+
+    decisions: list[dict[str, Any]]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+class DetectorTrainer:
+    """Trains a detector on real images and judged generated candidates.
+
+    Args:
+        backend: the detector (`trainer.backends.base.DetectorBackend`), on its device.
+        train_set: the real training split.
+        selector: `selector.BatchSelector` (BSGAL or a baseline); None trains on real data only.
+        mode: BSGAL mode, ``"faithful"`` (default) or ``"efficient"``.
+        batch_size: real images per step (each may receive pastes).
+        real_batch_size: images of the real "test" batch (faithful BSGAL; reference 4).
+        max_pastes_per_image: candidates pasted per image are drawn in 0..this.
+        optimizer, lr, weight_decay, momentum: AdamW (reference) or SGD settings.
+        warmup_steps, total_steps, schedule: linear warmup, then cosine over ``total_steps``.
+        grad_clip: max global gradient norm (0 disables).
+        ema: EMA decay of the weights (0 disables); evaluation uses the EMA weights.
+        repeat_factor_threshold: LVIS repeat-factor threshold t (0.001).
+        val_set, eval_every, max_eval_images: periodic LVIS evaluation (0 disables).
+        seed, rank: run seed and Ray Train worker rank (different ranks draw different images).
+        image_cache_size: decoded real images kept in memory.
+        min_mask_pixels: candidates with smaller masks are ``invalid_empty_mask``.
+    """
+
+    def __init__(self, backend: DetectorBackend, train_set: LvisDataset, *,
+                 selector: BatchSelector | None = None, mode: str = "faithful",
+                 batch_size: int = 4, real_batch_size: int = 4, max_pastes_per_image: int = 3,
+                 optimizer: str = "adamw", lr: float = 1e-4, weight_decay: float = 1e-4,
+                 momentum: float = 0.9, warmup_steps: int = 50, total_steps: int = 300,
+                 schedule: str = "cosine", grad_clip: float = 10.0, ema: float = 0.0,
+                 repeat_factor_threshold: float = 0.001, val_set: LvisDataset | None = None,
+                 eval_every: int = 0, max_eval_images: int | None = None, seed: int = 0,
+                 rank: int = 0, image_cache_size: int = 1024, min_mask_pixels: int = 16) -> None:
+        if batch_size < 1 or real_batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} and real_batch_size={real_batch_size} "
+                             "must be >= 1")
+        self.backend = backend
+        self.train_set = train_set
+        self.val_set = val_set
+        if val_set is not None:
+            _check_same_categories(train_set, val_set)
+        self.selector = selector
+        self.method = "none" if selector is None else selector.method
+        self.step_fn = BsgalStep(backend, selector, mode)
+        self.mode = mode
+        self.batch_size = int(batch_size)
+        self.real_batch_size = int(real_batch_size)
+        self.grad_clip = float(grad_clip)
+        self.eval_every = int(eval_every)
+        self.max_eval_images = max_eval_images
+        self.rank = int(rank)
+        self.min_mask_pixels = int(min_mask_pixels)
+        self.real = RealImages(train_set, image_cache_size)
+        self.label_of = {c.id: c.label for c in train_set.categories}
+        self.category_of = {c.label: c.id for c in train_set.categories}
+        self.sampler = RepeatFactorSampler(self.real.category_ids_per_image,
+                                           repeat_factor_threshold, derive_seed(seed, rank, 1))
+        self.test_sampler = ClassAwareSampler(self.real.category_ids_per_image,
+                                              derive_seed(seed, rank, 2))
+        self.paster = CopyPaste(ClassSizeStatistics.from_dataset(train_set),
+                                max_per_image=max_pastes_per_image, seed=derive_seed(seed, rank, 3))
+        self.optimizer = build_optimizer(backend.trainable_parameters(), optimizer, lr,
+                                         weight_decay, momentum)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps, total_steps, schedule)
+        self.ema = ModelEma(backend.module, ema) if ema > 0 else None
+        self.step = 0
+        self.stream_offset = 0
+        self.metrics_log: list[dict[str, Any]] = []
+        torch.manual_seed(derive_seed(seed, rank, 4))
+        backend.module.train()
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _optimizer_step(self, compute: Any) -> tuple[Any, float]:
+        """zero grads → ``compute()`` (leaves gradients) → clip → step → schedule → EMA."""
+        self.optimizer.zero_grad(set_to_none=True)
+        result = compute()
+        params = self.backend.trainable_parameters()
+        if self.grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])))
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(self.step, "gradient norm", norm, "training")
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.backend.module)
+        self.step += 1
+        return result, norm
+
+    def _log(self, started: float, grad_norm: float, losses: Mapping[str, float],
+             **extra: Any) -> dict[str, Any]:
+        entry = {"step": self.step - 1, "lr": self.optimizer.param_groups[0]["lr"],
+                 "loss": float(sum(losses.values())), "losses": dict(losses),
+                 "grad_norm": grad_norm, "seconds": time.perf_counter() - started, **extra}
+        if self.eval_every and self.val_set is not None and self.step % self.eval_every == 0:
+            entry["metrics"] = self.evaluate()
+            self.metrics_log.append({"step": self.step, **entry["metrics"]})
+        return entry
+
+    def train_real_step(self) -> dict[str, Any]:
+        """One plain step on ``batch_size`` real images (no candidates); returns its log."""
+        started = time.perf_counter()
+        samples = [self.real[i] for i in self.sampler.next_indices(self.batch_size)]
+        step = self.step
+        losses, norm = self._optimizer_step(lambda: self.step_fn.train_real(samples, step))
+        return self._log(started, norm, losses, kind="real")
+
+    def train_on_candidates(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+                            ) -> CandidateBatchResult:
+        """Check, paste, judge and train on one candidate batch (one or more steps).
+
+        Invalid candidates get their ``invalid_*`` row at once; the rest are used up in steps of
+        ``batch_size`` real images each. Returns exactly one decision row per candidate.
+        """
+        if self.selector is None:
+            raise ValueError("this trainer has no selector (method 'none'); it trains on real "
+                             "data only: call train_real_step()")
+        rows = batch_rows(batch)
+        records: list[dict[str, Any] | None] = [None] * len(rows)
+        pool: list[Candidate] = []
+        for position, row in enumerate(rows):
+            reason = check_candidate(row, self.label_of, self.min_mask_pixels)
+            if reason is None:
+                pool.append(cut_out(position, row, self.label_of[int(row["class_id"])]))
+            else:
+                records[position] = decision_record(
+                    str(row["sample_id"]), reason=reason, accepted=False, step=self.step,
+                    rank=self.rank, method=self.method, cache_norm=self._cache_norm())
+        logs = []
+        while pool:
+            logs.append(self._candidate_step(pool, records))
+        self.stream_offset += len(rows)
+        assert all(r is not None for r in records)
+        return CandidateBatchResult(decisions=records, steps=logs)  # type: ignore[arg-type]
+
+    def _cache_norm(self) -> float | None:
+        cache = None if self.selector is None else self.selector.cache
+        return None if cache is None else cache.norm()
+
+    def _needs_real_test(self) -> bool:
+        assert self.selector is not None
+        return self.mode == "faithful" and (self.selector.needs_gradients
+                                            or self.selector.policy.name == "lookahead")
+
+    def _candidate_step(self, pool: list[Candidate], records: list[dict[str, Any] | None]
+                        ) -> dict[str, Any]:
+        started = time.perf_counter()
+        samples = [self.real[i] for i in self.sampler.next_indices(self.batch_size)]
+        per_image = self.paster.assign(pool, len(samples))
+        pasted = [self.paster.paste(s, c) for s, c in zip(samples, per_image)]
+        used = [c for chosen in per_image for c in chosen]
+        class_ids = [c.class_id for c in used]
+        real_test = None
+        if self._needs_real_test():
+            real_test = [self.real[i]
+                         for i in self.test_sampler.sample(class_ids, self.real_batch_size)]
+        names = sorted(set.intersection(*(set(c.fields) for c in used))) if used else []
+        fields = {name: [c.fields[name] for c in used] for name in names}
+        step = self.step
+        lr = self.optimizer.param_groups[0]["lr"]
+        outcome: StepOutcome
+        outcome, norm = self._optimizer_step(lambda: self.step_fn.run(
+            step, pasted, real_test, class_ids=class_ids, fields=fields, lookahead_lr=lr))
+        batch_id = f"rank{self.rank}-step{step}"
+        for c in used:
+            records[c.position] = decision_record(
+                c.sample_id, reason=outcome.reason, accepted=outcome.accepted, step=step,
+                rank=self.rank, method=self.method, batch_id=batch_id, score=outcome.score,
+                threshold=outcome.threshold, cache_norm=outcome.cache_norm)
+        return self._log(started, norm, outcome.losses, kind="candidates", batch_id=batch_id,
+                         accepted=outcome.accepted, reason=outcome.reason, score=outcome.score,
+                         threshold=outcome.threshold, trained_on=outcome.trained_on,
+                         num_candidates=len(used), num_generated=outcome.num_generated)
+
+    def fit(self, candidate_batches: Iterable[Any] = (), *, steps: int,
+            warmup_real_steps: int = 0, checkpoint_dir: str | None = None,
+            checkpoint_every: int = 0) -> list[dict[str, Any]]:
+        """Train until ``steps`` optimizer steps: real-only for ``warmup_real_steps``, then on
+        candidate batches while they last, then real-only. Returns all decision rows.
+
+        Checkpoints go to ``checkpoint_dir/checkpoint_<step>.pt`` every ``checkpoint_every``
+        steps (checked between candidate batches).
+        """
+        decisions: list[dict[str, Any]] = []
+        batches = iter(candidate_batches)
+        next_checkpoint = self.step + checkpoint_every if checkpoint_every else math.inf
+        while self.step < steps:
+            batch = None if self.step < warmup_real_steps else next(batches, None)
+            if batch is None:
+                self.train_real_step()
+            else:
+                decisions.extend(self.train_on_candidates(batch).decisions)
+            if checkpoint_dir is not None and self.step >= next_checkpoint:
+                os.makedirs(checkpoint_dir, exist_ok=True)
+                self.save_checkpoint(os.path.join(checkpoint_dir,
+                                                  f"checkpoint_{self.step:07d}.pt"))
+                next_checkpoint = self.step + checkpoint_every
+        return decisions
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def evaluate(self, dataset: LvisDataset | None = None, max_images: int | None = None
+                 ) -> dict[str, dict[str, float]]:
+        """LVIS AP/APr/APc/APf (bbox, segm) on ``dataset`` (default: the validation split)
+        with the official evaluator; uses the EMA weights when EMA is on."""
+        dataset = dataset if dataset is not None else self.val_set
+        if dataset is None:
+            raise ValueError("no dataset to evaluate on: pass one or build the trainer with "
+                             "val_set")
+        _check_same_categories(self.train_set, dataset)
+        limit = max_images if max_images is not None else self.max_eval_images
+        count = len(dataset) if limit is None else min(limit, len(dataset))
+        ids = [dataset.images[i]["id"] for i in range(count)]
+        evaluator = LvisEvaluator(dataset.subset(ids), self.category_of)
+        module = self.backend.module
+        context = self.ema.applied(module) if self.ema is not None else contextlib.nullcontext()
+        with context:
+            for start in range(0, count, self.batch_size):
+                samples = [dataset[i] for i in range(start, min(start + self.batch_size, count))]
+                images = [image_tensor(s["image"], self.backend.device) for s in samples]
+                for sample, det in zip(samples, self.backend.predict(images)):
+                    evaluator.process(sample["image_id"], det["boxes"].cpu().numpy(),
+                                      det["scores"].cpu().numpy(), det["labels"].cpu().numpy(),
+                                      det["masks"].cpu().numpy())
+        return evaluator.evaluate()
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit (plain data and tensors only)."""
+        np_state = np.random.get_state()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "stream_offset": self.stream_offset,
+            "method": self.method,
+            "mode": self.mode,
+            "model": self.backend.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "selector": None if self.selector is None else self.selector.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "test_sampler": self.test_sampler.state_dict(),
+            "copy_paste": self.paster.state_dict(),
+            "metrics_log": list(self.metrics_log),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": [np_state[0], [int(x) for x in np_state[1]], *np_state[2:]],
+                "python": random.getstate(),
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')!r} is not "
+                             f"{CHECKPOINT_FORMAT!r}; it was not written by this trainer")
+        if state["method"] != self.method or state["mode"] != self.mode:
+            raise ValueError(f"checkpoint was method={state['method']!r} mode={state['mode']!r};"
+                             f" this run is method={self.method!r} mode={self.mode!r}")
+        self.backend.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if (state["ema"] is None) != (self.ema is None):
+            raise ValueError("checkpoint and this run disagree on EMA (training.ema)")
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.selector is not None:
+            self.selector.load_state_dict(state["selector"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.test_sampler.load_state_dict(state["test_sampler"])
+        self.paster.load_state_dict(state["copy_paste"])
+        self.step = int(state["step"])
+        self.stream_offset = int(state["stream_offset"])
+        self.metrics_log = list(state["metrics_log"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+        random.setstate(_as_tuple(rng["python"]))
+
+    def save_checkpoint(self, path: str) -> None:
+        """``torch.save`` of `state_dict` to ``path``, atomically (temp file + rename)."""
+        tmp = f"{path}.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Load a checkpoint written by `save_checkpoint` (``weights_only=True``)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.load_state_dict(state)
+
+
+def _as_tuple(value: Any) -> Any:
+    """Lists back to tuples (``random.setstate`` wants its nested tuple)."""
+    if isinstance(value, list):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+def _check_same_categories(train_set: LvisDataset, other: LvisDataset) -> None:
+    a = [(c.id, c.label) for c in train_set.categories]
+    b = [(c.id, c.label) for c in other.categories]
+    if a != b:
+        raise ValueError(f"{other.json_uri} has different categories than {train_set.json_uri}; "
+                         "training and evaluation splits must share one category list")
