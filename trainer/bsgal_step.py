@@ -18,24 +18,31 @@ Faithful mode (default; DESIGN.md §6, the reference's three forward+backward pa
 The torchvision backend's classifier is a softmax cross-entropy (the reference's CenterNet2 uses
 sigmoid BCE over its cascade stages); each backend uses its own classification loss.
 
-Efficient mode (option): one forward on the pasted batch and two backward passes on its graph:
+Efficient mode (option): one forward on the pasted batch, through the training graph:
 
-- the *real part* R = losses of samples matched to real instances plus real background
-  (``real_foreground + real_background``, every term) → its gradient updates the cache;
-- the *generated part* G = losses of samples matched to pasted instances plus background on
-  pasted objects (``generated + generated_background``, every term) → its gradient is scored;
-- accepted: train with grad R + grad G (= the stock loss on the pasted batch); rejected: grad R
-  only, i.e. without the generated instances and without treating their regions as
-  background. The pixels stay pasted.
+- the *real part* for the cache: classification loss of the sampled RoIs matched to real
+  instances (``real_foreground``; they include the ground-truth boxes themselves, which
+  torchvision adds to the proposals, so this is the closest in-graph analogue of the faithful
+  ground-truth-box loss);
+- the *generated part* for the score: classification loss of the RoIs matched to pasted
+  instances (as in faithful mode);
+- accepted: train on the whole pasted-batch loss; rejected: on ``real_foreground +
+  real_background`` only, i.e. without the generated instances and without treating their
+  regions as background (background RoIs/anchors whose best match is a pasted object are left
+  out). The pixels stay pasted.
 
-Using every loss term (not only classification) lets the two gradients that are needed anyway
-for training double as cache and score gradients, so the step costs one forward and two
-backwards (faithful: three of each). ``benchmarks/step_cost.py`` measures the cost and how
-often the two modes agree.
+Gradients are taken over the parameters of the selector's gradient cache. Faithful mode uses
+all trainable parameters (the reference); `trainer.factory` gives efficient mode the box head
+and box predictor only (``backend.classifier_parameters()``), whose gradients come from a short
+backward that stops at RoIAlign. The step then costs one forward, two small backwards and the
+training backward, against three full forward+backward passes for faithful mode. A cache over
+all parameters works too, at the cost of two more full backwards. ``benchmarks/step_cost.py``
+measures the cost and how often the modes agree (and how often faithful mode agrees with
+itself when only its real "test" batch is re-drawn, the noise floor of any comparison).
 
-The gradient of scoring passes is taken with ``torch.autograd.grad`` on the bare module, so a
-DDP wrapper never sees them; the efficient mode writes its assembled gradient into
-``param.grad`` itself and averages it across ranks when a process group is initialised.
+The scoring gradients are taken with ``torch.autograd.grad``, which never fires the gradient
+hooks of a DDP wrapper; faithful scoring forwards go through the bare module, efficient mode's
+single forward through the wrapper so that its training backward is synchronised as usual.
 """
 
 from __future__ import annotations
@@ -46,7 +53,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from selector import BatchSelector, parameter_gradients
@@ -54,8 +60,7 @@ from trainer.backends.base import DetectorBackend
 from trainer.backends.split_losses import (
     CLASSIFICATION_TERM,
     CLEAR_GROUPS,
-    GENERATED,
-    GENERATED_BACKGROUND,
+    REAL_FOREGROUND,
     SplitLosses,
 )
 from trainer.candidates import INVALID_NAN_LOSS
@@ -116,14 +121,6 @@ def check_finite(losses: Mapping[str, Tensor], step: int, batch: str) -> None:
             raise NonFiniteLossError(step, term, v, batch)
 
 
-def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
-
-
 class BsgalStep:
     """Computes one step's gradients and decision (module docstring).
 
@@ -148,7 +145,10 @@ class BsgalStep:
         self.mode = mode
 
     @property
-    def params(self) -> list[torch.nn.Parameter]:
+    def score_params(self) -> list[torch.nn.Parameter]:
+        """The parameters BSGAL gradients are taken over: those of the selector's cache."""
+        if self.selector is not None and self.selector.cache is not None:
+            return list(self.selector.cache.layout.params)
         return self.backend.trainable_parameters()
 
     # -- plain training ---------------------------------------------------------------------
@@ -222,13 +222,13 @@ class BsgalStep:
             if not real_test:
                 raise ValueError("faithful BSGAL needs the real test batch (real_test)")
             real_loss = self.backend.real_classification_loss(*real_inputs(real_test, device))
-            selector.update_cache(parameter_gradients(real_loss, self.params), step=step)
+            selector.update_cache(parameter_gradients(real_loss, self.score_params), step=step)
             generated = self.backend.losses(*pasted_inputs(pasted, device), score_only=True)
             generated_loss = generated.generated[CLASSIFICATION_TERM]
             if math.isfinite(float(generated_loss.detach())):
                 decision = selector.decide(
                     step=step, num_generated=num_generated,
-                    candidate_grad=parameter_gradients(generated_loss, self.params),
+                    candidate_grad=parameter_gradients(generated_loss, self.score_params),
                     class_ids=class_ids, fields=fields)
             else:
                 nan_loss = True
@@ -257,7 +257,7 @@ class BsgalStep:
         pasted_batch = pasted_inputs(pasted, device)
         real_batch = real_inputs(real_test, device)
         result = exact_lookahead_gain(
-            self.params,
+            self.backend.trainable_parameters(),
             lambda: self.backend.losses(*pasted_batch, score_only=True).generated[
                 CLASSIFICATION_TERM],
             lambda: self.backend.real_classification_loss(*real_batch),
@@ -269,49 +269,28 @@ class BsgalStep:
     def _efficient(self, step: int, pasted: Sequence[PastedImage], num_generated: int,
                    class_ids: Sequence[int]) -> StepOutcome:
         selector = self.selector
-        assert selector is not None
-        params = self.params
-        split: SplitLosses = self.backend.losses(*pasted_inputs(pasted, self.backend.device),
-                                                 score_only=True)
-        real_terms = split.by_term(CLEAR_GROUPS)
-        check_finite(real_terms, step, "pasted (real part)")
-        real_loss = split.total(CLEAR_GROUPS)
-        generated_loss = split.total((GENERATED, GENERATED_BACKGROUND))
+        assert selector is not None and selector.cache is not None
+        params = self.score_params
+        split: SplitLosses = self.backend.losses(*pasted_inputs(pasted, self.backend.device))
+        generated_loss = split.generated[CLASSIFICATION_TERM]
         generated_ok = math.isfinite(float(generated_loss.detach()))
-        generated_grads: list[Tensor | None] | None = None
+        decision: Any = None
         if num_generated > 0 and generated_ok:
             generated_grads = parameter_gradients(generated_loss, params, retain_graph=True)
-        real_grads = parameter_gradients(real_loss, params)
-        selector.update_cache(real_grads, step=step)
-        if num_generated > 0 and not generated_ok:
-            decision = None
         else:
+            generated_grads = None
+        real_loss = split.pieces[REAL_FOREGROUND][CLASSIFICATION_TERM]
+        selector.update_cache(parameter_gradients(real_loss, params, retain_graph=True),
+                              step=step)
+        if num_generated == 0 or generated_ok:
             decision = selector.decide(step=step, num_generated=num_generated,
                                        candidate_grad=generated_grads, class_ids=class_ids)
         accepted = decision is not None and decision.accepted
-        grads = ([_add(r, g) for r, g in zip(real_grads, generated_grads)]
-                 if accepted and generated_grads is not None else real_grads)
-        self._set_gradients(params, grads)
-        trained = split.stock if accepted else real_terms
+        trained = split.stock if accepted else split.by_term(CLEAR_GROUPS)
+        check_finite(trained, step, "pasted" if accepted else "pasted (real part)")
+        torch.stack(list(trained.values())).sum().backward()
         losses = {k: float(v.detach()) for k, v in trained.items()}
         trained_on = TRAINED_ON_PASTED if accepted else TRAINED_ON_PASTED_WITHOUT_GENERATED
         if decision is None:
             return self._nan_loss_outcome(trained_on, losses, num_generated)
         return self._outcome(decision, trained_on, losses, num_generated)
-
-    @staticmethod
-    @torch.no_grad()
-    def _set_gradients(params: Sequence[torch.nn.Parameter],
-                       grads: Sequence[Tensor | None]) -> None:
-        """Accumulate ``grads`` into ``param.grad``; average across ranks under DDP."""
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        for param, grad in zip(params, grads):
-            if grad is None:
-                grad = torch.zeros_like(param)
-            if world > 1:
-                dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-                grad.div_(world)
-            if param.grad is None:
-                param.grad = grad.detach().clone()
-            else:
-                param.grad.add_(grad)

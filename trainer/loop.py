@@ -41,7 +41,7 @@ from selector import BatchSelector
 from trainer.backends.base import DetectorBackend, image_tensor
 from trainer.bsgal_step import BsgalStep, NonFiniteLossError, StepOutcome
 from trainer.candidates import Candidate, batch_rows, check_candidate, cut_out, decision_record
-from trainer.copy_paste import ClassSizeStatistics, CopyPaste
+from trainer.copy_paste import ClassSizeStatistics, CopyPaste, PastedImage
 from trainer.datasets.lvis_format import LvisDataset
 from trainer.evaluation import LvisEvaluator
 from trainer.optim import ModelEma, build_optimizer, build_scheduler
@@ -54,6 +54,25 @@ CHECKPOINT_FORMAT = "bsgal-trainer/1"
 def derive_seed(seed: int, *keys: int) -> int:
     """A 32-bit seed for one purpose (``keys``) derived from the run seed."""
     return int(np.random.SeedSequence([int(seed), *keys]).generate_state(1)[0])
+
+
+@dataclass
+class PastedBatch:
+    """One step's input: pasted images, the candidates on them, and the real "test" batch.
+
+    Attributes:
+        pasted: the pasted images (each keeps its original).
+        candidates: the candidates pasted in this step (all get this step's decision).
+        class_ids: their category ids.
+        real_test: real samples containing those classes (faithful BSGAL/look-ahead), or None.
+        fields: numeric candidate fields by name, one value per candidate.
+    """
+
+    pasted: list[PastedImage]
+    candidates: list[Candidate]
+    class_ids: list[int]
+    real_test: list[dict[str, Any]] | None
+    fields: dict[str, list[float]]
 
 
 @dataclass
@@ -216,9 +235,9 @@ class DetectorTrainer:
         return self.mode == "faithful" and (self.selector.needs_gradients
                                             or self.selector.policy.name == "lookahead")
 
-    def _candidate_step(self, pool: list[Candidate], records: list[dict[str, Any] | None]
-                        ) -> dict[str, Any]:
-        started = time.perf_counter()
+    def paste_next(self, pool: list[Candidate]) -> PastedBatch:
+        """Take candidates out of ``pool`` and paste them onto the next ``batch_size`` real
+        images; also draw the real "test" batch when the step needs one."""
         samples = [self.real[i] for i in self.sampler.next_indices(self.batch_size)]
         per_image = self.paster.assign(pool, len(samples))
         pasted = [self.paster.paste(s, c) for s, c in zip(samples, per_image)]
@@ -230,21 +249,38 @@ class DetectorTrainer:
                          for i in self.test_sampler.sample(class_ids, self.real_batch_size)]
         names = sorted(set.intersection(*(set(c.fields) for c in used))) if used else []
         fields = {name: [c.fields[name] for c in used] for name in names}
+        return PastedBatch(pasted, used, class_ids, real_test, fields)
+
+    def train_pasted(self, batch: PastedBatch) -> tuple[StepOutcome, dict[str, Any]]:
+        """One optimizer step on a pasted batch (decision included); returns the outcome and
+        the step's log."""
+        started = time.perf_counter()
         step = self.step
         lr = self.optimizer.param_groups[0]["lr"]
         outcome: StepOutcome
         outcome, norm = self._optimizer_step(lambda: self.step_fn.run(
-            step, pasted, real_test, class_ids=class_ids, fields=fields, lookahead_lr=lr))
-        batch_id = f"rank{self.rank}-step{step}"
-        for c in used:
+            step, batch.pasted, batch.real_test, class_ids=batch.class_ids,
+            fields=batch.fields, lookahead_lr=lr))
+        log = self._log(started, norm, outcome.losses, kind="candidates",
+                        batch_id=f"rank{self.rank}-step{step}", accepted=outcome.accepted,
+                        reason=outcome.reason, score=outcome.score,
+                        threshold=outcome.threshold, trained_on=outcome.trained_on,
+                        num_candidates=len(batch.candidates),
+                        num_generated=outcome.num_generated)
+        return outcome, log
+
+    def _candidate_step(self, pool: list[Candidate], records: list[dict[str, Any] | None]
+                        ) -> dict[str, Any]:
+        started = time.perf_counter()
+        batch = self.paste_next(pool)
+        outcome, log = self.train_pasted(batch)
+        log["seconds"] = time.perf_counter() - started  # pasting included
+        for c in batch.candidates:
             records[c.position] = decision_record(
-                c.sample_id, reason=outcome.reason, accepted=outcome.accepted, step=step,
-                rank=self.rank, method=self.method, batch_id=batch_id, score=outcome.score,
-                threshold=outcome.threshold, cache_norm=outcome.cache_norm)
-        return self._log(started, norm, outcome.losses, kind="candidates", batch_id=batch_id,
-                         accepted=outcome.accepted, reason=outcome.reason, score=outcome.score,
-                         threshold=outcome.threshold, trained_on=outcome.trained_on,
-                         num_candidates=len(used), num_generated=outcome.num_generated)
+                c.sample_id, reason=outcome.reason, accepted=outcome.accepted, step=log["step"],
+                rank=self.rank, method=self.method, batch_id=log["batch_id"],
+                score=outcome.score, threshold=outcome.threshold, cache_norm=outcome.cache_norm)
+        return log
 
     def fit(self, candidate_batches: Iterable[Any] = (), *, steps: int,
             warmup_real_steps: int = 0, checkpoint_dir: str | None = None,

@@ -21,16 +21,19 @@ BACKENDS = ("torchvision", "detectron2")
 
 
 def build_backend(name: str, num_classes: int, arch: str = "small", image_size: int = 128,
-                  device: torch.device | str = "cpu") -> DetectorBackend:
-    """A randomly initialised detector of backend ``name`` (one of :data:`BACKENDS`)."""
+                  device: torch.device | str = "cpu", amp: bool = False) -> DetectorBackend:
+    """A randomly initialised detector of backend ``name`` (one of :data:`BACKENDS`).
+
+    ``amp``: bfloat16 autocast in training forwards.
+    """
     if name == "torchvision":
         from trainer.backends.torchvision_maskrcnn import TorchvisionMaskRCNN
 
-        return TorchvisionMaskRCNN.build(num_classes, arch, image_size, device)
+        return TorchvisionMaskRCNN.build(num_classes, arch, image_size, device, amp)
     if name == "detectron2":
         from trainer.backends.detectron2_maskrcnn import Detectron2MaskRCNN
 
-        return Detectron2MaskRCNN.build(num_classes, arch, image_size, device)
+        return Detectron2MaskRCNN.build(num_classes, arch, image_size, device, amp)
     raise ValueError(f"detector backend {name!r} is unknown; use one of {BACKENDS}")
 
 

@@ -46,6 +46,9 @@ class DetectorBackend(Protocol):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that receive gradients, in a fixed order."""
 
+    def classifier_parameters(self) -> list[nn.Parameter]:
+        """The box classifier's parameters (box head + predictor), a subset of the above."""
+
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]], *,
                score_only: bool = False) -> SplitLosses:
         """Training losses split into real and generated parts (module must be in train mode)."""

@@ -65,7 +65,7 @@ class SplitLosses:
             if not sep or group not in pieces:
                 raise ValueError(f"loss key {key!r} is not '<group>/<term>' with a group of "
                                  f"{GROUPS}; was the model built with the split heads?")
-            pieces[group][term] = value
+            pieces[group][term] = value.float()
         return cls(pieces)
 
     @property

@@ -4,7 +4,9 @@
     The CPU configuration: a ResNet-18 layout at half width (32-64-128-256 channels, BatchNorm,
     trained from scratch), a 64-channel FPN on strides 8/16/32 (+ max-pool level), anchors
     16-128 px, a 256-d box head, a two-layer 64-channel mask head, 200/100 RPN proposals and 64
-    sampled RoIs/anchors per image, images used at ``image_size`` (no resizing at 128 px).
+    sampled RoIs/anchors per image, one RoIAlign sample per bin (torchvision's CPU RoIAlign
+    backward dominates the step otherwise; at stride 8 a 7 x 7 grid already over-samples the
+    RoIs of 128 px images), images used at ``image_size`` (no resizing at 128 px).
 ``resnet50_fpn``
     torchvision's ``maskrcnn_resnet50_fpn`` (BatchNorm when trained from scratch, as torchvision
     chooses when no weights are given), sized for LVIS: shorter side ``image_size``, 300
@@ -95,12 +97,12 @@ def build_small_maskrcnn(num_classes: int, image_size: int = 128) -> MaskRCNN:
         rpn_pre_nms_top_n_test=200,
         rpn_post_nms_top_n_test=100,
         rpn_batch_size_per_image=64,
-        box_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2),
+        box_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=1),
         box_head=TwoMLPHead(channels * 7 * 7, 256),
         box_predictor=FastRCNNPredictor(256, num_classes + 1),
         box_batch_size_per_image=64,
         box_detections_per_img=50,
-        mask_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=1),
         mask_head=MaskRCNNHeads(channels, [channels, channels], 1),
         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1),
     )

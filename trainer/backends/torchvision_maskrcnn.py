@@ -12,6 +12,7 @@ the stock model, so torchvision checkpoints load). Example::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -38,18 +39,27 @@ class TorchvisionMaskRCNN:
     name = "torchvision"
 
     def __init__(self, model: MaskRCNN, num_classes: int, arch: str = "custom",
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", amp: bool = False) -> None:
         self.device = torch.device(device)
         self.module: MaskRCNN = make_split(model).to(self.device)
         self.model: nn.Module = self.module
         self.num_classes = num_classes
         self.arch = arch
+        self.amp = amp
 
     @classmethod
     def build(cls, num_classes: int, arch: str = "small", image_size: int = 128,
-              device: torch.device | str = "cpu") -> TorchvisionMaskRCNN:
-        """A randomly initialised model of ``arch`` (see :mod:`trainer.backends.torchvision_arch`)."""
-        return cls(build_maskrcnn(num_classes, arch, image_size), num_classes, arch, device)
+              device: torch.device | str = "cpu", amp: bool = False) -> TorchvisionMaskRCNN:
+        """A randomly initialised model of ``arch`` (see :mod:`trainer.backends.torchvision_arch`).
+
+        ``amp``: run training forwards under bfloat16 autocast (no loss scaling needed).
+        """
+        return cls(build_maskrcnn(num_classes, arch, image_size), num_classes, arch, device, amp)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
         self.model = wrapper(self.module)
@@ -57,12 +67,19 @@ class TorchvisionMaskRCNN:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def classifier_parameters(self) -> list[nn.Parameter]:
+        """Box head and box predictor parameters (what efficient-mode BSGAL scores over)."""
+        heads = self.module.roi_heads
+        return [p for m in (heads.box_head, heads.box_predictor) for p in m.parameters()
+                if p.requires_grad]
+
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]], *,
                score_only: bool = False) -> SplitLosses:
         if not self.module.training:
             raise RuntimeError("losses() needs the model in train mode (call module.train())")
         model = self.module if score_only else self.model
-        return SplitLosses.from_flat(model(images, targets))
+        with self._autocast():
+            return SplitLosses.from_flat(model(images, targets))
 
     def real_classification_loss(self, images: list[Tensor],
                                  targets: list[dict[str, Tensor]]) -> Tensor:
@@ -72,9 +89,12 @@ class TorchvisionMaskRCNN:
         (resized) ground-truth boxes; RPN and mask head are not run and get no gradient.
         """
         model = self.module
-        batch, resized = model.transform(images, targets)
-        features = model.backbone(batch.tensors)
-        return model.roi_heads.gt_box_classification_loss(features, batch.image_sizes, resized)
+        with self._autocast():
+            batch, resized = model.transform(images, targets)
+            features = model.backbone(batch.tensors)
+            loss = model.roi_heads.gt_box_classification_loss(features, batch.image_sizes,
+                                                              resized)
+        return loss.float()
 
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:

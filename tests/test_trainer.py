@@ -1,0 +1,401 @@
+"""The BSGAL train step and training loop on the built-in set with the small CPU detector."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from selector import AcceptAll, BatchSelector, FixedThreshold, build_selector
+from trainer.backends import CLEAR_GROUPS, SplitLosses, image_tensor
+from trainer.backends.torchvision_maskrcnn import TorchvisionMaskRCNN
+from trainer.bsgal_step import BsgalStep, NonFiniteLossError
+from trainer.candidates import cut_out
+from trainer.datasets import LvisDataset
+from trainer.loop import DetectorTrainer
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def candidates_from_real(ds: LvisDataset, count: int, seed: int = 0, prefix: str = "c",
+                         size: int = 96) -> list[dict[str, Any]]:
+    """Good candidates: real instances cut out and centred on a white ``size`` canvas."""
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, Any]] = []
+    while len(rows) < count:
+        sample = ds[int(rng.integers(len(ds)))]
+        if not len(sample["labels"]):
+            continue
+        k = int(rng.integers(len(sample["labels"])))
+        ys, xs = np.nonzero(sample["masks"][k])
+        if len(ys) < 30:
+            continue
+        crop = sample["masks"][k][ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        rgb = sample["image"][ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        h, w = crop.shape
+        if h >= size or w >= size:
+            continue
+        image = np.full((size, size, 3), 255, np.uint8)
+        mask = np.zeros((size, size), bool)
+        y0, x0 = (size - h) // 2, (size - w) // 2
+        image[y0:y0 + h, x0:x0 + w][crop] = rgb[crop]
+        mask[y0:y0 + h, x0:x0 + w] = crop
+        rows.append({"sample_id": f"{prefix}{len(rows)}",
+                     "class_id": int(sample["category_ids"][k]), "image": image, "mask": mask,
+                     "status": "ok", "mask_score": np.float32(rng.uniform(0.2, 1.0))})
+    return rows
+
+
+def bad_candidates(good: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """Corrupted copies of a good candidate and the reason each must get."""
+    h, w = good["mask"].shape
+    return [
+        (dict(good, sample_id="bad_empty", mask=np.zeros((h, w), bool)), "invalid_empty_mask"),
+        (dict(good, sample_id="bad_full", mask=np.ones((h, w), bool)), "invalid_full_mask"),
+        (dict(good, sample_id="bad_size", mask=good["mask"][: h // 2]), "invalid_size_mismatch"),
+        (dict(good, sample_id="bad_status", status="invalid_generation_error"),
+         "invalid_generation_error"),
+        (dict(good, sample_id="bad_class", class_id=999), "invalid_unknown_class"),
+    ]
+
+
+class RecordingBackend:
+    """Wraps a backend: records every ``losses`` call and can poison chosen loss pieces.
+
+    ``nan_pieces`` holds ``(group, term, when)``, ``when`` in {"score", "train"}: that piece is
+    multiplied by NaN (staying attached to the graph) in scoring or training forwards.
+    """
+
+    def __init__(self, inner: TorchvisionMaskRCNN) -> None:
+        self.inner = inner
+        self.calls: list[tuple[list[torch.Tensor], list[dict], bool]] = []
+        self.nan_pieces: list[tuple[str, str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def losses(self, images, targets, *, score_only: bool = False) -> SplitLosses:
+        self.calls.append(([i.detach().clone() for i in images],
+                           [{k: v.clone() for k, v in t.items()} for t in targets], score_only))
+        split = self.inner.losses(images, targets, score_only=score_only)
+        for group, term, when in self.nan_pieces:
+            if (when == "score") == score_only:
+                split.pieces[group][term] = split.pieces[group][term] * float("nan")
+        return split
+
+    def real_classification_loss(self, images, targets):
+        return self.inner.real_classification_loss(images, targets)
+
+
+def make_trainer(ds: LvisDataset, *, method: str = "bsgal", mode: str = "faithful",
+                 model_seed: int = 0, selector: BatchSelector | None = None,
+                 backend: Any = None, **kwargs: Any) -> DetectorTrainer:
+    torch.manual_seed(model_seed)
+    backend = backend or TorchvisionMaskRCNN.build(ds.num_classes, "small", 128)
+    if selector is None and method != "none":
+        rare = [c.id for c in ds.categories if c.frequency == "r"]
+        params = (backend.classifier_parameters() if mode == "efficient"
+                  else backend.trainable_parameters())
+        selector = build_selector(params, method=method,
+                                  **({"rare_class_ids": rare} if method == "bsgal" else {}),
+                                  **kwargs.pop("selection", {}))
+    settings = dict(batch_size=2, real_batch_size=2, max_pastes_per_image=2, lr=5e-4,
+                    warmup_steps=2, total_steps=40, seed=0)
+    settings.update(kwargs)
+    return DetectorTrainer(backend, ds, selector=selector, mode=mode, **settings)
+
+
+@pytest.fixture(scope="module")
+def train_set(builtin_data: Path) -> LvisDataset:
+    return LvisDataset(builtin_data, "train.json", max_images=64)
+
+
+@pytest.fixture(scope="module")
+def good_rows(train_set: LvisDataset) -> list[dict[str, Any]]:
+    return candidates_from_real(train_set, 24, seed=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["faithful", "efficient"])
+def test_every_candidate_gets_exactly_one_decision(train_set, good_rows, mode) -> None:
+    trainer = make_trainer(train_set, mode=mode)
+    bad = bad_candidates(good_rows[0])
+    rows = good_rows[:5] + [b for b, _ in bad] + good_rows[5:7]
+    result = trainer.train_on_candidates(rows)
+    assert [d["sample_id"] for d in result.decisions] == [r["sample_id"] for r in rows]
+    by_id = {d["sample_id"]: d for d in result.decisions}
+    for row, reason in bad:
+        d = by_id[row["sample_id"]]
+        assert d["reason"] == reason and not d["accepted"] and math.isnan(d["score"])
+        assert d["batch_id"] == "" and d["method"] == "bsgal"
+    good = [by_id[r["sample_id"]] for r in good_rows[:7]]
+    assert all(d["batch_id"].startswith("rank0-step") for d in good)
+    assert {d["batch_id"] for d in good} == {s["batch_id"] for s in result.steps}
+    for step in result.steps:
+        members = [d for d in good if d["batch_id"] == step["batch_id"]]
+        assert len(members) == step["num_candidates"] >= 1
+        assert {(d["reason"], d["accepted"], d["step"]) for d in members} == {
+            (step["reason"], step["accepted"], step["step"])}
+    # Both modes update the cache before scoring, so every scored batch has a finite score.
+    scored = [d for d in good if d["reason"] in ("accepted", "rejected_score")]
+    assert scored and all(math.isfinite(d["score"]) and -1 <= d["score"] <= 1 for d in scored)
+    assert trainer.stream_offset == len(rows) and trainer.step == len(result.steps)
+
+
+
+def as_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows → a dict of numpy columns (Ray Data's ``batch_format="numpy"``)."""
+    out: dict[str, np.ndarray] = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if isinstance(values[0], np.ndarray):
+            out[key] = np.stack(values)
+        elif isinstance(values[0], str):
+            out[key] = np.array(values, dtype=object)
+        else:
+            out[key] = np.array(values)
+    return out
+
+
+def test_column_batches_give_the_same_decisions_as_rows(train_set, good_rows) -> None:
+    rows = good_rows[:4]
+    a = make_trainer(train_set).train_on_candidates(rows).decisions
+    b = make_trainer(train_set).train_on_candidates(as_columns(rows)).decisions
+    assert a == b
+
+
+def _pasted_batch(trainer: DetectorTrainer, rows: list[dict[str, Any]]):
+    """Paste ``rows`` (one per image) onto the trainer's next real images, as a step does."""
+    samples = [trainer.real[i] for i in trainer.sampler.next_indices(len(rows))]
+    cands = [cut_out(i, r, trainer.label_of[r["class_id"]]) for i, r in enumerate(rows)]
+    pasted = [trainer.paster.paste(s, [c]) for s, c in zip(samples, cands)]
+    real_test = [trainer.real[i] for i in trainer.test_sampler.sample(
+        [c.class_id for c in cands], 2)]
+    return pasted, real_test
+
+
+@pytest.mark.parametrize("threshold, accepted", [(1.5, False), (-1.5, True)])
+def test_faithful_trains_on_pasted_if_accepted_else_on_original_pixels(
+        train_set, good_rows, threshold, accepted) -> None:
+    torch.manual_seed(0)
+    backend = RecordingBackend(TorchvisionMaskRCNN.build(train_set.num_classes))
+    selector = build_selector(backend.trainable_parameters(), method="bsgal",
+                              fixed_threshold=threshold)
+    trainer = make_trainer(train_set, backend=backend, selector=selector)
+    pasted, real_test = _pasted_batch(trainer, good_rows[:2])
+    assert all(p.num_generated == 1 for p in pasted)
+    outcome = BsgalStep(backend, selector).run(0, pasted, real_test)
+    assert outcome.accepted is accepted
+    assert outcome.reason == ("accepted" if accepted else "rejected_score")
+    assert math.isfinite(outcome.score) and outcome.threshold == threshold
+    (score_images, _, score_only), (images, targets, train_only) = backend.calls
+    assert score_only and not train_only
+    for p, img in zip(pasted, score_images):
+        assert torch.equal(img, image_tensor(p.image))
+    for p, img, target in zip(pasted, images, targets):
+        expected = p.image if accepted else p.original["image"]
+        assert torch.equal(img, image_tensor(expected))
+        assert int(target["generated"].sum()) == (1 if accepted else 0)
+        if not accepted:  # the original pixels: no pasted pixel is left
+            assert not torch.equal(img, image_tensor(p.image))
+    grads = [p.grad for p in backend.trainable_parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("threshold", [1.5, -1.5])
+def test_efficient_mode_gradient_is_real_part_or_everything(train_set, good_rows,
+                                                            threshold) -> None:
+    from trainer.real_data import pasted_inputs
+
+    torch.manual_seed(0)
+    backend = TorchvisionMaskRCNN.build(train_set.num_classes)
+    selector = build_selector(backend.classifier_parameters(), method="bsgal",
+                              fixed_threshold=threshold)
+    trainer = make_trainer(train_set, backend=backend, selector=selector, mode="efficient")
+    pasted, _ = _pasted_batch(trainer, good_rows[:2])
+    params = backend.trainable_parameters()
+    torch.manual_seed(7)
+    outcome = BsgalStep(backend, selector, "efficient").run(0, pasted)
+    got = [p.grad.clone() for p in params]
+    # Recompute from the same random draws: the rejected batch trains on the real part only
+    # (no generated instance, no background on pasted objects); the accepted one on all of it.
+    torch.manual_seed(7)
+    split = backend.losses(*pasted_inputs(pasted, "cpu"))
+    loss = split.total() if outcome.accepted else split.total(CLEAR_GROUPS)
+    expected = torch.autograd.grad(loss, params, allow_unused=True)
+    assert outcome.accepted is (threshold < 0)
+    assert outcome.trained_on == ("pasted" if outcome.accepted else "pasted_without_generated")
+    for g, e in zip(got, expected):
+        e = torch.zeros_like(g) if e is None else e
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    if not outcome.accepted:
+        torch.manual_seed(7)
+        total = torch.autograd.grad(backend.losses(*pasted_inputs(pasted, "cpu")).total(),
+                                    params, allow_unused=True)
+        assert any(t is not None and not torch.allclose(t, g, atol=1e-6)
+                   for t, g in zip(total, got))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input and NaN
+# --------------------------------------------------------------------------------------------
+
+
+def test_nan_generated_loss_is_an_invalid_decision_and_the_step_goes_on(
+        train_set, good_rows) -> None:
+    torch.manual_seed(0)
+    backend = RecordingBackend(TorchvisionMaskRCNN.build(train_set.num_classes))
+    backend.nan_pieces.append(("generated", "loss_classifier", "score"))
+    trainer = make_trainer(train_set, backend=backend)
+    before = [p.detach().clone() for p in backend.trainable_parameters()]
+    result = trainer.train_on_candidates(good_rows[:4])
+    assert {d["reason"] for d in result.decisions} == {"invalid_nan_loss"}
+    assert all(s["trained_on"] == "original" for s in result.steps)
+    after = backend.trainable_parameters()
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # it did train
+    assert trainer.selector.cache.num_updates == len(result.steps)  # the cache is clean
+    assert math.isfinite(trainer.selector.cache.norm())
+
+
+def test_nan_training_loss_is_reported_with_step_and_term(train_set, good_rows) -> None:
+    torch.manual_seed(0)
+    backend = RecordingBackend(TorchvisionMaskRCNN.build(train_set.num_classes))
+    trainer = make_trainer(train_set, backend=backend)
+    trainer.train_real_step()
+    backend.nan_pieces.append(("real_foreground", "loss_mask", "train"))
+    before = [p.detach().clone() for p in backend.trainable_parameters()]
+    with pytest.raises(NonFiniteLossError, match=r"step 1: training loss term 'loss_mask'"):
+        trainer.train_on_candidates(good_rows[:4])
+    assert all(torch.equal(a, b) for a, b in zip(backend.trainable_parameters(), before))
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines, evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def test_baselines_decide_without_gradients(train_set, good_rows) -> None:
+    torch.manual_seed(0)
+    backend = RecordingBackend(TorchvisionMaskRCNN.build(train_set.num_classes))
+    trainer = make_trainer(train_set, backend=backend,
+                           selector=BatchSelector(AcceptAll(), method="accept_all"))
+    result = trainer.train_on_candidates(good_rows[:4])
+    assert {d["reason"] for d in result.decisions} == {"accepted"}
+    assert all(math.isnan(d["score"]) for d in result.decisions)
+    assert all(not score_only for _, _, score_only in backend.calls)  # no scoring pass
+    trainer = make_trainer(train_set, method="field_threshold",
+                           selection={"field": "mask_score", "field_threshold": 2.0})
+    result = trainer.train_on_candidates(good_rows[:4])
+    assert {d["reason"] for d in result.decisions} == {"rejected_score"}
+    with pytest.raises(ValueError, match="real data only"):
+        make_trainer(train_set, method="none").train_on_candidates(good_rows[:2])
+
+
+def test_lookahead_baseline_scores_with_the_exact_gain(train_set, good_rows) -> None:
+    torch.manual_seed(0)
+    backend = TorchvisionMaskRCNN.build(train_set.num_classes)
+    selector = BatchSelector(FixedThreshold(0.0, name="lookahead"), method="lookahead")
+    trainer = make_trainer(train_set, backend=backend, selector=selector)
+    result = trainer.train_on_candidates(good_rows[:3])
+    assert all(math.isfinite(d["score"]) for d in result.decisions)
+    assert {d["reason"] for d in result.decisions} <= {"accepted", "rejected_score"}
+
+
+def test_evaluation_runs_the_lvis_evaluator(train_set, builtin_data) -> None:
+    val = LvisDataset(builtin_data, "val.json")
+    trainer = make_trainer(train_set, method="none", val_set=val, max_eval_images=6, ema=0.9)
+    trainer.train_real_step()
+    metrics = trainer.evaluate()
+    for iou in ("bbox", "segm"):
+        assert {"AP", "APr", "APc", "APf"} <= set(metrics[iou])
+        assert all(-1.0 <= v <= 1.0 for v in metrics[iou].values())
+    # EMA weights are swapped in for evaluation and the training weights come back.
+    params = [p.detach().clone() for p in trainer.backend.trainable_parameters()]
+    trainer.evaluate(max_images=2)
+    assert all(torch.equal(a, b) for a, b in zip(trainer.backend.trainable_parameters(), params))
+
+
+# --------------------------------------------------------------------------------------------
+# Training and checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _fixed_batch_loss(trainer: DetectorTrainer, samples: list[dict]) -> float:
+    from trainer.real_data import real_inputs
+
+    torch.manual_seed(99)
+    with torch.no_grad():
+        return float(trainer.backend.losses(*real_inputs(samples, "cpu")).total())
+
+
+def test_fifty_steps_lower_the_loss(builtin_data) -> None:
+    small = LvisDataset(builtin_data, "train.json", max_images=4)
+    trainer = make_trainer(small, method="none", batch_size=2, lr=1e-3, warmup_steps=5,
+                           total_steps=50, repeat_factor_threshold=0.0)
+    samples = [small[i] for i in range(4)]
+    before = _fixed_batch_loss(trainer, samples)
+    losses = [trainer.train_real_step()["loss"] for _ in range(50)]
+    after = _fixed_batch_loss(trainer, samples)
+    assert after < 0.6 * before, (before, after)
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+
+
+@pytest.mark.parametrize("mode", ["faithful", "efficient"])
+def test_checkpoint_resume_gives_the_same_next_decisions(train_set, good_rows, tmp_path,
+                                                         mode) -> None:
+    batches = [good_rows[i:i + 4] for i in range(0, 16, 4)]
+    settings = dict(mode=mode, ema=0.5, selection={"threshold": "dynamic",
+                                                   "keep_fraction": 0.5})
+    straight = make_trainer(train_set, **settings)
+    expected = [straight.train_on_candidates(b).decisions for b in batches]
+
+    first = make_trainer(train_set, **settings)
+    for b in batches[:2]:
+        first.train_on_candidates(b)
+    path = tmp_path / "ckpt.pt"
+    first.save_checkpoint(str(path))
+    state = torch.load(path, weights_only=True)
+    assert state["stream_offset"] == 8 and state["selector"]["cache"]["num_updates"] >= 2
+    assert state["selector"]["policy"]["scores"]  # the dynamic threshold's window
+    # Unrelated global random draws after saving must not matter after loading.
+    torch.rand(5)
+    np.random.rand(3)
+    resumed = make_trainer(train_set, model_seed=123, **settings)
+    resumed.load_checkpoint(str(path))
+    assert resumed.step == first.step and resumed.stream_offset == 8
+    got = [resumed.train_on_candidates(b).decisions for b in batches[2:]]
+    assert got == expected[2:]
+    for a, b in zip(straight.backend.module.state_dict().values(),
+                    resumed.backend.module.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_from_another_setup_is_refused(train_set, tmp_path) -> None:
+    trainer = make_trainer(train_set, mode="faithful")
+    path = tmp_path / "ckpt.pt"
+    trainer.save_checkpoint(str(path))
+    with pytest.raises(ValueError, match="mode='efficient'"):
+        make_trainer(train_set, mode="efficient").load_checkpoint(str(path))
+
+
+def test_fit_warms_up_on_real_data_then_consumes_candidates(train_set, good_rows,
+                                                            tmp_path) -> None:
+    trainer = make_trainer(train_set)
+    batches = [good_rows[0:3], good_rows[3:6]]
+    decisions = trainer.fit(batches, steps=6, warmup_real_steps=2,
+                            checkpoint_dir=str(tmp_path), checkpoint_every=3)
+    assert [d["sample_id"] for d in decisions] == [r["sample_id"] for r in good_rows[:6]]
+    assert min(d["step"] for d in decisions) == 2  # nothing before the warmup ended
+    assert trainer.step >= 6
+    assert list(tmp_path.glob("checkpoint_*.pt"))
