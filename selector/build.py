@@ -11,11 +11,13 @@ cache_dtype       ``float32`` | ``bfloat16``                          (bsgal)
 cache_sync        ``per_worker`` | ``all_reduce``                     (bsgal)
 threshold         ``fixed`` | ``dynamic`` | ``schedule``              (bsgal)
 fixed_threshold   accept when score ≥ it (−0.05)                       (threshold=fixed)
+class_thresholds  optional {class_id: threshold}; a batch uses its lowest (threshold=fixed)
 keep_fraction     fraction r kept by the dynamic percentile (0.5)      (threshold=dynamic)
 keep_fraction_start/_end, total_steps   linear ramp of r               (threshold=schedule)
 window            N recent scores for the percentile (1000)
-rare_class_ids, rare_min_accept_rate    per-class acceptance floor (optional, any method)
-random_p, seed    (random)
+rare_class_ids, rare_min_accept_rate    per-class acceptance floor (optional, any method;
+                  None or 0 = off)
+random_p, seed    (random; give each worker its own seed, e.g. base seed + rank)
 field, field_threshold, field_reduce    (field_threshold)
 lookahead_threshold   accept when the exact look-ahead gain ≥ it (0.0)   (lookahead)
 ================  ==========================================================================
@@ -23,7 +25,7 @@ lookahead_threshold   accept when the exact look-ahead gain ≥ it (0.0)   (look
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -44,7 +46,9 @@ THRESHOLDS = ("fixed", "dynamic", "schedule")
 
 
 def build_selection_policy(*, method: str = "bsgal", threshold: str = "fixed",
-                           fixed_threshold: float = -0.05, keep_fraction: float = 0.5,
+                           fixed_threshold: float = -0.05,
+                           class_thresholds: Mapping[int, float] | None = None,
+                           keep_fraction: float = 0.5,
                            keep_fraction_start: float | None = None,
                            keep_fraction_end: float | None = None,
                            total_steps: int | None = None, window: int = 1000,
@@ -61,7 +65,7 @@ def build_selection_policy(*, method: str = "bsgal", threshold: str = "fixed",
         return None
     if method == "bsgal":
         if threshold == "fixed":
-            policy = FixedThreshold(fixed_threshold)
+            policy = FixedThreshold(fixed_threshold, class_thresholds=class_thresholds)
         elif threshold == "dynamic":
             policy = DynamicPercentileThreshold(keep_fraction, window=window)
         elif threshold == "schedule":
@@ -87,7 +91,7 @@ def build_selection_policy(*, method: str = "bsgal", threshold: str = "fixed",
         policy = FieldThreshold(field, field_threshold, reduce=field_reduce)
     else:  # lookahead
         policy = FixedThreshold(lookahead_threshold, name="lookahead")
-    if rare_min_accept_rate is not None:
+    if rare_min_accept_rate:  # a floor of 0 never overrides anything: same as no floor
         if not rare_class_ids:
             raise ValueError("rare_min_accept_rate is set but rare_class_ids is empty: give the "
                              "class ids whose acceptance rate should be protected")

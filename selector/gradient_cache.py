@@ -39,8 +39,9 @@ SYNC_MODES = ("per_worker", "all_reduce")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # Upper bound on the elements converted at once when the cache and gradient dtypes/devices
-# differ: keeps temporaries at 16 MiB however large a parameter is.
-_CONVERT_SLICE = 1 << 22
+# differ (bf16 storage, cache on another device): temporaries stay under 1 MiB however large a
+# parameter is, and slices are still long enough for the per-call overhead not to show.
+_CONVERT_SLICE = 1 << 17
 
 
 class GradientCache:

@@ -171,6 +171,9 @@ def test_build_selector_maps_config_names_to_objects():
     rare = build_selection_policy(method="accept_all", rare_class_ids=[1],
                                   rare_min_accept_rate=0.1)
     assert isinstance(rare, RareClassMinAcceptRate)
+    assert isinstance(build_selection_policy(rare_min_accept_rate=0.0), FixedThreshold)
+    per_class = build_selection_policy(fixed_threshold=0.1, class_thresholds={3: -0.2})
+    assert per_class.threshold_for([1, 3]) == -0.2 and per_class.threshold_for([1]) == 0.1
     assert build_selector(params, method="none") is None
 
 
