@@ -12,7 +12,9 @@ Faithful BSGAL step (DESIGN.md §6), one decision per worker batch::
 Efficient variant (both loss parts from one graph): ``flat.compute(real_part, retain_graph=True)``
 for the cache, then ``flat.compute(generated_part, retain_graph=True)`` for the score, then the
 training backward on the same graph. Per-parameter gradients (``parameter_gradients``) work
-everywhere a flat one does and avoid the buffer.
+everywhere a flat one does and avoid the buffer: the selector's memory is then the cache alone
+(4 bytes/parameter in fp32, 2 in bf16); `FlatGradient` adds 4 bytes/parameter but is a little
+faster (see benchmarks/selector_overhead.py).
 
 Order of checks in `decide`: empty batch → non-finite real gradient at this step → (gradient
 methods) empty cache → non-finite candidate gradient → non-finite score → the policy.

@@ -7,7 +7,8 @@ trainable parameters and folds each real-data ("test" batch) gradient ``g`` into
 - ``average``  (running mean over updates):   c ← c + (g − c)/n      (n = number of updates so far)
 
 The cache starts at zero, as in the reference, so after the first momentum update c = (1 − m)·g
-(the direction, which is all the cosine score sees, is g's).
+(the direction, which is all the cosine score sees, is g's). Feed gradients of unscaled losses:
+with AMP loss scaling, unscale first, or steps with different scales would be mixed unevenly.
 
 Cross-worker behaviour (``sync``):
 

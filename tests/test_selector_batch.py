@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from selector import (
@@ -20,12 +21,14 @@ from selector import (
     DynamicPercentileThreshold,
     FieldThreshold,
     FixedThreshold,
+    FlatGradient,
     GradientCache,
     RandomAcceptance,
     RareClassMinAcceptRate,
     build_selection_policy,
     build_selector,
     contribution_score,
+    parameter_gradients,
 )
 
 
@@ -192,3 +195,35 @@ def test_build_selector_maps_config_names_to_objects():
 def test_build_selector_names_bad_settings(settings, message):
     with pytest.raises(ValueError, match=message):
         build_selector(make_params(), **settings)
+
+
+def test_efficient_step_flat_and_per_parameter_paths_agree():
+    """One graph, two losses (real part, generated part): the flat buffer and the per-parameter
+    lists give the same decisions, and the graph still trains afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    flat_path = build_selector(params, threshold="dynamic", keep_fraction=0.5, window=20)
+    list_path = build_selector(params, threshold="dynamic", keep_fraction=0.5, window=20)
+    flat = FlatGradient(params)
+    for step in range(12):
+        x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+        generated = torch.arange(10) >= 6  # the last 4 rows stand for pasted instances
+        per_row = F.cross_entropy(model(x), y, reduction="none")
+        real_part, generated_part = per_row[~generated].mean(), per_row[generated].mean()
+
+        flat_path.update_cache(flat.compute(real_part, retain_graph=True), step=step)
+        by_flat = flat_path.decide(step=step, num_generated=4,
+                                   candidate_grad=flat.compute(generated_part, retain_graph=True))
+        list_path.update_cache(parameter_gradients(real_part, params, retain_graph=True),
+                               step=step)
+        by_list = list_path.decide(step=step, num_generated=4, candidate_grad=parameter_gradients(
+            generated_part, params, retain_graph=True))
+        assert by_flat.accepted == by_list.accepted
+        assert by_flat.score == pytest.approx(by_list.score, abs=1e-6)
+
+        optimizer.zero_grad()
+        (per_row.mean() if by_flat.accepted else real_part).backward()
+        optimizer.step()
+    assert flat_path.cache.num_updates == 12
