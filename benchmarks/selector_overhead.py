@@ -122,8 +122,9 @@ def peak_temporary_bytes(fn: Callable[[], object]) -> int:
 
 
 def measure(work: Workload, repeats: int) -> list[dict[str, object]]:
-    """Rows for fp32/bf16 storage × per-parameter/flat gradients. One backward is timed before
-    each row (interleaved, so machine load hits both sides alike); ratios use their median."""
+    """Rows for fp32/bf16 storage × per-parameter/flat gradients. A backward is timed before each
+    storage dtype's rows (interleaved, so machine load hits both sides alike); ratios use their
+    median."""
     torch.manual_seed(0)
     params = [p for p in work.model.parameters() if p.requires_grad]
     numel = sum(p.numel() for p in params)
@@ -138,9 +139,9 @@ def measure(work: Workload, repeats: int) -> list[dict[str, object]]:
 
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
+        real = timed_backward()
+        candidate = [None if g is None else g.roll(1) for g in real]  # a different gradient
         for form in ("per-param", "flat"):
-            real = timed_backward()
-            candidate = [None if g is None else g.roll(1) for g in real]  # a different gradient
             cache = GradientCache(params, dtype=dtype)
             flat = FlatGradient(params) if form == "flat" else None
             real_in = real if flat is None else flat.copy_from(real).clone()
@@ -180,8 +181,8 @@ def main() -> None:
         rows = measure(work, args.repeats)
         low, high = rows[0]["backward_spread"]
         print(f"{work.name}: {rows[0]['params'] / 1e6:.1f}M parameters, backward "
-              f"{rows[0]['backward_s'] * 1e3:.0f} ms (median of {len(rows)}, "
-              f"{low * 1e3:.0f}-{high * 1e3:.0f} ms)")
+              f"{rows[0]['backward_s'] * 1e3:.0f} ms (2 runs: {low * 1e3:.0f}, "
+              f"{high * 1e3:.0f} ms)")
         print("  " + header)
         for row in rows:
             ratio = row["selector_s"] / row["backward_s"]

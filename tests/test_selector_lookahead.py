@@ -119,7 +119,7 @@ def test_first_order_score_sign_agrees_with_exact_lookahead():
     running_agreement = sum((a > 0) == (b > 0) for a, b in zip(cosines, exact)) / len(exact)
     running_rho = spearmanr(cosines, exact).correlation
     print(f"\nexact cache, lr·dot vs exact look-ahead: sign agreement {agreement:.1%} of "
-          f"{len(exact)} batches, Spearman {rho:.3f}; momentum-0.1 cache, cosine vs exact: "
+          f"{len(exact)} batches, Spearman {rho:.4f}; momentum-0.1 cache, cosine vs exact: "
           f"sign agreement {running_agreement:.1%}, Spearman {running_rho:.3f}")
     assert min(exact) < 0 < max(exact)  # both helpful and harmful batches were present
     assert agreement >= 0.9
