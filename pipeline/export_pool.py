@@ -13,7 +13,8 @@ its mask's box, foldered by class, plus a JSON index)::
     OUT/export.json                    where the pool came from: source URI, filters, counts,
                                           and every accepted row that could not be exported
 
-The cut-out's RGB is the generated image's pixels inside the box; its alpha is exactly
+The indexes are written last, so a folder with ``pool.json`` holds a finished export. The
+cut-out's RGB is the generated image's pixels inside the box; its alpha is exactly
 ``mask * 255`` there, so ``png[..., 3] > 0`` gives the stored mask back.
 """
 
@@ -178,10 +179,10 @@ def export_pool(q: DecisionQuery, out: str, storage_options: dict | None = None,
                 f"{root}/{rel}")
             xpaste.setdefault(str(cid - 1), []).append("*" + full)
 
-    for entries in pool.values():  # rows stream in shard order; the index is sorted
-        entries.sort(key=lambda e: e["sample_id"])
-    for paths in xpaste.values():
-        paths.sort()
+    # Rows stream in shard order; the indexes are sorted by class id, then sample id.
+    pool = {k: sorted(v, key=lambda e: e["sample_id"])
+            for k, v in sorted(pool.items(), key=lambda kv: int(kv[0]))}
+    xpaste = {k: sorted(v) for k, v in sorted(xpaste.items(), key=lambda kv: int(kv[0]))}
     record = {
         "format": "bsgal-instance-pool",
         "version": 1,

@@ -296,6 +296,14 @@ def test_inspect_over_s3(s3_server) -> None:
     assert counts == {"accepted": sum(r["accepted"] for r in want)} | (
         {"rejected_score": len(want) - sum(r["accepted"] for r in want)}
         if len(want) > sum(r["accepted"] for r in want) else {})
+    # The HTML report can be written to the bucket too.
+    code, text = _invoke("inspect", f"{bucket}/runs/a", "--endpoint-url",
+                         s3_server.endpoint_url, "--html", f"{bucket}/reports/a.html")
+    assert code == 0, text
+    import s3fs
+
+    page = s3fs.S3FileSystem(**s3_server.storage_options).cat(f"{bucket}/reports/a.html")
+    assert page.startswith(b"<!DOCTYPE html>") and page.count(b"<img src=\"data:") == 22
     # A missing bucket on a reachable server: one line, non-zero.
     code, text = _invoke("inspect", "s3://no-such-bucket/run", "--endpoint-url",
                          s3_server.endpoint_url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import io
 import json
 import os
@@ -168,6 +169,12 @@ def test_report_without_truth_or_scores(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- in Chromium
 
 
+def _fd_at_least_10(fd: int) -> int:
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return moved
+
+
 class HeadlessChromium:
     """Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: the
     browser reads commands on fd 3 and answers on fd 4, NUL-separated JSON), so no port is
@@ -182,15 +189,17 @@ class HeadlessChromium:
         self.profile = tempfile.mkdtemp(prefix="bsgal-chromium-")
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
-
-        def wire_pipes() -> None:  # in the child, before exec: put the pipe ends on fd 3 / 4
-            a, b = os.dup(to_browser_r), os.dup(from_browser_w)
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-
+        # The child's ends move to fds >= 10 so that they cannot be fd 3 or 4 themselves.
+        to_browser_r, from_browser_w = (_fd_at_least_10(to_browser_r),
+                                        _fd_at_least_10(from_browser_w))
+        # bash puts the pipe ends on fd 3 and 4 and execs Chromium (no preexec_fn: this test
+        # process has threads, and forking with them is only safe up to exec).
+        wiring = f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w} {to_browser_r}<&- ' \
+                 f'{from_browser_w}>&-'
         self.proc = subprocess.Popen(
-            [executable, *self.FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-            preexec_fn=wire_pipes, close_fds=False, stdin=subprocess.DEVNULL,
+            ["/bin/bash", "-c", wiring, "bash", executable, *self.FLAGS,
+             f"--user-data-dir={self.profile}", "about:blank"],
+            pass_fds=(to_browser_r, from_browser_w), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_browser_r)
         os.close(from_browser_w)

@@ -40,9 +40,10 @@ def clear_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from None
         except duckdb.Error as exc:  # e.g. a shard that became unreadable mid-query
-            from pipeline.inspection.query import _one_line
+            from pipeline.inspection.query import duckdb_error_line
 
-            raise click.ClickException(f"reading the shards failed: {_one_line(exc)}") from None
+            raise click.ClickException(
+                f"reading the shards failed: {duckdb_error_line(exc)}") from None
         except OSError as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
@@ -115,12 +116,14 @@ def _open_query(uri: str, classes: tuple[str, ...], decisions: tuple[str, ...],
     return DecisionQuery(uri, filters, storage_options=storage)
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _human_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return f"{n} B"  # pragma: no cover
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 # ----------------------------------------------------------------------------------- inspect
@@ -139,7 +142,7 @@ def _human_bytes(n: int) -> str:
 @click.option("--limit", default=20, type=click.IntRange(min=0), show_default=True,
               help="Decisions listed by --rows; 0 for all.")
 @click.option("--top", default=5, type=click.IntRange(min=0), show_default=True,
-              help="Text output: most and least accepted classes shown.")
+              help="Text output: the N most and N least accepted classes (0: all).")
 @click.option("--step-bins", default=10, type=click.IntRange(min=1), show_default=True,
               help="Ranges of training steps in the acceptance-over-steps table.")
 @click.option("--html", "html_path", metavar="FILE",

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import duckdb
 import pyarrow as pa
 
 from pipeline.shards import DECISIONS, is_local, locate_shards
+
+if TYPE_CHECKING:
+    import fsspec
 
 
 # Float columns of the shard schema; NaN in them means "not computed".
@@ -82,14 +85,14 @@ def sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _reason_condition(pattern: str) -> str:
+def _reason_sql(pattern: str) -> str:
     if "*" in pattern:
         like = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         return f"reason LIKE {sql_string(like.replace('*', '%'))} ESCAPE '\\'"
     return f"reason = {sql_string(pattern)}"
 
 
-def _one_line(exc: BaseException) -> str:
+def duckdb_error_line(exc: BaseException) -> str:
     """DuckDB's message without its multi-line source excerpt."""
     lines = [ln.strip() for ln in str(exc).splitlines()]
     kept = []
@@ -101,7 +104,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 class DecisionQuery:
-    """The decisions of one run as DuckDB views (``decisions`` and the filtered ``selected``).
+    """The decisions of one run on a DuckDB connection (``shard_rows``, ``decisions`` and the
+    filtered ``selected``; see the module docstring).
 
     Args:
         uri: run folder or its ``shards`` folder, local path or fsspec URI (``s3://b/run``).
@@ -133,6 +137,13 @@ class DecisionQuery:
         self.con = duckdb.connect(config={"threads": max(1, int(threads)),
                                           "autoinstall_known_extensions": False,
                                           "autoload_known_extensions": False})
+        try:
+            self._create_views(fs, files)
+        except BaseException:
+            self.con.close()
+            raise
+
+    def _create_views(self, fs: "fsspec.AbstractFileSystem", files: list[str]) -> None:
         if is_local(fs):
             sources = files
         else:
@@ -178,7 +189,7 @@ class DecisionQuery:
         for c in classes:
             if c in names:
                 alternatives.append(f"class_name = {sql_string(c)}")
-            elif c.lstrip("-").isdigit() and c in ids:
+            elif c in ids:
                 alternatives.append(f"class_id = {int(c)}")
             else:
                 listing = ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "")
@@ -189,7 +200,7 @@ class DecisionQuery:
     def _reason_condition(self, reasons: Sequence[str]) -> str:
         alternatives = []
         for r in reasons:
-            cond = _reason_condition(r)
+            cond = _reason_sql(r)
             (hits,) = self.con.execute(f"SELECT count(*) FROM decisions WHERE {cond}").fetchone()
             if not hits:
                 present = [x for (x,) in self.con.execute(
@@ -206,7 +217,7 @@ class DecisionQuery:
                 raise QueryError(f"--where {predicate!r}: give one SQL predicate (no ';')")
             self.con.execute(probe).fetchone()
         except duckdb.Error as exc:
-            raise QueryError(f"--where {predicate!r}: {_one_line(exc)}") from None
+            raise QueryError(f"--where {predicate!r}: {duckdb_error_line(exc)}") from None
         return f"({predicate})"
 
     # ---------------------------------------------------------------------------- queries
