@@ -358,6 +358,11 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem (paths are plain OS paths)."""
+    return "file" in _protocols(fs)
+
+
 # ------------------------------------------------------------------------- resume, preflight
 
 
@@ -430,25 +435,37 @@ def preflight_writable(out: str, storage_options: dict | None = None) -> None:
 # ----------------------------------------------------------------------------------- reading
 
 
-def read_decisions(
-    uri: str,
-    columns: Sequence[str] | None = None,
-    storage_options: dict | None = None,
-) -> pa.Table:
-    """All decision rows under a run folder or its ``shards`` folder, with a ``decision`` column.
+def locate_shards(
+    uri: str, storage_options: dict | None = None
+) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
+    """Find and check the shards of a run folder or of its ``shards`` folder.
 
-    Raises :class:`ShardSchemaError` when there are no shards or a shard has another schema
-    version.
+    Returns the filesystem, the shards folder's path in it and the shard files (paths as the
+    filesystem names them, without a protocol). Every file's schema version is checked.
+
+    Raises:
+        StorageError: the storage cannot be reached (network, credentials) or the bucket does
+            not exist; the message names the URI and what to check.
+        ShardSchemaError: no shards there, or a shard has another schema version.
     """
     root = uri.rstrip("/")
-    files = list_shard_files(root, storage_options)
-    if not files:
-        root = shards_root(uri)
+    try:
+        fs, root_path = filesystem(root, storage_options)
         files = list_shard_files(root, storage_options)
+        if not files:
+            root = shards_root(uri)
+            fs, root_path = filesystem(root, storage_options)
+            files = list_shard_files(root, storage_options)
+        if not files:
+            _raise_if_missing(uri, storage_options)
+    except (ShardSchemaError, StorageError):
+        raise
+    except Exception as exc:  # any backend error: the storage cannot be read
+        raise StorageError(f"cannot read {uri} ({type(exc).__name__}: {exc}); "
+                           f"{_storage_hint(uri)}") from None
     if not files:
         raise ShardSchemaError(f"{uri}: no decision shards found (expected "
                                "shards/decision=*/part-*.parquet)")
-    fs, root_path = filesystem(root, storage_options)
     for path in files:
         meta = pq.read_schema(path, filesystem=fs).metadata or {}
         version = meta.get(SCHEMA_VERSION_KEY)
@@ -458,6 +475,39 @@ def read_decisions(
                 f"{path}: shard schema version {found}, this bsgal reads version "
                 f"{SHARD_SCHEMA_VERSION}; read it with the bsgal release that wrote it"
             )
+    return fs, root_path, files
+
+
+def _storage_hint(uri: str) -> str:
+    if "://" in uri:
+        return ("check the bucket name, credentials (AWS_* environment or profile) and "
+                "storage options (endpoint_url)")
+    return "check the path"
+
+
+def _raise_if_missing(uri: str, storage_options: dict | None) -> None:
+    """Say precisely what is missing when a folder holds no shards (bucket, folder)."""
+    fs, path = filesystem(uri, storage_options)
+    if "://" in uri and not uri.startswith("file://"):
+        bucket = path.split("/", 1)[0]
+        if not fs.exists(bucket):
+            raise StorageError(f"{uri}: bucket '{bucket}' does not exist or is not readable; "
+                               f"{_storage_hint(uri)}")
+    if not fs.exists(path):
+        raise ShardSchemaError(f"{uri}: no such folder (give a run folder or its shards folder)")
+
+
+def read_decisions(
+    uri: str,
+    columns: Sequence[str] | None = None,
+    storage_options: dict | None = None,
+) -> pa.Table:
+    """All decision rows under a run folder or its ``shards`` folder, with a ``decision`` column.
+
+    Raises :class:`ShardSchemaError` when there are no shards or a shard has another schema
+    version, :class:`StorageError` when the storage cannot be read.
+    """
+    fs, root_path, files = locate_shards(uri, storage_options)
     dataset = pads.dataset(files, filesystem=fs, format="parquet",
                            partitioning=pads.partitioning(
                                pa.schema([("decision", pa.string())]), flavor="hive"),
