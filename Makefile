@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/bsgal config show --config configs/demo.yaml
 
 # pytest's exit code 5 (no tests collected) counts as a failure.
-test: install
+test: install chromium
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q \
 		--durations=15; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$status
