@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean chromium
 
 install: $(VENV)/.installed
 
@@ -20,10 +20,18 @@ demo: install
 	$(BIN)/bsgal config show --config configs/demo.yaml
 
 # pytest's exit code 5 (no tests collected) counts as a failure.
-test: install
+test: install chromium
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q \
 		--durations=15; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$status
+
+# The HTML report's test drives a real headless Chromium (Debian's package); install it if absent.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then /usr/bin/chromium --version 2>/dev/null; else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium && /usr/bin/chromium --version 2>/dev/null; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

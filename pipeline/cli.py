@@ -156,5 +156,13 @@ def evaluate(gt: str, dets: str, iou_types: tuple[str, ...], max_dets: int,
         click.echo(f"{iou_type:6}" + "".join(f"{100 * metrics[m]:8.1f}" for m in METRICS))
 
 
+# ------------------------------------------------------------------ inspect, export-pool
+
+from pipeline.inspection.commands import export_pool_command, inspect_command  # noqa: E402
+
+main.add_command(inspect_command)
+main.add_command(export_pool_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

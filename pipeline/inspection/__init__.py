@@ -1,0 +1,16 @@
+"""Reading decisions back: DuckDB queries over the shards and the summary tables.
+
+``query`` opens the shards of a run (local or s3://) as DuckDB views and applies the user's
+filters; ``summary`` turns a query into tables (counts, acceptance by group and class, score
+quantiles, acceptance over steps, precision/recall against the generator's truth); ``render``
+prints tables as text, JSON or CSV; ``commands`` holds the ``bsgal inspect`` and
+``bsgal export-pool`` commands. The HTML report is :mod:`pipeline.report`, the instance-pool
+export :mod:`pipeline.export_pool`.
+"""
+
+from __future__ import annotations
+
+# The tables of ``bsgal inspect`` by name (kept here so the CLI can list them without loading
+# DuckDB).
+TABLE_NAMES = ("counts", "groups", "classes", "scores", "steps", "truth", "truth_failures",
+               "rows")

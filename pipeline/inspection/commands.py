@@ -1,0 +1,255 @@
+"""``bsgal inspect`` and ``bsgal export-pool``: read a run's decisions without writing code.
+
+Only click is imported at module level (``bsgal --help`` stays fast); DuckDB, pyarrow and
+Pillow are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable
+
+import click
+
+from pipeline.inspection import TABLE_NAMES
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+# Reading should fail in seconds when the endpoint is down, not after botocore's default
+# retries; a user's own config_kwargs replace this.
+FAST_FAIL_S3 = {"connect_timeout": 5, "read_timeout": 60,
+                "retries": {"max_attempts": 2, "mode": "standard"}}
+
+
+def clear_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn bad input (no shards, other schema version, unreachable storage, bad filter) into
+    one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import duckdb
+
+        from pipeline.export_pool import PoolExistsError
+        from pipeline.inspection.query import QueryError
+        from pipeline.shards import ShardSchemaError, StorageError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ShardSchemaError, StorageError, QueryError, PoolExistsError,
+                FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except duckdb.Error as exc:  # e.g. a shard that became unreadable mid-query
+            from pipeline.inspection.query import duckdb_error_line
+
+            raise click.ClickException(
+                f"reading the shards failed: {duckdb_error_line(exc)}") from None
+        except OSError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+def storage_options_from(endpoint_url: str | None, pairs: tuple[str, ...]) -> dict[str, Any]:
+    """fsspec options from ``--endpoint-url`` and ``--storage-option KEY=VALUE`` (values are
+    read as YAML scalars: ``anon=true`` is a bool)."""
+    import yaml
+
+    opts: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--storage-option")
+        opts[key.strip()] = yaml.safe_load(value) if value else ""
+    if endpoint_url:
+        opts["endpoint_url"] = endpoint_url
+    return opts
+
+
+def options_for(uri: str, storage: dict[str, Any]) -> dict[str, Any] | None:
+    """The storage options that apply to ``uri``: none for a local path; for s3:// the given
+    ones, with fast-failing retries unless ``config_kwargs`` was given."""
+    if "://" not in uri or uri.startswith("file://"):
+        return None
+    opts = dict(storage)
+    if uri.startswith(("s3://", "s3a://")):
+        opts.setdefault("config_kwargs", FAST_FAIL_S3)
+    return opts
+
+
+def _filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--class", "classes", multiple=True, metavar="NAME|ID",
+                     help="Only this class (name or id); repeat for several."),
+        click.option("--decision", "decisions", multiple=True,
+                     type=click.Choice(["accepted", "rejected", "invalid"]),
+                     help="Only this decision; repeat for several."),
+        click.option("--reason", "reasons", multiple=True, metavar="REASON",
+                     help="Only this reason (rejected_score, invalid_empty_mask, or a pattern "
+                          "such as 'invalid_*'); repeat for several."),
+        click.option("--where", "where", metavar="SQL",
+                     help="A SQL predicate over the shard columns, run by DuckDB, e.g. "
+                          "\"score > 0.1 AND step < 500\". Combined with the other filters "
+                          "by AND."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _storage_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--storage-option", "storage_pairs", multiple=True, metavar="KEY=VALUE",
+                      help="fsspec option for s3:// and other remote URIs (e.g. "
+                           "profile=dev); repeat for several.")(fn)
+    fn = click.option("--endpoint-url", metavar="URL", envvar="AWS_ENDPOINT_URL",
+                      help="S3 endpoint (MinIO, Ceph, moto); default: AWS or "
+                           "$AWS_ENDPOINT_URL.")(fn)
+    return fn
+
+
+def _open_query(uri: str, classes: tuple[str, ...], decisions: tuple[str, ...],
+                reasons: tuple[str, ...], where: str | None, storage: dict[str, Any] | None):
+    from pipeline.inspection.query import DecisionFilter, DecisionQuery
+
+    filters = DecisionFilter(classes=classes, decisions=decisions, reasons=reasons,
+                             where=where or None)
+    return DecisionQuery(uri, filters, storage_options=storage)
+
+
+def _human_bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+# ----------------------------------------------------------------------------------- inspect
+
+
+@click.command("inspect", context_settings=CONTEXT)
+@click.argument("uri")
+@_filter_options
+@click.option("--json", "as_json", is_flag=True, help="Print the tables as JSON.")
+@click.option("--csv", "as_csv", is_flag=True,
+              help="Print one table as CSV (choose it with --table; --rows implies rows).")
+@click.option("--table", "tables", multiple=True, type=click.Choice(TABLE_NAMES),
+              help="Only this table; repeat for several (default: all but rows).")
+@click.option("--rows", "show_rows", is_flag=True,
+              help="Also list the matching decisions themselves (see --limit).")
+@click.option("--limit", default=20, type=click.IntRange(min=0), show_default=True,
+              help="Decisions listed by --rows; 0 for all.")
+@click.option("--top", default=5, type=click.IntRange(min=0), show_default=True,
+              help="Text output: the N most and N least accepted classes (0: all).")
+@click.option("--step-bins", default=10, type=click.IntRange(min=1), show_default=True,
+              help="Ranges of training steps in the acceptance-over-steps table.")
+@click.option("--html", "html_path", metavar="FILE",
+              help="Write a self-contained HTML review report to FILE instead of printing "
+                   "tables.")
+@click.option("--thumbs-per-class", default=24, type=click.IntRange(min=1), show_default=True,
+              help="HTML: thumbnails per class and decision, at most (random sample).")
+@click.option("--thumb-size", default=96, type=click.IntRange(min=8, max=1024), show_default=True,
+              help="HTML: longest side of a thumbnail in pixels.")
+@click.option("--max-classes", default=60, type=click.IntRange(min=1), show_default=True,
+              help="HTML: classes with a gallery, at most (those with most candidates).")
+@click.option("--seed", default=0, show_default=True, help="HTML: seed of the thumbnail "
+              "sample.")
+@_storage_options
+@clear_errors
+def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ...],
+                    reasons: tuple[str, ...], where: str | None, as_json: bool, as_csv: bool,
+                    tables: tuple[str, ...], show_rows: bool, limit: int, top: int,
+                    step_bins: int, html_path: str | None, thumbs_per_class: int,
+                    thumb_size: int, max_classes: int, seed: int, endpoint_url: str | None,
+                    storage_pairs: tuple[str, ...]) -> None:
+    """What was accepted and rejected in a run, and why.
+
+    URI is a run folder or its shards folder, local or s3://. Prints counts by decision and
+    reason, acceptance by frequency group and by class, score and threshold quantiles,
+    acceptance over training steps and, where the generator's truth is known (built-in
+    generator), precision and recall of acceptance.
+
+    \b
+    Examples:
+      bsgal inspect runs/demo
+      bsgal inspect runs/demo --class zebra --decision rejected --rows
+      bsgal inspect s3://bucket/run --where "score > 0.2 AND step > 1000" --json
+      bsgal inspect runs/demo --csv --table classes > classes.csv
+      bsgal inspect runs/demo --html report.html
+    """
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv exclude each other")
+    names = list(tables)
+    if show_rows and "rows" not in names:
+        names.append("rows")
+    if as_csv and len(names) != 1:
+        raise click.UsageError("--csv prints one table: choose it with --table "
+                               f"({', '.join(TABLE_NAMES)}) or use --rows alone")
+    storage = storage_options_from(endpoint_url, storage_pairs)
+    with _open_query(uri, classes, decisions, reasons, where, options_for(uri, storage)) as q:
+        if html_path:
+            from pipeline.report import ReportOptions, write_report
+
+            t0 = time.monotonic()
+            options = ReportOptions(thumbs_per_class=thumbs_per_class, thumb_size=thumb_size,
+                                    max_classes=max_classes, seed=seed)
+            stats = write_report(q, html_path, options, options_for(html_path, storage))
+            click.echo(f"wrote {html_path} ({_human_bytes(stats.bytes)}): {stats.rows} "
+                       f"decisions, {stats.thumbnails} thumbnails, galleries for "
+                       f"{stats.gallery_classes} of {stats.classes} classes "
+                       f"({time.monotonic() - t0:.1f} s)")
+            return
+        from pipeline.inspection.render import summary_json, summary_text, table_csv
+        from pipeline.inspection.summary import summarize
+
+        summary = summarize(q, tuple(names) or None, step_bins=step_bins, row_limit=limit)
+        if as_json:
+            click.echo(summary_json(summary), nl=False)
+        elif as_csv:
+            if not summary.tables:  # the truth tables are skipped when truth is unknown
+                raise click.ClickException("; ".join(summary.notes))
+            click.echo(table_csv(summary.tables[0]), nl=False)
+        else:
+            click.echo(summary_text(summary, top=top), nl=False)
+
+
+# ------------------------------------------------------------------------------- export-pool
+
+
+@click.command("export-pool", context_settings=CONTEXT)
+@click.argument("uri")
+@click.argument("out")
+@click.option("--class", "classes", multiple=True, metavar="NAME|ID",
+              help="Only this class (name or id); repeat for several.")
+@click.option("--where", "where", metavar="SQL",
+              help="A SQL predicate over the shard columns (DuckDB), e.g. \"score > 0.1\".")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a pool already in OUT (the files its pool.json lists).")
+@_storage_options
+@clear_errors
+def export_pool_command(uri: str, out: str, classes: tuple[str, ...], where: str | None,
+                        overwrite: bool, endpoint_url: str | None,
+                        storage_pairs: tuple[str, ...]) -> None:
+    """Write a run's accepted instances to OUT as an instance pool for copy-paste training.
+
+    OUT/<class>/<sample_id>.png are RGBA cut-outs cropped to the mask (alpha = mask), indexed
+    by class in OUT/pool.json (plus xpaste_pool.json in X-Paste's InstPool format, and
+    export.json recording the source and filters). URI and OUT may be local or s3://.
+
+    \b
+    Example:
+      bsgal export-pool runs/demo pools/demo
+      bsgal export-pool s3://bucket/run pools/run --where "score > 0.05"
+    """
+    from pipeline.export_pool import export_pool
+
+    storage = storage_options_from(endpoint_url, storage_pairs)
+    t0 = time.monotonic()
+    with _open_query(uri, classes, ("accepted",), (), where, options_for(uri, storage)) as q:
+        stats = export_pool(q, out, options_for(out, storage), overwrite=overwrite)
+    skipped = (f"; {stats.skipped} accepted rows skipped (listed in export.json)"
+               if stats.skipped else "")
+    click.echo(f"exported {stats.instances} instances of {stats.classes} classes to {out} "
+               f"({_human_bytes(stats.bytes)}, {time.monotonic() - t0:.1f} s){skipped}")

@@ -1,0 +1,272 @@
+"""DuckDB views over the decision shards of one run, with the user's filters applied.
+
+DuckDB reads the Parquet files directly (only the columns a query names). Local files are read
+by DuckDB's own reader; for s3:// (or any other fsspec URI) the fsspec filesystem is registered
+with DuckDB, so the endpoint and credentials in the storage options are used and no DuckDB
+extension has to be downloaded. Three relations exist on the connection:
+
+- ``shard_rows``: every row of every shard with all columns, plus the hive partition column
+  ``decision`` (``accepted`` / ``rejected`` / ``invalid``); NaN in the float columns (not
+  computed, e.g. the score of an invalid candidate) reads as SQL NULL, so that comparisons
+  leave such rows out;
+- ``decisions``: the same without the large ``image_png`` and ``mask_rle`` columns; a view
+  over local shards, a table read once for remote ones (so a summary of a few dozen queries
+  downloads the shards once, and never their images);
+- ``selected``: the rows of ``decisions`` that pass the filters (``--class``, ``--decision``,
+  ``--reason``, ``--where``), combined with AND.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+import duckdb
+import pyarrow as pa
+
+from pipeline.shards import DECISIONS, is_local, locate_shards
+
+if TYPE_CHECKING:
+    import fsspec
+
+
+# Float columns of the shard schema; NaN in them means "not computed".
+FLOAT_COLUMNS = ("mask_score", "area_ratio", "clip_score", "score", "threshold", "cache_norm")
+
+
+# Large columns, left out of ``decisions``/``selected``; read from ``shard_rows`` by key.
+MEDIA_COLUMNS = ("image_png", "mask_rle")
+
+
+class QueryError(ValueError):
+    """A filter the shards cannot answer: a bad ``--where`` predicate, an unknown class."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionFilter:
+    """Which decision rows to look at; every non-empty field must hold (AND).
+
+    Attributes:
+        classes: class names or numeric class ids; a row matches any of them.
+        decisions: subset of ``accepted``, ``rejected``, ``invalid``.
+        reasons: reasons (``rejected_score``, ``invalid_empty_mask``) or patterns with ``*``
+            (``invalid_*``); a row matches any of them.
+        where: a SQL predicate over the shard columns, run by DuckDB (``score > 0.1 AND step <
+            100``).
+    """
+
+    classes: tuple[str, ...] = ()
+    decisions: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    where: str | None = None
+
+    def __post_init__(self) -> None:
+        for d in self.decisions:
+            if d not in DECISIONS:
+                raise QueryError(f"decision {d!r} is not one of {', '.join(DECISIONS)}")
+
+    def describe(self) -> dict[str, Any]:
+        """The filters that are set, as plain data (for report headers and JSON output)."""
+        out: dict[str, Any] = {}
+        if self.classes:
+            out["class"] = list(self.classes)
+        if self.decisions:
+            out["decision"] = list(self.decisions)
+        if self.reasons:
+            out["reason"] = list(self.reasons)
+        if self.where:
+            out["where"] = self.where
+        return out
+
+
+def sql_string(value: str) -> str:
+    """A SQL string literal (single quotes doubled)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _reason_sql(pattern: str) -> str:
+    if "*" in pattern:
+        like = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return f"reason LIKE {sql_string(like.replace('*', '%'))} ESCAPE '\\'"
+    return f"reason = {sql_string(pattern)}"
+
+
+def duckdb_error_line(exc: BaseException) -> str:
+    """DuckDB's message without its multi-line source excerpt."""
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    kept = []
+    for ln in lines:
+        if not ln or ln.startswith("LINE "):
+            break
+        kept.append(ln)
+    return " ".join(kept) or type(exc).__name__
+
+
+class DecisionQuery:
+    """The decisions of one run on a DuckDB connection (``shard_rows``, ``decisions`` and the
+    filtered ``selected``; see the module docstring).
+
+    Args:
+        uri: run folder or its ``shards`` folder, local path or fsspec URI (``s3://b/run``).
+        filters: rows to keep in ``selected``.
+        storage_options: fsspec options for remote URIs (``endpoint_url``, ``key``, ...).
+        threads: DuckDB worker threads.
+
+    Raises:
+        pipeline.shards.ShardSchemaError: no shards, or another schema version.
+        pipeline.shards.StorageError: the storage cannot be read.
+        QueryError: a filter names a class or reason that no row has, or ``where`` is not a
+            valid predicate (DuckDB's message).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        filters: DecisionFilter | None = None,
+        storage_options: dict | None = None,
+        threads: int = 2,
+    ) -> None:
+        self.uri = uri
+        self.filters = filters or DecisionFilter()
+        self.storage_options = dict(storage_options or {})
+        fs, self.shards_path, files = locate_shards(uri, self.storage_options)
+        self.fs = fs
+        self.files = files
+        # No extension auto-install: that would reach the network.
+        self.con = duckdb.connect(config={"threads": max(1, int(threads)),
+                                          "autoinstall_known_extensions": False,
+                                          "autoload_known_extensions": False})
+        try:
+            self._create_views(fs, files)
+        except BaseException:
+            self.con.close()
+            raise
+
+    def _create_views(self, fs: "fsspec.AbstractFileSystem", files: list[str]) -> None:
+        if is_local(fs):
+            sources = files
+        else:
+            self.con.register_filesystem(fs)
+            sources = [fs.unstrip_protocol(p) for p in files]
+        file_list = "[" + ", ".join(sql_string(s) for s in sources) + "]"
+        # NaN ("not computed") becomes NULL: in DuckDB NaN > x is true, so "score > 0.1" would
+        # otherwise select the unscored invalid rows.
+        nan_to_null = ", ".join(f"CASE WHEN isnan({c}) THEN NULL ELSE {c} END AS {c}"
+                                for c in FLOAT_COLUMNS)
+        self.con.execute(
+            f"CREATE VIEW shard_rows AS SELECT * REPLACE ({nan_to_null}) FROM "
+            f"read_parquet({file_list}, hive_partitioning = true)")
+        media = ", ".join(MEDIA_COLUMNS)
+        # Remote shards are read once (without images) instead of once per query.
+        kind = "VIEW" if is_local(fs) else "TEMP TABLE"
+        self.con.execute(f"CREATE {kind} decisions AS SELECT * EXCLUDE ({media}) FROM shard_rows")
+        self.con.execute(f"CREATE VIEW selected AS SELECT * FROM decisions WHERE "
+                         f"{self._where_sql()}")
+
+    # ---------------------------------------------------------------------------- filters
+
+    def _where_sql(self) -> str:
+        f = self.filters
+        conditions = ["TRUE"]
+        if f.classes:
+            conditions.append(self._class_condition(f.classes))
+        if f.decisions:
+            conditions.append("decision IN (" + ", ".join(sql_string(d) for d in f.decisions)
+                              + ")")
+        if f.reasons:
+            conditions.append(self._reason_condition(f.reasons))
+        if f.where:
+            conditions.append(self._checked_predicate(f.where))
+        return " AND ".join(conditions)
+
+    def _class_condition(self, classes: Sequence[str]) -> str:
+        known = self.con.execute(
+            "SELECT DISTINCT class_id, class_name FROM decisions ORDER BY class_id").fetchall()
+        ids = {str(i) for i, _ in known}
+        names = {n for _, n in known}
+        alternatives = []
+        for c in classes:
+            if c in names:
+                alternatives.append(f"class_name = {sql_string(c)}")
+            elif c in ids:
+                alternatives.append(f"class_id = {int(c)}")
+            else:
+                listing = ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "")
+                raise QueryError(f"--class {c!r}: no decision of this run has that class name "
+                                 f"or id; classes here: {listing}")
+        return "(" + " OR ".join(alternatives) + ")"
+
+    def _reason_condition(self, reasons: Sequence[str]) -> str:
+        alternatives = []
+        for r in reasons:
+            cond = _reason_sql(r)
+            (hits,) = self.con.execute(f"SELECT count(*) FROM decisions WHERE {cond}").fetchone()
+            if not hits:
+                present = [x for (x,) in self.con.execute(
+                    "SELECT DISTINCT reason FROM decisions ORDER BY 1").fetchall()]
+                raise QueryError(f"--reason {r!r}: no decision of this run has that reason; "
+                                 f"reasons here: {', '.join(present)}")
+            alternatives.append(cond)
+        return "(" + " OR ".join(alternatives) + ")"
+
+    def _checked_predicate(self, predicate: str) -> str:
+        probe = f"SELECT count(*) FROM decisions WHERE ({predicate})"
+        try:
+            if len(self.con.extract_statements(probe)) != 1:
+                raise QueryError(f"--where {predicate!r}: give one SQL predicate (no ';')")
+            self.con.execute(probe).fetchone()
+        except duckdb.Error as exc:
+            raise QueryError(f"--where {predicate!r}: {duckdb_error_line(exc)}") from None
+        return f"({predicate})"
+
+    # ---------------------------------------------------------------------------- queries
+
+    def rows(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """Run ``sql`` (it may name the views) and return its rows as dicts, NaN → None."""
+        cur = self.con.execute(sql, params or [])
+        names = [d[0] for d in cur.description]
+        return [{n: _clean(v) for n, v in zip(names, row)} for row in cur.fetchall()]
+
+    def batches(self, sql: str, batch_rows: int = 256) -> pa.RecordBatchReader:
+        """Run ``sql`` and stream its result in record batches of about ``batch_rows`` rows."""
+        relation = self.con.sql(sql)
+        # DuckDB 2 calls it to_arrow_reader, 1.x fetch_arrow_reader.
+        reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
+        return reader(batch_rows)
+
+    def media(self, sample_ids: Sequence[str], chunk: int = 1000) -> dict[tuple, dict]:
+        """Image PNG and mask RLE of the given samples.
+
+        Returns ``{(sample_id, class_id, decision): {"image_png": bytes | None, "mask_rle":
+        dict | None}}``. Only these rows' images are read (DuckDB pushes the IN list into the
+        Parquet scan).
+        """
+        out: dict[tuple, dict] = {}
+        ids = list(dict.fromkeys(sample_ids))
+        for i in range(0, len(ids), chunk):
+            listing = ", ".join(sql_string(str(x)) for x in ids[i:i + chunk])
+            for r in self.rows("SELECT sample_id, class_id, decision, image_png, mask_rle "
+                               f"FROM shard_rows WHERE sample_id IN ({listing})"):
+                out[(r["sample_id"], r["class_id"], r["decision"])] = {
+                    "image_png": r["image_png"], "mask_rle": r["mask_rle"]}
+        return out
+
+    def count(self, view: str = "selected") -> int:
+        (n,) = self.con.execute(f"SELECT count(*) FROM {view}").fetchone()
+        return int(n)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "DecisionQuery":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

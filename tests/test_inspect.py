@@ -1,0 +1,325 @@
+"""bsgal inspect: tables and filters on shards the test writes (known counts), SQL filter, S3."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from generators.looks import make_looks, render_object
+from pipeline.cli import main
+from pipeline.inspection import TABLE_NAMES
+from pipeline.shards import ShardWriter, list_shard_files
+
+# (class_id, class_name, frequency, [(reason, truth_failure), ...]): the decisions of a small
+# run whose every count is known. 22 rows: 10 accepted, 9 rejected, 3 invalid.
+PLAN = [
+    (1, "cat", "f", [("accepted", "none")] * 5 + [("accepted", "wrong_class"),
+                     ("rejected_score", "none"), ("rejected_score", "broken"),
+                     ("invalid_empty_mask", "none")]),
+    (2, "dog", "c", [("accepted", "none")] * 3 + [("rejected_score", "none")]
+     + [("rejected_score", "clutter")] * 2),
+    (3, "yak", "r", [("accepted", "broken")] + [("rejected_score", "none")] * 2
+     + [("rejected_score", "noise")] * 2 + [("invalid_empty_mask", "none"),
+                                             ("invalid_area_ratio", "broken")]),
+]
+ROWS_PER_STEP = 3
+
+
+def make_rows(plan=PLAN, size: tuple[int, int] = (40, 48), seed: int = 0,
+              truth: bool = True) -> list[dict]:
+    """Decision rows for ``plan``, interleaved round-robin over classes in stream order.
+
+    Images are a grey background with one object drawn by the built-in looks; the mask is the
+    object's pixels (empty for ``invalid_empty_mask``). Accepted rows score above their
+    threshold, rejected ones below, invalid ones have no score. The threshold rises with the
+    step (a dynamic threshold).
+    """
+    rng = np.random.default_rng(seed)
+    looks = make_looks(max(cid for cid, *_ in plan))
+    queues = [[(cid, name, freq, reason, tf) for reason, tf in items]
+              for cid, name, freq, items in plan]
+    order = []
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+    h, w = size
+    rows = []
+    for offset, (cid, name, freq, reason, tf) in enumerate(order):
+        step = offset // ROWS_PER_STEP
+        threshold = -0.05 + 0.01 * step
+        image = np.full((h, w, 3), 200, dtype=np.uint8)
+        mask = np.zeros((h, w), dtype=bool)
+        if reason != "invalid_empty_mask":
+            bh, bw = int(rng.integers(h // 2, h - 4)), int(rng.integers(w // 2, w - 4))
+            y0, x0 = int(rng.integers(1, h - bh)), int(rng.integers(1, w - bw))
+            rgb, m = render_object(looks[cid - 1], bh, bw, rng)
+            image[y0:y0 + bh, x0:x0 + bw][m] = rgb[m]
+            mask[y0:y0 + bh, x0:x0 + bw] = m
+        if reason == "accepted":
+            score = threshold + 0.02 + 0.01 * (offset % 5)
+        elif reason.startswith("rejected"):
+            score = threshold - 0.02 - 0.01 * (offset % 5)
+        else:
+            score = float("nan")
+        rows.append({
+            "run_id": "inspect-test", "sample_id": f"{name}-{offset:04d}",
+            "stream_offset": offset, "class_id": cid, "class_name": name,
+            "class_frequency": freq, "prompt": f"a photo of a single {name}", "seed": offset,
+            "generator": "procedural@1", "annotator": "builtin@1",
+            "status": "ok" if not reason.startswith("invalid") else reason,
+            "image": image, "mask": mask, "mask_score": 0.9, "area_ratio": float(mask.mean()),
+            "num_components": 1, "truth_failure": tf if truth else "",
+            "truth_class_id": cid if truth else -1, "score": score, "threshold": threshold,
+            "accepted": reason == "accepted", "reason": reason, "step": step, "rank": 0,
+            "cache_norm": 1.0, "batch_id": f"b{step}", "method": "bsgal",
+        })
+    return rows
+
+
+def write_run(out: str, rows: list[dict], storage_options: dict | None = None,
+              max_rows: int = 8) -> None:
+    with ShardWriter(out, max_rows=max_rows, flush_seconds=60,
+                     storage_options=storage_options) as writer:
+        writer.add(rows)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("inspect") / "run"
+    rows = make_rows()
+    write_run(str(out), rows)
+    return out, rows
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def _json(*args: str) -> dict:
+    code, out = _invoke(*args, "--json")
+    assert code == 0, out
+    return json.loads(out)
+
+
+def _by(rows: list[dict], key: str) -> dict:
+    return {r[key]: r for r in rows}
+
+
+def _expected(rows: list[dict], keep=lambda r: True) -> dict:
+    """Counts computed in plain Python from the rows the test wrote."""
+    sel = [r for r in rows if keep(r)]
+    dec = {"accepted": 0, "rejected": 0, "invalid": 0}
+    for r in sel:
+        dec["accepted" if r["reason"] == "accepted" else r["reason"].split("_")[0]] += 1
+    return {"n": len(sel), **dec}
+
+
+# -------------------------------------------------------------------------------- tables
+
+
+def test_counts_groups_classes_match_the_written_rows(run_dir) -> None:
+    out, rows = run_dir
+    doc = _json("inspect", str(out))
+    assert doc["total_rows"] == doc["selected_rows"] == 22
+    assert doc["files"] == len(list_shard_files(str(out / "shards")))
+    counts = {(r["decision"], r["reason"]): r["n"] for r in doc["tables"]["counts"]["rows"]}
+    assert counts == {("accepted", "accepted"): 10, ("rejected", "rejected_score"): 9,
+                      ("invalid", "invalid_empty_mask"): 2, ("invalid", "invalid_area_ratio"): 1}
+    groups = _by(doc["tables"]["groups"]["rows"], "group")
+    assert [r["group"] for r in doc["tables"]["groups"]["rows"]] == ["frequent", "common", "rare"]
+    assert (groups["frequent"]["accepted"], groups["frequent"]["total"]) == (6, 9)
+    assert groups["rare"]["accept_rate"] == pytest.approx(1 / 7)
+    assert groups["rare"]["accept_rate_scored"] == pytest.approx(1 / 5)
+    classes = doc["tables"]["classes"]["rows"]
+    assert [c["class_name"] for c in classes] == ["cat", "dog", "yak"]  # most accepted first
+    for c in classes:
+        exp = _expected(rows, lambda r, n=c["class_name"]: r["class_name"] == n)
+        assert (c["total"], c["accepted"], c["rejected"], c["invalid"]) == (
+            exp["n"], exp["accepted"], exp["rejected"], exp["invalid"])
+
+
+def test_score_quantiles_steps_and_truth(run_dir) -> None:
+    out, rows = run_dir
+    doc = _json("inspect", str(out), "--step-bins", "4")
+    scores = _by(doc["tables"]["scores"]["rows"], "value")
+    acc = sorted(r["score"] for r in rows if r["accepted"])
+    assert scores["score (accepted)"]["n"] == 10
+    assert scores["score (accepted)"]["min"] == pytest.approx(acc[0])
+    assert scores["score (accepted)"]["p50"] == pytest.approx(float(np.median(acc)))
+    assert scores["score (scored)"]["n"] == 19  # invalid rows have no score
+    assert scores["threshold"]["max"] == pytest.approx(
+        max(r["threshold"] for r in rows if not r["reason"].startswith("invalid")))
+    steps = doc["tables"]["steps"]["rows"]
+    assert len(steps) == 4 and steps[0]["step_from"] == 0 and steps[-1]["step_to"] == 7
+    assert sum(s["total"] for s in steps) == 22
+    assert sum(s["accepted"] for s in steps) == 10
+    first = [r for r in rows if r["step"] <= steps[0]["step_to"]]
+    assert steps[0]["accepted"] == sum(r["accepted"] for r in first)
+    # Truth: 14 good candidates, 8 of them accepted, 10 accepted in all.
+    truth = _by(doc["tables"]["truth"]["rows"], "scope")
+    assert (truth["all"]["known"], truth["all"]["good"], truth["all"]["good_accepted"]) == (
+        22, 14, 8)
+    assert truth["all"]["precision"] == pytest.approx(8 / 10)
+    assert truth["all"]["recall"] == pytest.approx(8 / 14)
+    assert truth["scored"]["recall"] == pytest.approx(8 / 12)
+    failures = _by(doc["tables"]["truth_failures"]["rows"], "truth_failure")
+    assert failures["broken"]["accepted"] == 1 and failures["broken"]["total"] == 3
+    assert failures["clutter"]["accept_rate"] == 0
+
+
+def test_filters_combine_with_and(run_dir) -> None:
+    out, rows = run_dir
+    doc = _json("inspect", str(out), "--class", "yak", "--decision", "rejected")
+    assert doc["selected_rows"] == 4
+    assert doc["filters"] == {"class": ["yak"], "decision": ["rejected"]}
+    doc = _json("inspect", str(out), "--class", "1", "--class", "dog", "--reason", "invalid_*")
+    assert doc["selected_rows"] == 1  # cat's one invalid; dog has none
+    doc = _json("inspect", str(out), "--reason", "invalid_*", "--reason", "accepted")
+    assert doc["selected_rows"] == 13
+    assert {r["decision"] for r in doc["tables"]["counts"]["rows"]} == {"accepted", "invalid"}
+
+
+def test_sql_where_filter(run_dir) -> None:
+    out, rows = run_dir
+    predicate = "score > threshold + 0.035 AND step < 5"
+    doc = _json("inspect", str(out), "--where", predicate, "--rows", "--limit", "0")
+    want = sorted(r["sample_id"] for r in rows
+                  if r["score"] > r["threshold"] + 0.035 and r["step"] < 5)
+    assert len(want) >= 2
+    assert sorted(r["sample_id"] for r in doc["tables"]["rows"]["rows"]) == want
+    assert doc["selected_rows"] == len(want)
+    # Combined with --class by AND; the partition column is visible to the predicate.
+    doc = _json("inspect", str(out), "--class", "cat", "--where", "decision = 'invalid'")
+    assert doc["selected_rows"] == 1
+
+
+def test_bad_where_is_one_line_with_duckdb_message(run_dir) -> None:
+    out, _ = run_dir
+    code, text = _invoke("inspect", str(out), "--where", "scroe > 1")
+    assert code != 0
+    assert text.startswith("Error: --where 'scroe > 1': Binder Error")
+    assert '"scroe"' in text and len(text.strip().splitlines()) == 1
+    code, text = _invoke("inspect", str(out), "--where", "1=1); DROP VIEW decisions; SELECT (1")
+    assert code != 0 and len(text.strip().splitlines()) == 1
+    code, text = _invoke("inspect", str(out), "--class", "zebra")
+    assert code != 0 and "'zebra'" in text and "cat, dog, yak" in text
+
+
+def test_text_csv_and_rows_output(run_dir) -> None:
+    out, rows = run_dir
+    code, text = _invoke("inspect", str(out), "--top", "1")
+    assert code == 0
+    assert "Acceptance by frequency group" in text and "precision" in text
+    lines = text.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("class_id"))
+    assert lines[header + 2].split()[1] == "cat"  # most accepted
+    assert "1 more row" in lines[header + 3]
+    assert lines[header + 4].split()[1] == "yak"  # least accepted
+    code, text = _invoke("inspect", str(out), "--csv", "--table", "classes")
+    assert code == 0
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert [r["class_name"] for r in table] == ["cat", "dog", "yak"]
+    assert float(table[0]["accept_rate"]) == pytest.approx(6 / 9)
+    code, text = _invoke("inspect", str(out), "--csv", "--rows", "--decision", "invalid")
+    assert code == 0
+    listed = list(csv.DictReader(io.StringIO(text)))
+    assert sorted(r["sample_id"] for r in listed) == sorted(
+        r["sample_id"] for r in rows if r["reason"].startswith("invalid"))
+    assert all(r["score"] == "" for r in listed)  # NaN scores are empty cells
+    code, text = _invoke("inspect", str(out), "--csv")
+    assert code != 0 and "--csv prints one table" in text
+
+
+def test_truth_unknown_skips_precision_recall(tmp_path: Path) -> None:
+    write_run(str(tmp_path / "run"), make_rows(truth=False))
+    doc = _json("inspect", str(tmp_path / "run" / "shards"))  # the shards folder works too
+    assert "truth" not in doc["tables"] and "truth_failures" not in doc["tables"]
+    assert any("precision/recall skipped" in n for n in doc["notes"])
+    code, text = _invoke("inspect", str(tmp_path / "run"))
+    assert code == 0 and "note: precision/recall skipped" in text
+
+
+def test_every_table_can_be_chosen(run_dir) -> None:
+    out, _ = run_dir
+    for name in TABLE_NAMES:
+        doc = _json("inspect", str(out), "--table", name)
+        assert list(doc["tables"]) == [name]
+        assert doc["tables"][name]["rows"], name
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_path_without_shards(tmp_path: Path) -> None:
+    code, text = _invoke("inspect", str(tmp_path))
+    assert code == 1 and "no decision shards found" in text
+    assert len(text.strip().splitlines()) == 1
+    code, text = _invoke("inspect", str(tmp_path / "missing"))
+    assert code == 1 and "no such folder" in text
+
+
+def test_other_schema_version(tmp_path: Path) -> None:
+    write_run(str(tmp_path), make_rows()[:4])
+    path = list_shard_files(str(tmp_path / "shards"))[0]
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata({b"bsgal.schema_version": b"2"}), path)
+    code, text = _invoke("inspect", str(tmp_path))
+    assert code == 1 and "shard schema version 2" in text
+    assert len(text.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------ S3
+
+
+@pytest.mark.s3
+def test_inspect_over_s3(s3_server) -> None:
+    bucket = s3_server.make_bucket("inspect-test")
+    rows = make_rows()
+    write_run(f"{bucket}/runs/a", rows, s3_server.storage_options)
+    doc = _json("inspect", f"{bucket}/runs/a", "--endpoint-url", s3_server.endpoint_url,
+                "--where", "score > 0", "--class", "cat")
+    want = [r for r in rows if r["class_name"] == "cat" and r["score"] > 0]
+    assert doc["selected_rows"] == len(want) > 0
+    counts = {r["reason"]: r["n"] for r in doc["tables"]["counts"]["rows"]}
+    assert counts == {"accepted": sum(r["accepted"] for r in want)} | (
+        {"rejected_score": len(want) - sum(r["accepted"] for r in want)}
+        if len(want) > sum(r["accepted"] for r in want) else {})
+    # The HTML report can be written to the bucket too.
+    code, text = _invoke("inspect", f"{bucket}/runs/a", "--endpoint-url",
+                         s3_server.endpoint_url, "--html", f"{bucket}/reports/a.html")
+    assert code == 0, text
+    import s3fs
+
+    page = s3fs.S3FileSystem(**s3_server.storage_options).cat(f"{bucket}/reports/a.html")
+    assert page.startswith(b"<!DOCTYPE html>") and page.count(b"<img src=\"data:") == 22
+    # A missing bucket on a reachable server: one line, non-zero.
+    code, text = _invoke("inspect", "s3://no-such-bucket/run", "--endpoint-url",
+                         s3_server.endpoint_url)
+    assert code == 1 and "no-such-bucket" in text and len(text.strip().splitlines()) == 1
+
+
+@pytest.mark.s3
+def test_unreachable_endpoint_fails_fast_with_one_line() -> None:
+    from tests.conftest import free_port
+
+    t0 = time.monotonic()
+    result = CliRunner(env={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}).invoke(
+        main, ["inspect", "s3://nowhere/run", "--endpoint-url",
+               f"http://127.0.0.1:{free_port()}"])
+    assert result.exit_code == 1
+    assert time.monotonic() - t0 < 20
+    line = result.output.strip()
+    assert len(line.splitlines()) == 1
+    assert line.startswith("Error: cannot read s3://nowhere/run") and "endpoint_url" in line
