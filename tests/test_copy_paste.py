@@ -191,5 +191,6 @@ def test_batch_rows_accepts_columns_and_rows() -> None:
     with pytest.raises(ValueError, match="different lengths"):
         batch_rows(dict(cols, class_id=np.array([1])))
     record = decision_record("a", reason="invalid_empty_mask", accepted=False, step=3, rank=0,
-                             method="bsgal")
+                             method="bsgal", stream_offset=11)
     assert np.isnan(record["score"]) and record["batch_id"] == "" and record["step"] == 3
+    assert record["stream_offset"] == 11

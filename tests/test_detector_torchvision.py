@@ -61,7 +61,7 @@ def test_loss_pieces_sum_to_the_stock_loss(train_set: LvisDataset) -> None:
                                              abs=1e-7), term
     # Half of the instances are generated: both parts carry classification and mask loss.
     for part in (real, generated):
-        assert float(part["loss_classifier"]) > 0 and float(part["loss_mask"]) > 0
+        assert float(part["loss_classifier"].detach()) > 0 and float(part["loss_mask"].detach()) > 0
 
 
 def test_generated_part_is_empty_without_generated_instances(train_set: LvisDataset) -> None:

@@ -150,6 +150,9 @@ def test_every_candidate_gets_exactly_one_decision(train_set, good_rows, mode) -
     scored = [d for d in good if d["reason"] in ("accepted", "rejected_score")]
     assert scored and all(math.isfinite(d["score"]) and -1 <= d["score"] <= 1 for d in scored)
     assert trainer.stream_offset == len(rows) and trainer.step == len(result.steps)
+    assert [d["stream_offset"] for d in result.decisions] == list(range(len(rows)))
+    again = trainer.train_on_candidates(good_rows[7:9]).decisions
+    assert [d["stream_offset"] for d in again] == [len(rows), len(rows) + 1]
 
 
 

@@ -41,7 +41,7 @@ INVALID_NAN_LOSS = "invalid_nan_loss"
 
 REQUIRED_COLUMNS = ("sample_id", "class_id", "image", "mask", "status")
 
-DECISION_FIELDS = ("sample_id", "score", "threshold", "accepted", "reason", "step", "rank",
+DECISION_FIELDS = ("sample_id", "stream_offset", "score", "threshold", "accepted", "reason", "step", "rank",
                    "cache_norm", "batch_id", "method")
 
 
@@ -137,12 +137,17 @@ def _float_or_nan(value: float | None) -> float:
 
 
 def decision_record(sample_id: str, *, reason: str, accepted: bool, step: int, rank: int,
-                    method: str, batch_id: str = "", score: float | None = None,
-                    threshold: float | None = None, cache_norm: float | None = None
-                    ) -> dict[str, Any]:
-    """One decision row (CONTRACTS.md "Decision"); missing numbers become NaN."""
+                    method: str, stream_offset: int, batch_id: str = "",
+                    score: float | None = None, threshold: float | None = None,
+                    cache_norm: float | None = None) -> dict[str, Any]:
+    """One decision row (CONTRACTS.md "Decision"); missing numbers become NaN.
+
+    ``stream_offset`` is the candidate's position in this worker's candidate stream (0-based,
+    over all batches), the key a resumed run skips by.
+    """
     return {
         "sample_id": str(sample_id),
+        "stream_offset": int(stream_offset),
         "score": _float_or_nan(score),
         "threshold": _float_or_nan(threshold),
         "accepted": bool(accepted),

@@ -81,7 +81,7 @@ class CandidateBatchResult:
 
     Attributes:
         decisions: one decision row per incoming candidate, in input order (CONTRACTS.md fields
-            plus ``sample_id``).
+            plus ``sample_id`` and ``stream_offset``).
         steps: one log dict per optimizer step taken (step, decision, losses, lr, grad norm,
             seconds, and ``metrics`` when an evaluation ran after it).
     """
@@ -218,7 +218,8 @@ class DetectorTrainer:
             else:
                 records[position] = decision_record(
                     str(row["sample_id"]), reason=reason, accepted=False, step=self.step,
-                    rank=self.rank, method=self.method, cache_norm=self._cache_norm())
+                    rank=self.rank, method=self.method,
+                    stream_offset=self.stream_offset + position, cache_norm=self._cache_norm())
         logs = []
         while pool:
             logs.append(self._candidate_step(pool, records))
@@ -278,7 +279,8 @@ class DetectorTrainer:
         for c in batch.candidates:
             records[c.position] = decision_record(
                 c.sample_id, reason=outcome.reason, accepted=outcome.accepted, step=log["step"],
-                rank=self.rank, method=self.method, batch_id=log["batch_id"],
+                rank=self.rank, method=self.method, stream_offset=self.stream_offset + c.position,
+                batch_id=log["batch_id"],
                 score=outcome.score, threshold=outcome.threshold, cache_norm=outcome.cache_norm)
         return log
 
