@@ -58,7 +58,6 @@ from torch import Tensor
 from selector import BatchSelector, parameter_gradients
 from trainer.backends.base import DetectorBackend
 from trainer.backends.split_losses import (
-    CLASSIFICATION_TERM,
     CLEAR_GROUPS,
     REAL_FOREGROUND,
     SplitLosses,
@@ -224,7 +223,7 @@ class BsgalStep:
             real_loss = self.backend.real_classification_loss(*real_inputs(real_test, device))
             selector.update_cache(parameter_gradients(real_loss, self.score_params), step=step)
             generated = self.backend.losses(*pasted_inputs(pasted, device), score_only=True)
-            generated_loss = generated.generated[CLASSIFICATION_TERM]
+            generated_loss = generated.generated[self.backend.classification_term]
             if math.isfinite(float(generated_loss.detach())):
                 decision = selector.decide(
                     step=step, num_generated=num_generated,
@@ -259,7 +258,7 @@ class BsgalStep:
         result = exact_lookahead_gain(
             self.backend.trainable_parameters(),
             lambda: self.backend.losses(*pasted_batch, score_only=True).generated[
-                CLASSIFICATION_TERM],
+                self.backend.classification_term],
             lambda: self.backend.real_classification_loss(*real_batch),
             lr=lr, buffers=list(self.backend.module.buffers()))
         assert self.selector is not None
@@ -272,14 +271,14 @@ class BsgalStep:
         assert selector is not None and selector.cache is not None
         params = self.score_params
         split: SplitLosses = self.backend.losses(*pasted_inputs(pasted, self.backend.device))
-        generated_loss = split.generated[CLASSIFICATION_TERM]
+        generated_loss = split.generated[self.backend.classification_term]
         generated_ok = math.isfinite(float(generated_loss.detach()))
         decision: Any = None
         if num_generated > 0 and generated_ok:
             generated_grads = parameter_gradients(generated_loss, params, retain_graph=True)
         else:
             generated_grads = None
-        real_loss = split.pieces[REAL_FOREGROUND][CLASSIFICATION_TERM]
+        real_loss = split.pieces[REAL_FOREGROUND][self.backend.classification_term]
         selector.update_cache(parameter_gradients(real_loss, params, retain_graph=True),
                               step=step)
         if num_generated == 0 or generated_ok:

@@ -35,6 +35,8 @@ class DetectorBackend(Protocol):
     """What the train step needs from a detector (see the module docstring for layouts)."""
 
     name: str
+    # The RoI classification term of `losses` (BSGAL scores with it).
+    classification_term: str
     num_classes: int
     module: nn.Module
     model: nn.Module

@@ -40,8 +40,6 @@ GROUP_CODE = {name: i for i, name in enumerate(GROUPS)}
 REAL_GROUPS: tuple[str, ...] = (REAL_FOREGROUND, REAL_BACKGROUND, GENERATED_BACKGROUND)
 CLEAR_GROUPS: tuple[str, ...] = (REAL_FOREGROUND, REAL_BACKGROUND)
 
-CLASSIFICATION_TERM = "loss_classifier"
-
 
 @dataclass
 class SplitLosses:

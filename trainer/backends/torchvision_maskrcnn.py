@@ -37,6 +37,7 @@ class TorchvisionMaskRCNN:
     """`DetectorBackend` over a torchvision Mask R-CNN (see :mod:`trainer.backends.base`)."""
 
     name = "torchvision"
+    classification_term = "loss_classifier"
 
     def __init__(self, model: MaskRCNN, num_classes: int, arch: str = "custom",
                  device: torch.device | str = "cpu", amp: bool = False) -> None:
