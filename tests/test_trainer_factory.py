@@ -1,0 +1,71 @@
+"""Building the trainer from config-named settings (what pipeline/ passes)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from trainer.datasets import LvisDataset
+from trainer.factory import build_trainer, load_initial_weights
+
+
+@pytest.fixture(scope="module")
+def train_set(builtin_data: Path) -> LvisDataset:
+    return LvisDataset(builtin_data, "train.json", max_images=24)
+
+
+def test_demo_config_sections_build_a_trainer(train_set: LvisDataset) -> None:
+    cfg = load_config("configs/demo.yaml", ["selection.threshold=dynamic",
+                                            "selection.rare_min_accept_rate=0.3",
+                                            "training.ema=0.99"])
+    trainer = build_trainer(train_set, training=dataclasses.asdict(cfg.training),
+                            selection=dataclasses.asdict(cfg.selection), seed=cfg.seed)
+    assert trainer.mode == "faithful" and trainer.method == "bsgal"
+    assert trainer.selector.policy.name == "rare_class_min_accept_rate"
+    assert trainer.ema is not None and trainer.batch_size == cfg.training.batch_size
+    # Faithful BSGAL caches a gradient over every trainable parameter.
+    assert trainer.selector.cache.numel == sum(
+        p.numel() for p in trainer.backend.trainable_parameters())
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        cfg.training.lr / cfg.training.warmup_steps)  # first warmup step
+
+
+def test_efficient_mode_caches_the_box_classifier_gradient(train_set: LvisDataset) -> None:
+    trainer = build_trainer(train_set, selection={"mode": "efficient"})
+    head = trainer.backend.classifier_parameters()
+    assert trainer.selector.cache.numel == sum(p.numel() for p in head)
+    assert trainer.selector.cache.numel < sum(
+        p.numel() for p in trainer.backend.trainable_parameters()) / 2
+
+
+def test_unknown_settings_are_named(train_set: LvisDataset) -> None:
+    with pytest.raises(ValueError, match="unknown training setting.*'stpes'"):
+        build_trainer(train_set, training={"stpes": 3})
+    with pytest.raises(ValueError, match="unknown selection setting.*'treshold'"):
+        build_trainer(train_set, selection={"treshold": "fixed"})
+    with pytest.raises(ValueError, match="detector backend 'mmdet' is unknown"):
+        build_trainer(train_set, training={"backend": "mmdet"})
+
+
+def test_init_checkpoint_loads_matching_weights(train_set: LvisDataset, tmp_path) -> None:
+    trainer = build_trainer(train_set, selection={"method": "accept_all"}, seed=1)
+    path = tmp_path / "ckpt.pt"
+    trainer.save_checkpoint(str(path))
+    other = build_trainer(train_set, selection={"method": "accept_all"}, seed=2,
+                          training={"init_checkpoint": str(path)})
+    for a, b in zip(trainer.backend.module.state_dict().values(),
+                    other.backend.module.state_dict().values()):
+        assert torch.equal(a, b)
+    # A bare state dict for another number of classes: the classifier is skipped and listed.
+    state = trainer.backend.module.state_dict()
+    state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(5, 256)
+    torch.save(state, tmp_path / "bare.pt")
+    report = load_initial_weights(other.backend.module, str(tmp_path / "bare.pt"))
+    assert report["skipped"] == ["roi_heads.box_predictor.cls_score.weight"]
+    torch.save({"something": torch.zeros(1)}, tmp_path / "unrelated.pt")
+    with pytest.raises(ValueError, match="no entry matches"):
+        load_initial_weights(other.backend.module, str(tmp_path / "unrelated.pt"))
