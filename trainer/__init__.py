@@ -1,0 +1,21 @@
+"""Training side of bsgal: real data, copy-paste of candidates, detectors, the BSGAL step, the loop.
+
+Read in this order (each module has one job; nothing here imports Ray):
+
+=========================  =====================================================================
+`trainer.datasets`          LVIS-format splits (local or s3://) and the built-in long-tailed set
+`trainer.sampling`          repeat-factor sampling (LVIS, t = 0.001), class-aware "test" sampler
+`trainer.candidates`        incoming candidate batches, their checks (``invalid_*``), decision rows
+`trainer.copy_paste`        pasting candidates onto real images (size statistics, occlusion)
+`trainer.backends`          detector contract, `SplitLosses`; torchvision (default) and
+                            detectron2 Mask R-CNN with real/generated loss split
+`trainer.bsgal_step`        one step: cache update, score, decision, gradients (faithful/efficient)
+`trainer.optim`             AdamW/SGD, warmup + cosine, weight EMA
+`trainer.loop`              `DetectorTrainer`: steps, evaluation, checkpoints, resume
+`trainer.factory`           `build_trainer` from config-named settings
+`trainer.evaluation`        official LVIS evaluation (AP, APr/APc/APf; bbox and segm)
+=========================  =====================================================================
+
+Submodules are imported explicitly (``from trainer.loop import DetectorTrainer``) so that
+``import trainer.datasets`` stays light (no torchvision).
+"""

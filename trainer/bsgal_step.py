@@ -15,6 +15,9 @@ Faithful mode (default; DESIGN.md §6, the reference's three forward+backward pa
 3. train (full Mask R-CNN loss) on the pasted batch if accepted, else on the same real images
    without the pastes (the originals, pixel for pixel).
 
+A batch whose pasted instances were all lost (occluded away, or too small after resizing) is
+``invalid_empty_batch`` and trains on the originals, without the scoring passes.
+
 The torchvision backend's classifier is a softmax cross-entropy (the reference's CenterNet2 uses
 sigmoid BCE over its cascade stages); each backend uses its own classification loss.
 
@@ -129,16 +132,14 @@ class BsgalStep:
             training (``method="none"``: only `train_real` is available). BSGAL needs its gradient cache; baselines
             (accept-all, random, field threshold) decide without gradients; a selector without
             a cache whose policy is named ``"lookahead"`` gets the exact look-ahead gain.
-        mode: ``"faithful"`` (default) or ``"efficient"`` (BSGAL only).
+        mode: ``"faithful"`` (default) or ``"efficient"``. Only BSGAL has an efficient mode;
+            baselines decide without gradients and train like faithful mode in either mode.
     """
 
     def __init__(self, backend: DetectorBackend, selector: BatchSelector | None,
                  mode: str = "faithful") -> None:
         if mode not in MODES:
             raise ValueError(f"selection mode {mode!r} is unknown; use one of {MODES}")
-        if mode == "efficient" and selector is not None and not selector.needs_gradients:
-            raise ValueError("efficient mode reuses the training graph for BSGAL's gradients; "
-                             "it needs a BSGAL selector (method='bsgal')")
         self.backend = backend
         self.selector = selector
         self.mode = mode
@@ -185,7 +186,7 @@ class BsgalStep:
         if self.selector is None:
             raise ValueError("no selector (method 'none'): train on real images only with "
                              "train_real(); generated candidates cannot be judged")
-        if self.mode == "efficient":
+        if self.mode == "efficient" and self.selector.needs_gradients:
             return self._efficient(step, pasted, num_generated, class_ids)
         return self._faithful(step, pasted, real_test, num_generated, class_ids, fields,
                               lookahead_lr)

@@ -232,9 +232,11 @@ class DetectorTrainer:
         return None if cache is None else cache.norm()
 
     def _needs_real_test(self) -> bool:
+        """Faithful BSGAL and the exact look-ahead score against a real "test" batch."""
         assert self.selector is not None
-        return self.mode == "faithful" and (self.selector.needs_gradients
-                                            or self.selector.policy.name == "lookahead")
+        if self.selector.needs_gradients:
+            return self.mode == "faithful"
+        return self.selector.policy.name == "lookahead"
 
     def paste_next(self, pool: list[Candidate]) -> PastedBatch:
         """Take candidates out of ``pool`` and paste them onto the next ``batch_size`` real
