@@ -317,8 +317,11 @@ def test_lookahead_baseline_scores_with_the_exact_gain(train_set, good_rows) -> 
 
 def test_evaluation_runs_the_lvis_evaluator(train_set, builtin_data) -> None:
     val = LvisDataset(builtin_data, "val.json")
-    trainer = make_trainer(train_set, method="none", val_set=val, max_eval_images=6, ema=0.9)
-    trainer.train_real_step()
+    trainer = make_trainer(train_set, method="none", val_set=val, max_eval_images=6, ema=0.9,
+                           eval_every=2)
+    assert "metrics" not in trainer.train_real_step()
+    log = trainer.train_real_step()  # the second step is followed by an evaluation
+    assert trainer.metrics_log == [{"step": 2, **log["metrics"]}]
     metrics = trainer.evaluate()
     for iou in ("bbox", "segm"):
         assert {"AP", "APr", "APc", "APf"} <= set(metrics[iou])

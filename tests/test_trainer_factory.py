@@ -69,3 +69,26 @@ def test_init_checkpoint_loads_matching_weights(train_set: LvisDataset, tmp_path
     torch.save({"something": torch.zeros(1)}, tmp_path / "unrelated.pt")
     with pytest.raises(ValueError, match="no entry matches"):
         load_initial_weights(other.backend.module, str(tmp_path / "unrelated.pt"))
+
+
+def test_sgd_with_gradient_clipping_bounds_the_update(train_set: LvisDataset) -> None:
+    trainer = build_trainer(train_set, training={
+        "optimizer": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0,
+        "warmup_steps": 0, "grad_clip": 1e-3, "batch_size": 2}, selection={"method": "none"})
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    before = torch.cat([p.detach().reshape(-1) for p in trainer.backend.trainable_parameters()])
+    log = trainer.train_real_step()
+    after = torch.cat([p.detach().reshape(-1) for p in trainer.backend.trainable_parameters()])
+    assert log["grad_norm"] > 1e-3  # the raw gradient was larger than the clip ...
+    assert float(torch.linalg.vector_norm(after - before)) <= 1e-3 * 1.001  # ... the step not
+
+
+def test_warmup_then_cosine_schedule() -> None:
+    from trainer.optim import WarmupCosine
+
+    schedule = WarmupCosine(warmup_steps=10, total_steps=110)
+    assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.5)
+    assert schedule(110) == pytest.approx(0.0, abs=1e-12) and schedule(500) == schedule(110)
+    assert WarmupCosine(0, 100, "constant")(50) == 1.0
