@@ -156,7 +156,8 @@ def main() -> None:
         root = Path(args.data) if args.data else write_builtin_dataset(
             Path(tmp) / "builtin", seed=0, num_train_images=240, num_val_images=20)
         ds = LvisDataset(root, "train.json")
-        stream = candidate_stream(ds, 12 * args.batch_size * (args.steps + args.agreement_steps), args.wrong_fraction, seed=1)
+        count = 12 * args.batch_size * (args.steps + args.agreement_steps)
+        stream = candidate_stream(ds, count, args.wrong_fraction, seed=1)
         started = time.perf_counter()
         seconds = measure_cost(ds, stream, args)
         cost_time = time.perf_counter() - started

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from trainer.candidates import (
+    DECISION_FIELDS,
     Candidate,
     batch_rows,
     check_candidate,
@@ -193,4 +194,4 @@ def test_batch_rows_accepts_columns_and_rows() -> None:
     record = decision_record("a", reason="invalid_empty_mask", accepted=False, step=3, rank=0,
                              method="bsgal", stream_offset=11)
     assert np.isnan(record["score"]) and record["batch_id"] == "" and record["step"] == 3
-    assert record["stream_offset"] == 11
+    assert record["stream_offset"] == 11 and tuple(record) == DECISION_FIELDS

@@ -19,7 +19,13 @@ detectron2 = pytest.importorskip(
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from trainer.backends import GENERATED, REAL_FOREGROUND, build_backend, image_tensor, target_tensors  # noqa: E402,E501
+from trainer.backends import (  # noqa: E402
+    GENERATED,
+    REAL_FOREGROUND,
+    build_backend,
+    image_tensor,
+    target_tensors,
+)
 from trainer.backends.detectron2_maskrcnn import Detectron2MaskRCNN  # noqa: E402
 from trainer.datasets import LvisDataset  # noqa: E402
 

@@ -15,6 +15,9 @@ Faithful mode (default; DESIGN.md §6, the reference's three forward+backward pa
 3. train (full Mask R-CNN loss) on the pasted batch if accepted, else on the same real images
    without the pastes (the originals, pixel for pixel).
 
+Scoring forwards run in train mode like the training one, so BatchNorm running statistics also
+see the real "test" and pasted batches (the reference's frozen BatchNorm has none to update).
+
 A batch whose pasted instances were all lost (occluded away, or too small after resizing) is
 ``invalid_empty_batch`` and trains on the originals, without the scoring passes.
 
@@ -60,11 +63,7 @@ from torch import Tensor
 
 from selector import BatchSelector, parameter_gradients
 from trainer.backends.base import DetectorBackend
-from trainer.backends.split_losses import (
-    CLEAR_GROUPS,
-    REAL_FOREGROUND,
-    SplitLosses,
-)
+from trainer.backends.split_losses import CLEAR_GROUPS, REAL_FOREGROUND, SplitLosses
 from trainer.candidates import INVALID_NAN_LOSS
 from trainer.copy_paste import PastedImage
 from trainer.real_data import original_inputs, pasted_inputs, real_inputs
@@ -129,9 +128,10 @@ class BsgalStep:
     Args:
         backend: the detector (`trainer.backends.base.DetectorBackend`).
         selector: the batch selector (`selector.BatchSelector`), or None for real-only
-            training (``method="none"``: only `train_real` is available). BSGAL needs its gradient cache; baselines
-            (accept-all, random, field threshold) decide without gradients; a selector without
-            a cache whose policy is named ``"lookahead"`` gets the exact look-ahead gain.
+            training (``method="none"``: only `train_real` is available). BSGAL needs its
+            gradient cache; baselines (accept-all, random, field threshold) decide without
+            gradients; a selector without a cache whose policy is named ``"lookahead"`` gets
+            the exact look-ahead gain.
         mode: ``"faithful"`` (default) or ``"efficient"``. Only BSGAL has an efficient mode;
             baselines decide without gradients and train like faithful mode in either mode.
     """

@@ -41,8 +41,8 @@ INVALID_NAN_LOSS = "invalid_nan_loss"
 
 REQUIRED_COLUMNS = ("sample_id", "class_id", "image", "mask", "status")
 
-DECISION_FIELDS = ("sample_id", "stream_offset", "score", "threshold", "accepted", "reason", "step", "rank",
-                   "cache_norm", "batch_id", "method")
+DECISION_FIELDS = ("sample_id", "stream_offset", "score", "threshold", "accepted", "reason",
+                   "step", "rank", "cache_norm", "batch_id", "method")
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,8 @@ class ClassSizeStatistics:
             for ann in anns:
                 if ann["area"] > 0:
                     label = dataset.cat_by_id[ann["category_id"]].label
-                    sides.setdefault(label, []).append(math.sqrt(ann["area"] / image_area[image_id]))
+                    side = math.sqrt(ann["area"] / image_area[image_id])
+                    sides.setdefault(label, []).append(side)
         everything = [s for v in sides.values() for s in v]
         if not everything:
             raise ValueError(f"{dataset.json_uri}: no annotation with a positive area; cannot "

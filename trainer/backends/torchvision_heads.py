@@ -76,7 +76,8 @@ def _per_group(values: Tensor, groups: Tensor, denominator: float | Tensor, term
 
 
 def split_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],
-                        regression_targets: list[Tensor], groups: list[Tensor]) -> dict[str, Tensor]:
+                        regression_targets: list[Tensor], groups: list[Tensor]
+                        ) -> dict[str, Tensor]:
     """torchvision's ``fastrcnn_loss`` per group.
 
     Args:
