@@ -155,3 +155,22 @@ def test_losses_refuse_eval_mode_and_bad_flags(train_set: LvisDataset) -> None:
     split.module.eval()
     with pytest.raises(RuntimeError, match="train mode"):
         split.losses(images, targets)
+
+
+def test_resnet50_fpn_and_bfloat16_autocast_build_and_split(train_set: LvisDataset) -> None:
+    torch.manual_seed(0)
+    backend = TorchvisionMaskRCNN.build(train_set.num_classes, "resnet50_fpn", image_size=128,
+                                        amp=True)
+    module = backend.module
+    assert module.transform.min_size == (128,) and module.roi_heads.detections_per_img == 300
+    assert isinstance(module.backbone.body.bn1, torch.nn.BatchNorm2d)  # not frozen: no weights
+    module.train()
+    images, targets = _batch(train_set)
+    losses = backend.losses(images[:1], targets[:1])
+    assert set(losses.terms) == set(TERMS)
+    for group in GROUPS:
+        for value in losses.pieces[group].values():
+            assert value.dtype == torch.float32 and torch.isfinite(value)
+    assert float(losses.generated["loss_classifier"].detach()) > 0
+    with pytest.raises(ValueError, match="arch 'tiny' is unknown"):
+        TorchvisionMaskRCNN.build(3, "tiny")

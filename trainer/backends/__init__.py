@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.backends.base import DetectorBackend, image_tensor, target_tensors, unwrap
+from trainer.backends.base import DetectorBackend, image_tensor, target_tensors
 from trainer.backends.split_losses import (
     CLEAR_GROUPS,
     GENERATED,
@@ -51,5 +51,4 @@ __all__ = [
     "build_backend",
     "image_tensor",
     "target_tensors",
-    "unwrap",
 ]

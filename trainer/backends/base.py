@@ -63,12 +63,6 @@ class DetectorBackend(Protocol):
         """Detections per image (eval mode is set and restored by the caller or here)."""
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP/DataParallel-style wrapper (``.module``), else ``model``."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) \
-        else model
-
-
 def image_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
     """H x W x 3 uint8 RGB → 3 x H x W float32 in [0, 1]."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
