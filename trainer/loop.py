@@ -108,7 +108,8 @@ class DetectorTrainer:
         repeat_factor_threshold: LVIS repeat-factor threshold t (0.001).
         val_set, eval_every, max_eval_images: periodic LVIS evaluation (0 disables).
         seed, rank: run seed and Ray Train worker rank (different ranks draw different images).
-        image_cache_size: decoded real images kept in memory.
+        image_cache_size: decoded real images kept in memory (LRU; the built-in set fits whole,
+            an LVIS sample with its masks takes a few MB).
         min_mask_pixels: candidates with smaller masks are ``invalid_empty_mask``.
     """
 
@@ -120,7 +121,7 @@ class DetectorTrainer:
                  schedule: str = "cosine", grad_clip: float = 10.0, ema: float = 0.0,
                  repeat_factor_threshold: float = 0.001, val_set: LvisDataset | None = None,
                  eval_every: int = 0, max_eval_images: int | None = None, seed: int = 0,
-                 rank: int = 0, image_cache_size: int = 1024, min_mask_pixels: int = 16) -> None:
+                 rank: int = 0, image_cache_size: int = 256, min_mask_pixels: int = 16) -> None:
         if batch_size < 1 or real_batch_size < 1:
             raise ValueError(f"batch_size={batch_size} and real_batch_size={real_batch_size} "
                              "must be >= 1")

@@ -27,7 +27,7 @@ class RealImages:
     read-only (they may be shared through the cache).
     """
 
-    def __init__(self, dataset: LvisDataset, cache_size: int = 1024) -> None:
+    def __init__(self, dataset: LvisDataset, cache_size: int = 256) -> None:
         self.dataset = dataset
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[int, dict[str, Any]] = OrderedDict()
