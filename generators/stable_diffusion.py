@@ -172,10 +172,10 @@ class StableDiffusionGenerator:
         self.max_batch_size = max_batch_size
         self.offline = hub_offline(offline)
         self.pipe = self._load(safety_checker)
-        original = self.pipe
+        # Fingerprint the configs as loaded (before the scheduler swap) plus the settings.
         settings = {"scheduler": scheduler, "steps": self.steps, "guidance": self.guidance,
                     "resolution": self.resolution, "dtype": dtype}
-        fingerprint = pipeline_fingerprint(original, settings)
+        fingerprint = pipeline_fingerprint(self.pipe, settings)
         if SCHEDULERS[scheduler] is not None:
             import diffusers
 
@@ -195,10 +195,15 @@ class StableDiffusionGenerator:
                 _missing_model_message(self.model, self.offline, None)
                 + f" (no folder at {os.path.abspath(model)})"
             )
+        try:
+            # model_index.json says which components the pipeline has (SDXL has no checker).
+            index = AutoPipelineForText2Image.load_config(model, local_files_only=self.offline)
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(_missing_model_message(self.model, self.offline, exc)) from exc
         kwargs: dict = {"local_files_only": self.offline, _dtype_keyword(): self.dtype}
         if importlib.util.find_spec("accelerate") is None:
             kwargs["low_cpu_mem_usage"] = False  # the default would only warn and fall back
-        if not safety_checker:
+        if not safety_checker and "safety_checker" in index:
             kwargs["safety_checker"] = None
             kwargs["requires_safety_checker"] = False
         try:

@@ -105,3 +105,64 @@ def write_tiny_sd_pipeline(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     pipe.save_pretrained(folder)
     return folder
+
+
+def write_tiny_sdxl_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Like :func:`write_tiny_sd_pipeline`, but a ``StableDiffusionXLPipeline`` (two text
+    encoders, a UNet with SDXL's text-and-time conditioning), to exercise the SDXL path."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_config = dict(
+        vocab_size=len(tiny_clip_vocab()), hidden_size=16, intermediate_size=32,
+        num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    time_dim = 4
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        # 6 micro-conditioning numbers (sizes, crop) plus the pooled text embedding.
+        projection_class_embeddings_input_dim=6 * time_dim + 16,
+        cross_attention_dim=32,  # both encoders' hidden states, concatenated
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_config)),
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            timestep_spacing="leading",
+        ),
+    )
+    folder = Path(folder)
+    pipe.save_pretrained(folder)
+    return folder

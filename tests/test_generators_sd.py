@@ -9,7 +9,7 @@ import pytest
 
 from generators import ModelNotFoundError, PromptSampler, build_generator
 from generators.stable_diffusion import StableDiffusionGenerator
-from generators.tiny import write_tiny_sd_pipeline
+from generators.tiny import write_tiny_sd_pipeline, write_tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +133,13 @@ def test_safety_checker_flags_become_invalid_nsfw_rows(offline_generator, monkey
     out = offline_generator(rows)
     assert list(out["status"]) == ["invalid_nsfw", "ok"]
     assert "safety checker" in out["error"][0]
+
+
+def test_sdxl_folders_load_through_the_auto_pipeline(tmp_path: Path) -> None:
+    folder = write_tiny_sdxl_pipeline(tmp_path / "tiny-sdxl")
+    gen = StableDiffusionGenerator(model=str(folder), steps=2, resolution=32, offline=True)
+    assert type(gen.pipe).__name__ == "StableDiffusionXLPipeline"
+    out = gen({"prompt": np.array(["a cat", "a dog"], dtype=object), "seed": np.array([1, 2])})
+    assert out["image"].shape == (2, 32, 32, 3) and list(out["status"]) == ["ok", "ok"]
+    again = gen({"prompt": np.array(["a dog"], dtype=object), "seed": np.array([2])})
+    assert np.abs(again["image"][0].astype(int) - out["image"][1].astype(int)).max() <= 1
