@@ -40,8 +40,8 @@ def local_ray():
 def _stage(ds, cls, batch_size: int, **kwargs):
     # Small CPU shares so that four actor stages fit on a 2-CPU local Ray at once.
     return ds.map_batches(
-        cls, fn_constructor_kwargs=kwargs, concurrency=1, batch_size=batch_size, num_cpus=0.25,
-        batch_format="numpy",
+        cls, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=batch_size, num_cpus=0.25, batch_format="numpy", zero_copy_batch=True,
     )
 
 
