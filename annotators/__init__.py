@@ -2,8 +2,8 @@
 
 Every stage is a callable class (load in ``__init__``, transform one batch in ``__call__``) that
 works in plain Python and as a Ray Data ``map_batches`` stage. A batch is a dict of equal-length
-numpy columns; one row is one candidate. This package must not import generators, trainer or
-ray.
+numpy columns; one row is one candidate. This package must not import Stable Diffusion code,
+trainer or ray (it shares the plain batch helpers of ``generators.columns``).
 
 Columns (CONTRACTS.md; names in :mod:`annotators.columns`)
 ----------------------------------------------------------

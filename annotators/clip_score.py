@@ -13,15 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def hub_offline(offline: bool | None = None) -> bool:
-    """``offline`` if given, else ``HF_HUB_OFFLINE``; offline when the variable is unset."""
-    if offline is not None:
-        return bool(offline)
-    value = os.environ.get("HF_HUB_OFFLINE")
-    if value is None:
-        return True
-    return value.strip().lower() not in ("0", "false", "no", "off", "")
+from generators.hub import hub_offline
 
 
 class ClipScorer:

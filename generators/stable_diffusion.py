@@ -39,6 +39,7 @@ from generators.columns import (
     short_error,
     string_column,
 )
+from generators.hub import hub_offline
 
 SCHEDULERS = {
     "dpm_multistep": "DPMSolverMultistepScheduler",
@@ -52,16 +53,6 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 class ModelNotFoundError(FileNotFoundError):
     """The model folder or hub id could not be loaded; the message says how to provide it."""
-
-
-def hub_offline(offline: bool | None = None) -> bool:
-    """``offline`` if given, else ``HF_HUB_OFFLINE`` from the environment; offline when unset."""
-    if offline is not None:
-        return bool(offline)
-    value = os.environ.get("HF_HUB_OFFLINE")
-    if value is None:
-        return True
-    return value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
 def _looks_like_path(model: str) -> bool:

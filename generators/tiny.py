@@ -14,6 +14,23 @@ from pathlib import Path
 
 TOKENIZER_MAX_LENGTH = 77
 
+# Component sizes shared by the SD 1.x and SDXL tiny pipelines.
+_TEXT_CONFIG = dict(
+    hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+    max_position_embeddings=TOKENIZER_MAX_LENGTH, projection_dim=16, bos_token_id=0,
+    eos_token_id=1, pad_token_id=1,
+)
+_UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=2, norm_num_groups=4,
+)
+_VAE_CONFIG = dict(
+    block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
+    norm_num_groups=4, sample_size=32,
+)
+
 
 def tiny_clip_vocab() -> dict[str, int]:
     """A character-level CLIP BPE vocabulary: specials, then every char alone and word-final."""
@@ -49,41 +66,10 @@ def write_tiny_sd_pipeline(folder: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer()
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tiny_clip_vocab()),
-            hidden_size=16,
-            intermediate_size=32,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            max_position_embeddings=TOKENIZER_MAX_LENGTH,
-            projection_dim=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
+        CLIPTextConfig(vocab_size=len(tiny_clip_vocab()), **_TEXT_CONFIG)
     )
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
+    unet = UNet2DConditionModel(cross_attention_dim=16, **_UNET_CONFIG)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **_VAE_CONFIG)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -120,37 +106,18 @@ def write_tiny_sdxl_pipeline(folder: str | Path, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    text_config = dict(
-        vocab_size=len(tiny_clip_vocab()), hidden_size=16, intermediate_size=32,
-        num_attention_heads=2, num_hidden_layers=2, max_position_embeddings=TOKENIZER_MAX_LENGTH,
-        projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )
+    text_config = dict(vocab_size=len(tiny_clip_vocab()), **_TEXT_CONFIG)
     time_dim = 4
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=2,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         # 6 micro-conditioning numbers (sizes, crop) plus the pooled text embedding.
         projection_class_embeddings_input_dim=6 * time_dim + 16,
         cross_attention_dim=32,  # both encoders' hidden states, concatenated
-        norm_num_groups=4,
+        **_UNET_CONFIG,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
+    vae = AutoencoderKL(**_VAE_CONFIG)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
