@@ -1,0 +1,95 @@
+"""Prompt sampling and text-to-image generation: the first stages of the candidate stream.
+
+Every stage is a callable class (load in ``__init__``, transform one batch in ``__call__``) that
+works in plain Python and as a Ray Data ``map_batches`` stage. A batch is a dict of equal-length
+numpy columns; one row is one candidate. This package must not import annotators, trainer or ray.
+
+Columns (CONTRACTS.md; names in :mod:`generators.columns`)
+----------------------------------------------------------
+Set by :class:`PromptSampler` (the input rows of the Ray graph):
+
+- ``sample_id`` str: BLAKE2b of (run id, class id, prompt, seed, generator name); deterministic.
+- ``class_id`` int64: LVIS category id the prompt asks for.
+- ``class_name`` str: its LVIS name.
+- ``prompt`` str: the text prompt.
+- ``seed`` int64: per-sample seed in [0, 2**53); the generator reproduces the image from it.
+
+Added by a generator (:class:`ProceduralGenerator`, :class:`StableDiffusionGenerator`):
+
+- ``generator`` str: name + version/hash, e.g. ``"procedural@1"``,
+  ``"sd:stable-diffusion-v1-5@1a2b3c4d"`` (hash of the pipeline's configs and the settings).
+- ``image`` uint8 [B, H, W, 3]: RGB in [0, 255], fixed H, W within a run.
+- ``truth_failure`` str: built-in generator only, ``"none"``, ``"wrong_class"``, ``"broken"``,
+  ``"clutter"``, ``"noise"``; ``""`` when unknown (Stable Diffusion). The selector never reads it.
+- ``truth_class_id`` int64: built-in generator only, the class actually drawn (-1: none/unknown).
+- ``truth_mask`` bool [B, H, W]: built-in generator only and only with ``emit_truth_mask=True``.
+- ``status`` str: ``"ok"`` or ``"invalid_<why>"`` (``invalid_generation_error``,
+  ``invalid_unknown_class``, ``invalid_nsfw``); a row that came in invalid is passed through.
+- ``error`` str: ``""`` or a short message for invalid rows.
+
+A failing row never raises and is never dropped: it keeps flowing with its ``invalid_*`` status.
+Stages never write into their input arrays, so ``map_batches(..., zero_copy_batch=True)``
+is safe. Ray Data costs roughly 10-40 ms per batch on a small CPU machine
+(``benchmarks/stages.py``): give cheap CPU stages batches of ~128 rows.
+
+Backends
+--------
+:func:`build_generator` picks a backend by name. A new generator is one new module with a class
+following the same contract plus one line in :data:`GENERATOR_BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from generators.prompts import DEFAULT_TEMPLATE, PromptSampler, make_sample_id
+from generators.vocabulary import ClassInfo, ClassVocabulary, UnknownClassError
+
+#: backend name -> "module:Class" (imported on use, so the procedural path never loads torch).
+GENERATOR_BACKENDS = {
+    "procedural": "generators.procedural:ProceduralGenerator",
+    "stable_diffusion": "generators.stable_diffusion:StableDiffusionGenerator",
+}
+
+
+def generator_class(backend: str) -> type:
+    """The stage class registered for ``backend``."""
+    if backend not in GENERATOR_BACKENDS:
+        raise ValueError(
+            f"unknown generator backend {backend!r}; expected one of {sorted(GENERATOR_BACKENDS)}"
+        )
+    module, _, name = GENERATOR_BACKENDS[backend].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_generator(backend: str, **kwargs):
+    """Construct the generator stage for ``backend`` with its keyword arguments."""
+    return generator_class(backend)(**kwargs)
+
+
+def __getattr__(name: str):
+    # Lazy re-exports: importing the package must stay cheap (no torch/diffusers).
+    lazy = {
+        "ProceduralGenerator": "generators.procedural",
+        "StableDiffusionGenerator": "generators.stable_diffusion",
+        "ModelNotFoundError": "generators.stable_diffusion",
+    }
+    if name in lazy:
+        return getattr(importlib.import_module(lazy[name]), name)
+    raise AttributeError(f"module 'generators' has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "GENERATOR_BACKENDS",
+    "ClassInfo",
+    "ClassVocabulary",
+    "ModelNotFoundError",
+    "ProceduralGenerator",
+    "PromptSampler",
+    "StableDiffusionGenerator",
+    "UnknownClassError",
+    "build_generator",
+    "generator_class",
+    "make_sample_id",
+]

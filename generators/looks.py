@@ -232,3 +232,13 @@ def render_object(
     light = 1.0 + 0.08 * gy[..., None]
     rgb = np.clip(rgb * light, 0, 255).astype(np.uint8)
     return rgb, mask
+
+
+# The built-in set's class catalogue (trainer/datasets/builtin.py writes the same into its JSON):
+# class id k + 1 has look ``make_looks(K)[k]``, this name, and frequency group ``"fcr"[k % 3]``.
+BUILTIN_GROUPS = ("f", "c", "r")
+
+
+def builtin_class_name(index: int, look: ObjectLook) -> str:
+    """Name of the built-in class with 0-based ``index`` and ``look``, e.g. ``"red_star_03"``."""
+    return f"{color_name(look.color)}_{look.shape}_{index:02d}"

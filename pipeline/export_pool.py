@@ -30,6 +30,8 @@ import re
 from typing import Any
 
 import numpy as np
+
+from annotators import cutout
 from PIL import Image
 
 from pipeline.inspection.query import DecisionQuery
@@ -56,25 +58,13 @@ class PoolStats:
 
 
 def rgba_cutout(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The object as RGBA cropped to its mask's box.
-
-    Args:
-        image: H x W x 3 uint8 RGB.
-        mask: H x W bool, non-empty.
+    """The object as RGBA cropped to its mask's box (``annotators.cutout``), with the box.
 
     Returns:
         (h x w x 4 uint8 RGBA with alpha = mask * 255, box ``(x0, y0, x1, y1)`` end-exclusive
         in image pixels).
     """
-    if image.shape[:2] != mask.shape:
-        raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
-    ys = np.flatnonzero(mask.any(axis=1))
-    xs = np.flatnonzero(mask.any(axis=0))
-    if not len(ys):
-        raise ValueError("mask is empty")
-    x0, y0, x1, y1 = int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
-    alpha = mask[y0:y1, x0:x1].astype(np.uint8) * 255
-    return np.dstack([image[y0:y1, x0:x1, :3], alpha]), (x0, y0, x1, y1)
+    return cutout.rgba_cutout(image, mask), cutout.mask_box(mask)
 
 
 _UNSAFE = re.compile(r"[^\w.()+,=@-]+")

@@ -113,8 +113,8 @@ def test_unusable_accepted_rows_are_listed_not_dropped(tmp_path: Path) -> None:
     assert code == 0
     assert "2 instances of 1 classes" in text and "1 accepted rows skipped" in text
     record = json.loads((tmp_path / "pool" / "export.json").read_text())
-    assert record["skipped"] == [{"sample_id": rows[1]["sample_id"],
-                                  "why": "ValueError: mask is empty"}]
+    assert [r["sample_id"] for r in record["skipped"]] == [rows[1]["sample_id"]]
+    assert record["skipped"][0]["why"].startswith("ValueError: mask is empty")
     assert (tmp_path / "pool" / "bow_(weapon)").is_dir()
 
 

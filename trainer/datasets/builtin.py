@@ -23,9 +23,14 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
 
-from generators.looks import ObjectLook, color_name, make_looks, render_object
+from generators.looks import (
+    BUILTIN_GROUPS,
+    ObjectLook,
+    builtin_class_name,
+    make_looks,
+    render_object,
+)
 
-GROUPS = ("f", "c", "r")
 # Training images that contain a class of each planned group (inclusive ranges).
 RARE_IMAGES = (2, 6)
 COMMON_IMAGES = (15, 40)
@@ -49,8 +54,8 @@ def builtin_classes(num_classes: int) -> list[BuiltinClass]:
         raise ValueError(f"num_classes must be >= 3 (one per frequency group), got {num_classes}")
     classes = []
     for k, look in enumerate(make_looks(num_classes)):
-        name = f"{color_name(look.color)}_{look.shape}_{k:02d}"
-        classes.append(BuiltinClass(id=k + 1, name=name, group=GROUPS[k % 3], look=look))
+        classes.append(BuiltinClass(id=k + 1, name=builtin_class_name(k, look),
+                                    group=BUILTIN_GROUPS[k % 3], look=look))
     return classes
 
 
