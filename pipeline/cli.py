@@ -18,17 +18,38 @@ from pipeline.config import ConfigError, dump_config, load_config
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+#: Errors that mean bad input or an unreachable resource: one line, no traceback. Named by
+#: module so that nothing heavy is imported to check them (an exception of a class whose
+#: module was never imported cannot occur).
+USER_ERRORS = {
+    "pipeline.config": ("ConfigError",),
+    "trainer.datasets.lvis_format": ("DatasetFormatError",),
+    "pipeline.shards": ("StorageError", "ShardSchemaError"),
+    "pipeline.job": ("TrainingFailed",),
+}
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, (ConfigError, FileNotFoundError)):
+        return True
+    for module, names in USER_ERRORS.items():
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, tuple(getattr(loaded, n) for n in names)):
+            return True
+    return False
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the project's input errors into one clear line and exit code 1 (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from trainer.datasets.lvis_format import DatasetFormatError
-
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DatasetFormatError, FileNotFoundError) as exc:
-            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            if _is_user_error(exc):
+                raise click.ClickException(str(exc)) from None
+            raise
 
     return wrapper
 
@@ -154,6 +175,81 @@ def evaluate(gt: str, dets: str, iou_types: tuple[str, ...], max_dets: int,
     click.echo(f"{'':6}" + "".join(f"{m:>8}" for m in METRICS))
     for iou_type, metrics in results.items():
         click.echo(f"{iou_type:6}" + "".join(f"{100 * metrics[m]:8.1f}" for m in METRICS))
+
+
+# ------------------------------------------------------------------------------- run, demo
+
+PROGRESS = click.option(
+    "--progress", type=click.Choice(["auto", "bars", "lines", "off"]), default="auto",
+    show_default=True,
+    help="Progress of each stage and the trainer: bars on a terminal, a line every 15 s "
+         "otherwise (auto), or off.")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config file (see configs/).")
+@click.option("--resume", "resume_out", metavar="OUT", default=None,
+              help="Continue the run in OUT (local folder or s3://) from its last checkpoint; "
+                   "OVERRIDES may then only change ray.*, storage options and logging keys.")
+@PROGRESS
+@click.argument("overrides", nargs=-1)
+@friendly_errors
+def run(config_path: str | None, resume_out: str | None, progress: str,
+        overrides: tuple[str, ...]) -> None:
+    """Run the streaming job: generate → annotate → check (Ray Data) → train and judge (Ray
+    Train) → decision shards in output.dir.
+
+    \b
+    Examples:
+      bsgal run --config configs/demo.yaml training.steps=100 output.dir=runs/short
+      bsgal run --config configs/lvis_sd_sam.yaml ray.address=auto
+      bsgal run --resume runs/short
+    """
+    from pipeline.job import resume_job, run_job
+    from pipeline.run_summary import summary_text
+
+    if resume_out is not None:
+        if config_path is not None:
+            raise click.UsageError("--resume continues a run with its own config.yaml; "
+                                   "leave out --config")
+        result = resume_job(resume_out, overrides, progress=progress, echo=click.echo)
+    else:
+        if config_path is None:
+            raise click.UsageError("give --config FILE (e.g. configs/demo.yaml) or --resume OUT")
+        result = run_job(load_config(config_path, overrides), progress=progress,
+                         echo=click.echo)
+    click.echo(summary_text(result.summary))
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--out", default=None, help="Run folder (default: output.dir of the demo "
+              "config, runs/demo).")
+@click.option("--fresh", is_flag=True, help="Delete OUT first if it holds an earlier run.")
+@PROGRESS
+@click.argument("overrides", nargs=-1)
+@friendly_errors
+def demo(out: str | None, fresh: bool, progress: str, overrides: tuple[str, ...]) -> None:
+    """The whole job on the embedded default, on the CPU, in minutes (configs/demo.yaml).
+
+    Built-in long-tailed data (written to data/builtin on first use), the procedural generator
+    and the classical annotator on Ray Data, a small Mask R-CNN trained and judging the
+    candidates with BSGAL on Ray Train; decisions in OUT/shards. Prints a summary at the end.
+
+    \b
+    Examples:
+      bsgal demo
+      bsgal demo --out runs/demo2 training.steps=200
+    """
+    from pipeline.demo import demo_config, remove_run
+    from pipeline.job import run_job
+    from pipeline.run_summary import summary_text
+
+    cfg = demo_config(overrides, out)
+    if fresh:
+        remove_run(cfg.output.dir, cfg.output.storage_options)
+    result = run_job(cfg, progress=progress, echo=click.echo)
+    click.echo(summary_text(result.summary))
 
 
 # ------------------------------------------------------------------ inspect, export-pool

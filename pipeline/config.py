@@ -108,6 +108,12 @@ class AnnotationConfig:
     concurrency: int = 1
     num_gpus: float = 0.0
     num_cpus: float = 1.0
+    # The quality-check stage (its own actor pool after the annotator; CLIP scoring may want a
+    # GPU). Cheap CPU checks want batches of ~64-128 rows under Ray Data.
+    check_batch_size: int = 64
+    check_concurrency: int = 1
+    check_num_cpus: float = 0.25
+    check_num_gpus: float = 0.0
     # Quality checks (X-Paste's defaults).
     min_area_ratio: float = 0.05
     max_area_ratio: float = 0.95
@@ -179,6 +185,16 @@ class TrainingConfig:
     # Ray Train workers (DDP when > 1) and whether each takes a GPU.
     num_workers: int = 1
     use_gpu: bool = False
+    # CPUs reserved for each Ray Train worker (also its torch thread count, at least 1).
+    num_cpus_per_worker: float = 1.0
+    # Candidates handed to `train_on_candidates` at a time (0: batch_size x
+    # max_pastes_per_image); checkpoints fall between such batches.
+    candidate_batch_size: int = 0
+    # Candidate batches the worker's iterator fetches ahead of the training step.
+    prefetch_batches: int = 2
+    # When no candidate batch is ready: "wait" for it (decisions do not depend on timing; exact
+    # resume) or take a "real_step" meanwhile (no idle accelerator; timing-dependent).
+    late_candidates: Literal["wait", "real_step"] = "wait"
 
 
 @dataclass
@@ -189,6 +205,10 @@ class OutputConfig:
     dir: str = "runs/demo"
     shard_max_rows: int = 256
     shard_flush_seconds: float = 30.0
+    # A window summary (acceptance, score quantiles, wait time, stage rates) every N steps.
+    log_every: int = 20
+    # Newest checkpoints kept in OUT/checkpoints.
+    keep_checkpoints: int = 3
     # fsspec storage options for s3:// (endpoint_url, profile, ...). Credentials come from the
     # standard AWS chain; never put secrets in a committed file.
     storage_options: dict = field(default_factory=dict)
@@ -204,6 +224,16 @@ class RayConfig:
     object_store_memory_mb: Optional[int] = None
     # Fraction of the cluster's CPUs that Ray Data may use, leaving the rest to the trainer.
     data_cpu_fraction: float = 0.75
+    # Keep the candidate stream in prompt order (needed for exact resume with 1 worker).
+    preserve_order: bool = True
+    # A stage actor that dies is restarted and its batch retried (-1: without limit).
+    max_restarts: int = -1
+    max_task_retries: int = -1
+    # Ray Data's own per-operator progress bars (printed by the split coordinator's process);
+    # bsgal prints one bar per stage and one for the trainer either way.
+    data_progress_bars: bool = False
+    # Forward the logs of Ray workers to this terminal (noisy; errors are reported anyway).
+    log_to_driver: bool = False
 
 
 @dataclass
@@ -414,6 +444,18 @@ def validate(cfg: RunConfig) -> None:
     positive(cfg.selection.window, "selection.window")
     positive(cfg.selection.real_batch_size, "selection.real_batch_size")
     positive(cfg.output.shard_max_rows, "output.shard_max_rows")
+    positive(cfg.output.log_every, "output.log_every")
+    positive(cfg.annotation.check_batch_size, "annotation.check_batch_size")
+    positive(cfg.annotation.check_concurrency, "annotation.check_concurrency")
+    positive(cfg.training.num_cpus_per_worker, "training.num_cpus_per_worker")
+    for key in ("warmup_real_steps", "candidate_batch_size", "prefetch_batches",
+                "checkpoint_every", "eval_every"):
+        if getattr(cfg.training, key) < 0:
+            raise ConfigError(f"training.{key}: must be >= 0, got {getattr(cfg.training, key)}")
+    for key in ("num_cpus", "num_gpus"):
+        for section in ("generation", "annotation"):
+            if getattr(getattr(cfg, section), key) < 0:
+                raise ConfigError(f"{section}.{key}: must be >= 0")
     if cfg.generation.num_candidates < 0:
         raise ConfigError(
             f"generation.num_candidates: must be >= 0, got {cfg.generation.num_candidates}"

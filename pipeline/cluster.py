@@ -1,0 +1,131 @@
+"""Reaching Ray (a local instance or an existing cluster) and checking that the job fits it.
+
+``connect(cfg)`` uses a Ray that this process already initialised (tests share one), connects to
+``ray.address`` when it is set, or starts a local instance; it says whether it started Ray, so
+that the job shuts down only what it started. ``check_fits(cfg, resources)`` refuses, before
+anything is scheduled, a config whose stage pools and trainer workers cannot all hold their
+CPUs/GPUs at once: Ray would otherwise wait for them forever.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class RayConnection:
+    """How this job reached Ray: ``started`` when it started a local instance itself."""
+
+    started: bool
+    address: str
+    cpus: float
+    gpus: float
+
+
+def code_root() -> str:
+    """The folder holding the ``pipeline`` package this process imported: Ray workers on this
+    machine must import the same code (an editable install elsewhere could shadow it)."""
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for local Ray workers: this code first on PYTHONPATH, one BLAS/OpenMP thread
+    per process unless set (the trainer sets its torch thread count itself)."""
+    path = os.environ.get("PYTHONPATH", "")
+    parts = [code_root()] + [p for p in path.split(os.pathsep) if p and p != code_root()]
+    return {"PYTHONPATH": os.pathsep.join(parts),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+
+
+def start_local_ray(num_cpus: int | None = None, object_store_memory_mb: int | None = None,
+                    log_to_driver: bool = False) -> None:
+    """``ray.init`` of a local instance whose workers import this code (see :func:`worker_env`).
+
+    The environment is set in this process before Ray starts, because local workers inherit
+    the environment of the processes that start them.
+    """
+    import ray
+
+    os.environ.update(worker_env())
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+             object_store_memory=(object_store_memory_mb * 2**20
+                                  if object_store_memory_mb else None),
+             configure_logging=True, logging_level="WARNING")
+
+
+def connect(cfg: RunConfig) -> RayConnection:
+    """Use the Ray already initialised here, connect to ``cfg.ray.address``, or start one."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if cfg.ray.address:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            try:
+                ray.init(address=cfg.ray.address, log_to_driver=cfg.ray.log_to_driver,
+                         logging_level="WARNING")
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ConfigError(f"ray.address: cannot connect to Ray at {cfg.ray.address!r} "
+                                  f"({exc}); start the cluster or fix the address") from None
+        else:
+            start_local_ray(cfg.ray.num_cpus, cfg.ray.object_store_memory_mb,
+                            cfg.ray.log_to_driver)
+            started = True
+    total = ray.cluster_resources()
+    ctx = ray.get_runtime_context()
+    return RayConnection(started=started, address=str(ctx.gcs_address),
+                         cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)))
+
+
+def demand(cfg: RunConfig) -> dict[str, float]:
+    """CPUs and GPUs the job holds at once: every stage pool at its size plus the trainer
+    workers. The keys are the config keys that set each part."""
+    g, a, t = cfg.generation, cfg.annotation, cfg.training
+    return {
+        "cpu.generation": g.concurrency * g.num_cpus,
+        "cpu.annotation": a.concurrency * a.num_cpus,
+        "cpu.check": a.check_concurrency * a.check_num_cpus,
+        "cpu.training": t.num_workers * t.num_cpus_per_worker,
+        "gpu.generation": g.concurrency * g.num_gpus,
+        "gpu.annotation": a.concurrency * a.num_gpus,
+        "gpu.check": a.check_concurrency * a.check_num_gpus,
+        "gpu.training": t.num_workers * (1.0 if t.use_gpu else 0.0),
+    }
+
+
+_PART_KEYS = {
+    "cpu.generation": "generation.concurrency x generation.num_cpus",
+    "cpu.annotation": "annotation.concurrency x annotation.num_cpus",
+    "cpu.check": "annotation.check_concurrency x annotation.check_num_cpus",
+    "cpu.training": "training.num_workers x training.num_cpus_per_worker",
+    "gpu.generation": "generation.concurrency x generation.num_gpus",
+    "gpu.annotation": "annotation.concurrency x annotation.num_gpus",
+    "gpu.check": "annotation.check_concurrency x annotation.check_num_gpus",
+    "gpu.training": "training.num_workers (training.use_gpu=true)",
+}
+
+
+def check_fits(cfg: RunConfig, cpus: float, gpus: float) -> None:
+    """Raise :class:`ConfigError` when the stage pools and trainer workers need more CPUs or
+    GPUs than the cluster has (message: what each part asks for and which keys to lower)."""
+    need = demand(cfg)
+    for kind, have, unit in (("cpu", cpus, "CPUs"), ("gpu", gpus, "GPUs")):
+        parts = {k: v for k, v in need.items() if k.startswith(kind + ".") and v > 0}
+        total = sum(parts.values())
+        if total <= have + 1e-9:
+            continue
+        detail = ", ".join(f"{_PART_KEYS[k]} = {v:g}" for k, v in parts.items())
+        if kind == "gpu" and have == 0:
+            hint = ("this Ray cluster has no GPU: set the num_gpus keys to 0 and "
+                    "training.use_gpu=false, or connect to a cluster with GPUs (ray.address)")
+        else:
+            hint = ("lower these (fractions such as num_cpus=0.25 suit light stages) or use a "
+                    "larger cluster (ray.address)")
+        raise ConfigError(f"the job needs {total:g} {unit} at once but the Ray cluster has "
+                          f"{have:g} ({detail}); {hint}")

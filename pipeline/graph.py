@@ -1,0 +1,193 @@
+"""The Ray Data graph: prompt rows → generate → annotate → quality checks (DESIGN.md §2).
+
+Each stage is a ``map_batches`` over an actor pool whose size, ``num_cpus``/``num_gpus`` and
+batch size come from the config; the model is loaded once per actor. The source is a table of
+prompt rows built on the driver (``ray.data.from_arrow``), not a read task: on a small machine a
+read task waits for a CPU that the stage actors and the Ray Train worker already hold (Ray Data
+backpressures it forever), while an in-memory source needs no task at all. Prompt rows are
+small (ids, text, seeds), so even 10⁶ of them fit easily; images only exist downstream.
+
+Every stage runs inside a :class:`TimedStage`, which adds one float32 column per stage,
+``_seconds_<stage>``: the stage's busy time for the row's batch divided by the batch's rows
+(seconds per row). The trainer sums these to report each stage's throughput; the shard writer
+ignores them. A stage actor that dies is restarted and its batch retried by Ray Data
+(``max_restarts``/``max_task_retries``); stages never raise on a bad row, they mark it
+``invalid_*``, so every prompt row reaches the trainer exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import RunConfig
+
+STAGES = ("generate", "annotate", "check")
+TIMING_PREFIX = "_seconds_"
+
+
+@dataclass(frozen=True)
+class StageKill:
+    """Test hook: the first actor of ``stage`` that sees ``sample_id`` in a batch exits
+    (``os._exit(1)``, as a crash would), once; ``marker`` (a file path) records that it did."""
+
+    stage: str
+    sample_id: str
+    marker: str
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One ``map_batches`` stage: what to build in each actor and with which resources."""
+
+    name: str
+    build: Callable[..., Any]
+    kwargs: dict[str, Any]
+    batch_size: int
+    concurrency: int
+    num_cpus: float
+    num_gpus: float
+
+
+class TimedStage:
+    """Ray Data stage wrapper: builds the real stage once, times each batch.
+
+    Output: the wrapped stage's columns plus ``_seconds_<name>`` (float32 [B], busy seconds per
+    row of this batch). Reports rows done to the progress board (fire-and-forget) when given.
+    """
+
+    def __init__(self, name: str, build: Callable[..., Any], kwargs: Mapping[str, Any],
+                 progress: Any = None, kill: StageKill | None = None) -> None:
+        self.name = name
+        self.stage = build(**kwargs)
+        self.column = f"{TIMING_PREFIX}{name}"
+        self.progress = progress
+        self.kill = kill if kill is not None and kill.stage == name else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.kill is not None and self.kill.sample_id in set(batch["sample_id"]):
+            if not os.path.exists(self.kill.marker):
+                with open(self.kill.marker, "w") as fh:
+                    fh.write(f"{self.name} pid {os.getpid()}\n")
+                os._exit(1)
+        started = time.perf_counter()
+        out = self.stage(batch)
+        seconds = time.perf_counter() - started
+        n = len(out["sample_id"])
+        out[self.column] = np.full(n, seconds / max(n, 1), dtype=np.float32)
+        if self.progress is not None:
+            self.progress.stage_done.remote(self.name, n, seconds)
+        return out
+
+
+def _build_quality_check(**kwargs: Any) -> Any:
+    from annotators.quality import QualityCheck
+
+    return QualityCheck(**kwargs)
+
+
+def stage_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> list[StageSpec]:
+    """The three stages of ``cfg`` (config → constructor arguments, CONTRACTS.md table)."""
+    from annotators import build_annotator
+    from generators import build_generator
+
+    g, a = cfg.generation, cfg.annotation
+    if g.backend == "procedural":
+        gen_kwargs: dict[str, Any] = {"backend": "procedural", "categories": list(categories),
+                                      "image_size": g.image_size,
+                                      "failure_rates": dict(g.failure_rates)}
+    else:
+        gen_kwargs = {"backend": "stable_diffusion", "model": g.model, "scheduler": g.scheduler,
+                      "steps": g.steps, "guidance": g.guidance, "resolution": g.resolution,
+                      "dtype": g.dtype, "safety_checker": g.safety_checker}
+    if a.backend == "builtin":
+        ann_kwargs: dict[str, Any] = {"backend": "builtin"}
+    else:
+        ann_kwargs = {"backend": "sam", "model_type": a.sam_model_type,
+                      "checkpoint": a.sam_checkpoint, "prompt": a.prompt}
+    check_kwargs = {"min_area_ratio": a.min_area_ratio, "max_area_ratio": a.max_area_ratio,
+                    "largest_component": a.largest_component,
+                    "reject_border_touch": a.reject_border_touch,
+                    "clip_model": a.clip_model if a.clip_score else None}
+    return [
+        StageSpec("generate", build_generator, gen_kwargs, g.batch_size, g.concurrency,
+                  g.num_cpus, g.num_gpus),
+        StageSpec("annotate", build_annotator, ann_kwargs, a.batch_size, a.concurrency,
+                  a.num_cpus, a.num_gpus),
+        StageSpec("check", _build_quality_check, check_kwargs, a.check_batch_size,
+                  a.check_concurrency, a.check_num_cpus, a.check_num_gpus),
+    ]
+
+
+def prompt_blocks(prompts: Mapping[str, np.ndarray], block_rows: int) -> list[Any]:
+    """Prompt columns (``PromptSampler.sample_batch`` output) as Arrow tables of
+    ``block_rows`` rows each: the source blocks of the graph, in stream order."""
+    import pyarrow as pa
+
+    n = len(prompts["sample_id"])
+    table = pa.table({k: (list(v) if v.dtype == object else v) for k, v in prompts.items()})
+    if n == 0:
+        return [table]
+    return [table.slice(i, block_rows) for i in range(0, n, block_rows)]
+
+
+def build_candidate_dataset(cfg: RunConfig, prompts: Mapping[str, np.ndarray],
+                            categories: Sequence[Mapping[str, Any]], progress: Any = None,
+                            kill: StageKill | None = None) -> Any:
+    """The candidate stream as a lazy ``ray.data.Dataset`` (nothing runs until it is read).
+
+    Args:
+        cfg: the run config (stage sections and ``ray``).
+        prompts: the prompt rows still to generate, in stream order (numpy columns).
+        categories: the training set's LVIS category dicts (the procedural generator draws
+            each class's ``look``; loaded once on the driver).
+        progress: the run's :class:`pipeline.progress.ProgressBoard` actor, or None.
+        kill: test hook, see :class:`StageKill`.
+    """
+    import ray
+
+    specs = stage_specs(cfg, categories)
+    # Ray Data restarts dead stage actors and retries their batches without limit by default;
+    # other limits are passed on (as the older remote-args keywords, the only way to set them).
+    retries = {k: v for k, v in (("max_restarts", cfg.ray.max_restarts),
+                                 ("max_task_retries", cfg.ray.max_task_retries)) if v != -1}
+    ds = ray.data.from_arrow(prompt_blocks(prompts, specs[0].batch_size))
+    for spec in specs:
+        ds = ds.map_batches(
+            TimedStage,
+            fn_constructor_kwargs={"name": spec.name, "build": spec.build, "kwargs": spec.kwargs,
+                                   "progress": progress, "kill": kill},
+            compute=ray.data.ActorPoolStrategy(size=spec.concurrency),
+            batch_size=spec.batch_size,
+            num_cpus=spec.num_cpus,
+            num_gpus=spec.num_gpus or None,
+            batch_format="numpy",
+            zero_copy_batch=True,
+            **retries,
+        )
+    return ds
+
+
+def configure_data_context(cfg: RunConfig, cluster_cpus: float) -> None:
+    """Ray Data options of the driver's context, which the dataset carries to its executor:
+    stream order, progress bars, and the CPU budget (``ray.data_cpu_fraction`` of the
+    cluster's CPUs)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = cfg.ray.preserve_order
+    ctx.enable_progress_bars = cfg.ray.data_progress_bars
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        cpu=max(cfg.ray.data_cpu_fraction * cluster_cpus, minimum_stage_cpus(cfg)))
+
+
+def minimum_stage_cpus(cfg: RunConfig) -> float:
+    """CPUs the stage actor pools hold at once (each pool at its fixed size)."""
+    g, a = cfg.generation, cfg.annotation
+    return (g.concurrency * g.num_cpus + a.concurrency * a.num_cpus
+            + a.check_concurrency * a.check_num_cpus)

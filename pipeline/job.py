@@ -1,0 +1,398 @@
+"""A whole run: checks, data, the Ray Data graph into a Ray Train trainer, summary.
+
+``run_job(cfg)`` is what ``bsgal run`` and ``bsgal demo`` call; ``resume_job(out)`` is
+``bsgal run --resume OUT``. In order:
+
+1. the output storage is probed (write, read back, delete) before anything else, so that an
+   unreachable bucket fails in seconds with one clear line;
+2. the built-in data set is written if the config asks for it and it is missing;
+3. the resolved config goes to ``OUT/config.yaml`` with credentials redacted;
+4. Ray is reached (an existing instance, ``ray.address``, or a local one) and the stage pools
+   plus trainer workers are checked against its CPUs/GPUs;
+5. the prompt rows still to generate become the source of the Ray Data graph
+   (:mod:`pipeline.graph`), which a ``TorchTrainer`` reads through
+   ``ray.train.get_dataset_shard`` (:mod:`pipeline.train_worker`);
+6. ``OUT/summary.json`` gets the counts (made = accepted + rejected + invalid), acceptance by
+   frequency group, the final evaluation and the timings.
+
+Resume: the latest checkpoint says how far each worker got in its candidate stream; shard files
+written after it are removed (:func:`pipeline.shards.drop_after`) and the prompt rows not yet
+decided are generated again. With one worker and ``ray.preserve_order`` the resumed run's
+decisions equal an uninterrupted run's; with N workers the split of the stream between workers
+depends on timing, so a resumed run decides every remaining candidate exactly once but not
+necessarily on the same worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pipeline.checkpoints import decision_keys, read_info
+from pipeline.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+)
+from pipeline.graph import StageKill
+from pipeline.run_dir import MetricsLog, RunDir
+from pipeline.shards import StorageError, drop_after, preflight_writable, read_decisions
+
+REDACTED = "<redacted>"
+# Keys of storage options whose values are secrets (matched case-insensitively as substrings).
+SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+NOT_SECRET = ("endpoint_url", "region_name", "profile", "anon", "use_ssl", "client_kwargs",
+              "config_kwargs")
+# Probing the output fails in seconds, not after botocore's default retries.
+FAST_FAIL_S3 = {"connect_timeout": 5, "read_timeout": 20,
+                "retries": {"max_attempts": 2, "mode": "standard"}}
+
+
+class TrainingFailed(RuntimeError):
+    """The Ray Train workers failed; the message is one line naming the worker's error."""
+
+
+class RunExistsError(ConfigError):
+    """``output.dir`` already holds a run and ``--resume`` was not asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    """Test hooks that make a run fail the way a real one can (never set by the CLI).
+
+    Attributes:
+        kill_stage: a stage actor exits once on a given candidate (Ray Data restarts it and
+            retries the batch).
+        crash_at_step: the rank-0 train worker process exits once it reaches this step.
+    """
+
+    kill_stage: StageKill | None = None
+    crash_at_step: int | None = None
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """Where a resumed run starts: the checkpoint, and the stream positions still to make."""
+
+    checkpoint: str | None
+    step: int
+    positions: np.ndarray
+    decided: int
+    dropped_files: int
+
+
+@dataclasses.dataclass
+class JobResult:
+    """What a finished run reports (also written as ``OUT/summary.json``)."""
+
+    out: str
+    summary: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------ config files
+
+
+def redact(options: Any) -> Any:
+    """Storage options with every secret value replaced by ``<redacted>`` (nested dicts too)."""
+    if isinstance(options, dict):
+        out = {}
+        for key, value in options.items():
+            lowered = str(key).lower()
+            if isinstance(value, dict):
+                out[key] = redact(value)
+            elif lowered not in NOT_SECRET and any(w in lowered for w in SECRET_WORDS):
+                out[key] = REDACTED
+            else:
+                out[key] = value
+        return out
+    return options
+
+
+def _drop_redacted(options: Any) -> Any:
+    if isinstance(options, dict):
+        return {k: _drop_redacted(v) for k, v in options.items() if v != REDACTED}
+    return options
+
+
+def redacted_config(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain data with the storage options' secrets redacted."""
+    data = config_to_dict(cfg)
+    for section in ("data", "output"):
+        data[section]["storage_options"] = redact(data[section]["storage_options"])
+    return data
+
+
+def probe_options(uri: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Storage options for a quick probe of ``uri``: fast-failing retries for S3."""
+    opts = dict(options)
+    if uri.startswith(("s3://", "s3a://")):
+        opts.setdefault("config_kwargs", FAST_FAIL_S3)
+    return opts
+
+
+# ------------------------------------------------------------------------------ prompts
+
+
+def prompt_sampler(cfg: RunConfig, categories: Sequence[dict[str, Any]]) -> Any:
+    """The run's deterministic prompt stream (row i depends only on seed, run name and i)."""
+    from generators import ClassVocabulary, PromptSampler
+
+    g = cfg.generation
+    return PromptSampler(ClassVocabulary.from_categories(categories, source="train.json"),
+                         run_id=cfg.name, seed=cfg.seed, templates=g.prompt_template,
+                         extra_prompts=g.extra_prompts, weighting=g.class_weighting,
+                         group_weights=g.group_weights, external_weights=g.external_weights,
+                         groups=g.groups, generator=g.backend)
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+def plan_resume(cfg: RunConfig, sampler: Any) -> ResumePoint:
+    """Find the latest checkpoint of ``cfg.output.dir``, drop the shard files written after it
+    and list the stream positions whose candidates have no decision row yet."""
+    out, opts = cfg.output.dir, cfg.output.storage_options
+    run = RunDir(out, opts)
+    name = run.latest_checkpoint()
+    n = cfg.generation.num_candidates
+    if name is None:
+        offsets = [0] * cfg.training.num_workers
+        step = 0
+    else:
+        info = read_info(run, name)
+        if info["world_size"] != cfg.training.num_workers:
+            raise ConfigError(f"training.num_workers: {out} was run with "
+                              f"{info['world_size']} workers; resume it with as many")
+        offsets = [int(r["stream_offset"]) for r in info["ranks"]]
+        step = int(info["step"])
+    dropped = 0
+    for rank, offset in enumerate(offsets):
+        dropped += len(drop_after(out, rank, offset, opts))
+    decided = sum(offsets)
+    if decided == 0:
+        return ResumePoint(name, step, np.arange(n, dtype=np.int64), 0, dropped)
+    ids = read_decisions(out, columns=["sample_id"], storage_options=opts).column(
+        "sample_id").to_pylist()
+    if len(ids) != decided or len(set(ids)) != len(ids):
+        raise StorageError(
+            f"{out}: the shards hold {len(ids)} decision rows ({len(set(ids))} distinct) but "
+            f"checkpoint {name} says {decided} candidates were decided; the run folder was "
+            "changed by hand or written by two runs at once")
+    if len(offsets) == 1:
+        # One worker, stream in order: positions 0..offset-1 are exactly the decided ones.
+        positions = np.arange(offsets[0], n, dtype=np.int64)
+        expected = sampler.sample_batch(offsets[0])["sample_id"]
+        if sorted(expected) != sorted(ids):
+            raise StorageError(f"{out}: the decided candidates are not the first {decided} of "
+                               "this config's prompt stream (different run name or seed?)")
+    else:
+        done = set(ids)
+        every = sampler.sample_batch(n)["sample_id"]
+        positions = np.array([i for i, sid in enumerate(every) if sid not in done],
+                             dtype=np.int64)
+    return ResumePoint(name, step, positions, decided, dropped)
+
+
+def resume_config(out: str, overrides: Sequence[str] = (),
+                  storage_options: dict[str, Any] | None = None) -> RunConfig:
+    """The config of the run in ``out`` with the allowed ``overrides`` applied.
+
+    Only keys that cannot change a decision may be overridden (``ray.*``, storage options,
+    logging); anything else is a :class:`ConfigError` naming the key.
+    """
+    run = RunDir(out, storage_options or {})
+    if not run.exists("config.yaml"):
+        raise ConfigError(f"--resume {out}: no config.yaml there; is it a bsgal run folder?")
+    data = yaml.safe_load(run.read_bytes("config.yaml"))
+    for section in ("data", "output"):
+        data[section]["storage_options"] = _drop_redacted(data[section].get("storage_options")
+                                                          or {})
+    if storage_options:
+        data["output"]["storage_options"] = {**data["output"]["storage_options"],
+                                             **storage_options}
+    before = config_from_dict(copy.deepcopy(data))
+    after = config_from_dict(apply_overrides(data, overrides))
+    old, new = decision_keys(before), decision_keys(after)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        raise ConfigError(
+            f"--resume: {', '.join(changed)} cannot change when resuming (it changes which "
+            "candidates are made or how they are judged); only ray.*, output/data "
+            "storage_options and logging keys may. Start a new run in another output.dir "
+            "instead")
+    return dataclasses.replace(after, output=dataclasses.replace(after.output, dir=out))
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def _check_fresh_output(run: RunDir) -> None:
+    for marker in ("config.yaml", "checkpoints", "shards"):
+        if run.exists(marker):
+            raise RunExistsError(
+                f"output.dir: {run.out} already holds a run ({marker}); continue it with "
+                f"`bsgal run --resume {run.out}` or choose another output.dir")
+
+
+def _worker_error_line(exc: BaseException) -> str:
+    """The last meaningful line of a worker traceback (``SomeError: message``)."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Exit", "Interrupt")) or "Error(" in head:
+            return line
+    return lines[-1] if lines else type(exc).__name__
+
+
+def run_job(cfg: RunConfig, *, resume: bool = False, progress: str = "auto",
+            faults: Faults | None = None, echo: Callable[[str], None] = print) -> JobResult:
+    """Run (or with ``resume`` continue) the job of ``cfg``; see the module docstring.
+
+    Raises:
+        StorageError: the output cannot be written (before anything starts).
+        ConfigError: a bad config, a job that does not fit the cluster, an existing run.
+        TrainingFailed: a worker failed (one line naming its error).
+    """
+    from pipeline.datasets import ensure_builtin_data, train_categories
+
+    started = time.monotonic()
+    faults = faults or Faults()
+    out, opts = cfg.output.dir.rstrip("/"), cfg.output.storage_options
+    if cfg.selection.method == "none" and cfg.generation.num_candidates > 0:
+        raise ConfigError("selection.method=none trains on real data only; set "
+                          "generation.num_candidates=0 (or choose a selection method)")
+    preflight_writable(out, probe_options(out, opts))
+    run = RunDir(out, opts)
+    if not resume:
+        _check_fresh_output(run)
+    if ensure_builtin_data(cfg.data):
+        echo(f"wrote the built-in data set to {cfg.data.root}")
+    categories = train_categories(cfg.data)
+    sampler = prompt_sampler(cfg, categories)
+    if resume:
+        point = plan_resume(cfg, sampler)
+        if point.checkpoint is None:
+            echo(f"resuming {out}: no checkpoint yet, starting over "
+                 f"({point.dropped_files} shard files removed)")
+        else:
+            echo(f"resuming {out} from {point.checkpoint}: {point.decided} candidates decided, "
+                 f"{len(point.positions)} to go ({point.dropped_files} shard files written "
+                 "after the checkpoint removed)")
+    else:
+        run.write_text("config.yaml", yaml.safe_dump(redacted_config(cfg), sort_keys=False))
+        point = ResumePoint(None, 0, np.arange(cfg.generation.num_candidates, dtype=np.int64),
+                            0, 0)
+    prompts = sampler.sample_positions(point.positions)
+    log = MetricsLog(run)
+    log.log("job_start", step=point.step, resume=resume, checkpoint=point.checkpoint,
+            candidates_to_make=len(point.positions), candidates_decided=point.decided)
+    log.close()
+
+    summary = _run_on_ray(cfg, prompts, categories, point, progress, faults, echo)
+    summary["seconds"] = time.monotonic() - started
+    run.write_json("summary.json", summary)
+    log = MetricsLog(run)
+    log.log("job_done", step=summary.get("final_step"), seconds=summary["seconds"])
+    log.close()
+    return JobResult(out=out, summary=summary)
+
+
+def _run_on_ray(cfg: RunConfig, prompts: dict[str, np.ndarray], categories: list[dict],
+                point: ResumePoint, progress: str, faults: Faults,
+                echo: Callable[[str], None]) -> dict[str, Any]:
+    import ray
+    from ray.data import ExecutionOptions
+
+    from pipeline.cluster import check_fits, connect
+    from pipeline.graph import build_candidate_dataset, configure_data_context
+    from pipeline.ingest import CandidateDataConfig
+    from pipeline.progress import ProgressDisplay, start_board
+    from pipeline.run_summary import summarize_run
+    from pipeline.train_worker import WorkerPlan, train_loop_per_worker
+
+    t0 = time.monotonic()
+    conn = connect(cfg)
+    try:
+        check_fits(cfg, conn.cpus, conn.gpus)
+        ray_seconds = time.monotonic() - t0
+        configure_data_context(cfg, conn.cpus)
+        board = start_board()
+        ds = build_candidate_dataset(cfg, prompts, categories, progress=board,
+                                     kill=faults.kill_stage)
+        ctx = ray.data.DataContext.get_current()
+        options = ExecutionOptions(resource_limits=ctx.execution_options.resource_limits,
+                                   preserve_order=cfg.ray.preserve_order)
+        plan = WorkerPlan(config=config_to_dict(cfg), out=cfg.output.dir,
+                          resume_from=point.checkpoint, progress=board,
+                          crash_at_step=faults.crash_at_step)
+        trainer = _torch_trainer(cfg, plan, ds, CandidateDataConfig(options))
+        display = ProgressDisplay(board, candidates=cfg.generation.num_candidates,
+                                  steps=cfg.training.steps, mode=progress,
+                                  done_before=(point.decided, point.step))
+        t_fit = time.monotonic()
+        with display:
+            try:
+                trainer.fit()
+            except Exception as exc:  # Ray Train wraps worker errors; give one clear line
+                if isinstance(exc, (ConfigError, StorageError)):
+                    raise
+                raise TrainingFailed(f"training failed: {_worker_error_line(exc)} (worker logs: "
+                                     "set ray.log_to_driver=true to see them here)") from None
+        fit_seconds = time.monotonic() - t_fit
+        summary = summarize_run(cfg)
+        summary["timings"] = {"ray_connect_seconds": ray_seconds, "fit_seconds": fit_seconds}
+        summary["resumed_from"] = point.checkpoint
+        return summary
+    finally:
+        if conn.started:
+            ray.shutdown()
+
+
+def _torch_trainer(cfg: RunConfig, plan: Any, ds: Any, data_config: Any) -> Any:
+    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train_worker import train_loop_per_worker
+
+    t = cfg.training
+    resources = {"CPU": t.num_cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    storage = os.path.join(tempfile.gettempdir(), "bsgal-ray-train")
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=plan.to_dict(),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker=resources),
+        datasets={"candidates": ds},
+        dataset_config=data_config,
+        run_config=TrainRunConfig(storage_path=storage,
+                                  name=f"{cfg.name}-{uuid.uuid4().hex[:8]}",
+                                  failure_config=FailureConfig(max_failures=0)),
+    )
+
+
+def resume_job(out: str, overrides: Sequence[str] = (), *, progress: str = "auto",
+               storage_options: dict[str, Any] | None = None, faults: Faults | None = None,
+               echo: Callable[[str], None] = print) -> JobResult:
+    """``bsgal run --resume OUT``: continue the run in ``out`` from its latest checkpoint."""
+    out = out.rstrip("/")
+    preflight_writable(out, probe_options(out, storage_options or {}))
+    cfg = resume_config(out, overrides, storage_options)
+    run = RunDir(out, cfg.output.storage_options)
+    if run.exists("summary.json"):
+        raise ConfigError(f"--resume {out}: that run already finished (summary.json); start "
+                          "a new run in another output.dir")
+    return run_job(cfg, resume=True, progress=progress, faults=faults, echo=echo)

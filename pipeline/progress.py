@@ -1,0 +1,192 @@
+"""Progress of a run: one bar per stage and one for the trainer, drawn by the driver.
+
+Stage actors and trainer workers report to a small Ray actor, :class:`ProgressBoard`
+(``num_cpus=0``), with fire-and-forget calls; a driver thread polls it. On a terminal the
+driver draws tqdm bars; when stdout is not a terminal (CI logs, ``nohup``) it prints one plain
+line every ``interval`` seconds instead, so logs stay readable.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from pipeline.graph import STAGES
+
+
+class ProgressBoard:
+    """Counters of a running job (a Ray actor; every method is cheap).
+
+    Stages report rows done and busy seconds; trainer ranks report their latest state
+    (``step``, ``decided``, ``accepted``, ``rejected``, ``invalid``, ``wait_seconds``, ...).
+    """
+
+    def __init__(self) -> None:
+        self.stages: dict[str, list[float]] = {s: [0, 0.0] for s in STAGES}
+        self.ranks: dict[int, dict[str, Any]] = {}
+        self.started = time.time()
+
+    def stage_done(self, stage: str, rows: int, seconds: float) -> None:
+        entry = self.stages.setdefault(stage, [0, 0.0])
+        entry[0] += rows
+        entry[1] += seconds
+
+    def trainer_state(self, rank: int, state: dict[str, Any]) -> None:
+        self.ranks[rank] = dict(state)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"stages": {k: list(v) for k, v in self.stages.items()},
+                "ranks": {k: dict(v) for k, v in self.ranks.items()},
+                "elapsed": time.time() - self.started}
+
+
+def start_board() -> Any:
+    """A :class:`ProgressBoard` actor that takes no CPU."""
+    import ray
+
+    return ray.remote(ProgressBoard).options(num_cpus=0).remote()
+
+
+@dataclass
+class TrainerTotals:
+    """The trainer ranks' states added up."""
+
+    step: int = 0
+    decided: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    invalid: int = 0
+    wait_seconds: float = 0.0
+    busy_seconds: float = 0.0
+    phase: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ranks: dict[int, dict[str, Any]]) -> "TrainerTotals":
+        out = cls()
+        for state in ranks.values():
+            out.step = max(out.step, int(state.get("step", 0)))
+            for key in ("decided", "accepted", "rejected", "invalid"):
+                setattr(out, key, getattr(out, key) + int(state.get(key, 0)))
+            out.wait_seconds += float(state.get("wait_seconds", 0.0))
+            out.busy_seconds += float(state.get("busy_seconds", 0.0))
+        if ranks:
+            out.phase = str(ranks[min(ranks)].get("phase", ""))
+        return out
+
+    def describe(self) -> str:
+        scored = self.accepted + self.rejected
+        acc = f"{self.accepted / scored:.0%}" if scored else "-"
+        total = self.wait_seconds + self.busy_seconds
+        wait = f"{self.wait_seconds / total:.0%}" if total > 0 else "-"
+        return (f"decided {self.decided} (acc {acc} of scored, invalid {self.invalid}), "
+                f"waiting {wait}" + (f", {self.phase}" if self.phase else ""))
+
+
+class ProgressDisplay:
+    """Driver-side view of a :class:`ProgressBoard`: tqdm bars or periodic lines.
+
+    Args:
+        board: the board actor.
+        candidates: candidates this run will make (the stage bars' total).
+        steps: scheduled optimizer steps (the trainer bar's total).
+        mode: ``"bars"``, ``"lines"``, ``"off"`` or ``"auto"`` (bars on a terminal).
+        interval: seconds between lines in ``"lines"`` mode.
+        stream: where to draw (default stderr for bars, stdout for lines).
+    """
+
+    def __init__(self, board: Any, candidates: int, steps: int, mode: str = "auto",
+                 interval: float = 15.0, stream: TextIO | None = None,
+                 done_before: tuple[int, int] = (0, 0)) -> None:
+        if mode not in ("auto", "bars", "lines", "off"):
+            raise ValueError(f"progress mode {mode!r} is not auto, bars, lines or off")
+        if mode == "auto":
+            mode = "bars" if sys.stderr.isatty() else "lines"
+        self.board = board
+        self.mode = mode
+        self.candidates = candidates
+        self.steps = steps
+        self.interval = interval
+        self.stream = stream
+        self.done_before = done_before  # (candidates, step) already done before a resume
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bars: dict[str, Any] = {}
+        self.last: dict[str, Any] | None = None
+
+    def __enter__(self) -> "ProgressDisplay":
+        if self.mode != "off":
+            self._thread = threading.Thread(target=self._run, name="bsgal-progress",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._poll_and_draw(final=True)
+        for bar in self._bars.values():
+            bar.close()
+
+    def _poll(self) -> dict[str, Any] | None:
+        import ray
+
+        try:
+            self.last = ray.get(self.board.snapshot.remote(), timeout=10)
+        except Exception:  # the board is best effort: never fail a run over progress output
+            return self.last
+        return self.last
+
+    def _run(self) -> None:
+        period = 0.5 if self.mode == "bars" else self.interval
+        while not self._stop.wait(period):
+            self._poll_and_draw()
+
+    def _poll_and_draw(self, final: bool = False) -> None:
+        if self.mode == "off":
+            return
+        snap = self._poll()
+        if snap is None:
+            return
+        if self.mode == "bars":
+            self._draw_bars(snap)
+        elif final or not self._stop.is_set():
+            self._print_line(snap, final)
+
+    def _draw_bars(self, snap: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        stream = self.stream or sys.stderr
+        base_rows, base_step = self.done_before
+        if not self._bars:
+            for i, stage in enumerate(STAGES):
+                self._bars[stage] = tqdm(total=self.candidates, initial=base_rows, desc=f"{stage:>8}",
+                                         unit="cand", position=i, file=stream, leave=True,
+                                         dynamic_ncols=True)
+            self._bars["train"] = tqdm(total=self.steps, initial=base_step, desc="   train",
+                                       unit="step", position=len(STAGES), file=stream,
+                                       leave=True, dynamic_ncols=True)
+        for stage in STAGES:
+            rows = base_rows + int(snap["stages"].get(stage, [0, 0.0])[0])
+            bar = self._bars[stage]
+            bar.update(min(rows, self.candidates) - bar.n)
+        totals = TrainerTotals.of(snap["ranks"])
+        bar = self._bars["train"]
+        if totals.step > bar.total:
+            bar.total = totals.step
+        bar.update(max(totals.step, base_step) - bar.n)
+        bar.set_postfix_str(totals.describe(), refresh=True)
+
+    def _print_line(self, snap: dict[str, Any], final: bool) -> None:
+        base_rows, _ = self.done_before
+        stages = "  ".join(
+            f"{stage} {base_rows + int(snap['stages'].get(stage, [0, 0.0])[0])}/{self.candidates}"
+            for stage in STAGES)
+        totals = TrainerTotals.of(snap["ranks"])
+        line = (f"[{snap['elapsed']:6.0f}s] {stages}  train step {totals.step}/{self.steps}: "
+                f"{totals.describe()}")
+        print(line, file=self.stream or sys.stdout, flush=True)

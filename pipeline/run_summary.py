@@ -1,0 +1,97 @@
+"""The end-of-run summary: counts that must add up, acceptance, evaluation, where things are.
+
+:func:`summarize_run` reads the run folder (shards through DuckDB, ``eval.json``, the workers'
+last metrics records) into plain data, which the job writes as ``OUT/summary.json``;
+:func:`summary_text` is what ``bsgal run``/``bsgal demo`` print.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.run_dir import RunDir, read_metrics
+from pipeline.shards import shards_root
+
+
+def _worker_totals(run: RunDir, workers: int) -> list[dict[str, Any]]:
+    totals = []
+    for rank in range(workers):
+        name = "metrics.jsonl" if rank == 0 else f"metrics-r{rank:03d}.jsonl"
+        done = [r for r in read_metrics(run, name) if r.get("kind") == "worker_done"]
+        if done:
+            totals.append({"rank": rank, "step": done[-1]["step"], **done[-1]["totals"]})
+    return totals
+
+
+def summarize_run(cfg: RunConfig) -> dict[str, Any]:
+    """Counts by decision/reason/frequency group/generator truth, evaluation and timings of the
+    finished run in ``cfg.output.dir``."""
+    from pipeline.inspection.query import DecisionQuery
+    from pipeline.inspection.summary import frequency_groups, truth_by_failure
+
+    out, opts = cfg.output.dir.rstrip("/"), cfg.output.storage_options
+    run = RunDir(out, opts)
+    planned = cfg.generation.num_candidates
+    summary: dict[str, Any] = {"run": cfg.name, "out": out, "shards": shards_root(out),
+                               "candidates_planned": planned}
+    if planned:
+        with DecisionQuery(out, storage_options=opts or None) as q:
+            counts = {d: 0 for d in ("accepted", "rejected", "invalid")}
+            for r in q.rows("SELECT decision, count(*) AS n FROM decisions GROUP BY 1"):
+                counts[r["decision"]] = int(r["n"])
+            (rows, distinct) = q.con.execute(
+                "SELECT count(*), count(DISTINCT sample_id) FROM decisions").fetchone()
+            summary["reasons"] = {r["reason"]: int(r["n"]) for r in q.rows(
+                "SELECT reason, count(*) AS n FROM decisions GROUP BY 1 ORDER BY 2 DESC")}
+            summary["groups"] = frequency_groups(q).records()
+            truth = truth_by_failure(q)
+            summary["truth_failures"] = truth.records() if truth is not None else None
+    else:
+        counts, rows, distinct = {"accepted": 0, "rejected": 0, "invalid": 0}, 0, 0
+        summary.update(reasons={}, groups=[], truth_failures=None)
+    summary["decisions"] = {**counts, "rows": int(rows), "distinct_sample_ids": int(distinct)}
+    summary["counts_add_up"] = bool(rows == planned == distinct
+                                    and sum(counts.values()) == planned)
+    summary["eval"] = run.read_json("eval.json") if run.exists("eval.json") else None
+    totals = _worker_totals(run, cfg.training.num_workers)
+    summary["workers"] = totals
+    summary["final_step"] = max((t["step"] for t in totals), default=None)
+    return summary
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """A short human summary of :func:`summarize_run`'s output."""
+    d = summary["decisions"]
+    lines = [
+        f"run {summary['run']} finished in {summary.get('seconds', 0):.0f} s "
+        f"(step {summary.get('final_step')})",
+        f"candidates made: {summary['candidates_planned']}  →  accepted {d['accepted']}, "
+        f"rejected {d['rejected']}, invalid {d['invalid']}  "
+        f"({'counts add up' if summary['counts_add_up'] else 'COUNTS DO NOT ADD UP'})",
+    ]
+    if summary["groups"]:
+        lines.append("acceptance by frequency group (accepted / scored, invalid):")
+        for g in summary["groups"]:
+            lines.append(f"  {g['group']:<9} {g['accepted']:>5} / {g['accepted'] + g['rejected']:<5}"
+                         f" {_pct(g['accept_rate_scored']):>5}   invalid {g['invalid']}")
+    if summary.get("truth_failures"):
+        parts = [f"{t['truth_failure']} {_pct(t['accept_rate'])}"
+                 for t in summary["truth_failures"]]
+        lines.append("accepted by generator outcome (built-in truth): " + ", ".join(parts))
+    ev = summary.get("eval")
+    if ev:
+        for iou in ("segm", "bbox"):
+            m = ev.get(iou)
+            if m:
+                lines.append(f"{iou:<4} AP {100 * m['AP']:.1f}  APr {100 * m['APr']:.1f}  "
+                             f"APc {100 * m['APc']:.1f}  APf {100 * m['APf']:.1f}")
+    lines.append(f"decision shards: {summary['shards']}")
+    out = summary["out"]
+    lines.append(f"next: bsgal inspect {out}")
+    lines.append(f"      bsgal inspect {out} --html {out}/report.html")
+    return "\n".join(lines)
