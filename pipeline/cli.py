@@ -192,11 +192,16 @@ PROGRESS = click.option(
 @click.option("--resume", "resume_out", metavar="OUT", default=None,
               help="Continue the run in OUT (local folder or s3://) from its last checkpoint; "
                    "OVERRIDES may then only change ray.*, storage options and logging keys.")
+@click.option("--endpoint-url", metavar="URL", envvar="AWS_ENDPOINT_URL",
+              help="S3 endpoint of output.dir (MinIO, Ceph, moto); needed with --resume to "
+                   "read a run's config from such a store.")
+@click.option("--storage-option", "storage_pairs", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for output.dir (e.g. profile=dev); repeat for several.")
 @PROGRESS
 @click.argument("overrides", nargs=-1)
 @friendly_errors
-def run(config_path: str | None, resume_out: str | None, progress: str,
-        overrides: tuple[str, ...]) -> None:
+def run(config_path: str | None, resume_out: str | None, endpoint_url: str | None,
+        storage_pairs: tuple[str, ...], progress: str, overrides: tuple[str, ...]) -> None:
     """Run the streaming job: generate → annotate → check (Ray Data) → train and judge (Ray
     Train) → decision shards in output.dir.
 
@@ -206,19 +211,27 @@ def run(config_path: str | None, resume_out: str | None, progress: str,
       bsgal run --config configs/lvis_sd_sam.yaml ray.address=auto
       bsgal run --resume runs/short
     """
+    import dataclasses
+
+    from pipeline.inspection.commands import storage_options_from
     from pipeline.job import resume_job, run_job
     from pipeline.run_summary import summary_text
 
+    storage = storage_options_from(endpoint_url, storage_pairs)
     if resume_out is not None:
         if config_path is not None:
             raise click.UsageError("--resume continues a run with its own config.yaml; "
                                    "leave out --config")
-        result = resume_job(resume_out, overrides, progress=progress, echo=click.echo)
+        result = resume_job(resume_out, overrides, progress=progress, storage_options=storage,
+                            echo=click.echo)
     else:
         if config_path is None:
             raise click.UsageError("give --config FILE (e.g. configs/demo.yaml) or --resume OUT")
-        result = run_job(load_config(config_path, overrides), progress=progress,
-                         echo=click.echo)
+        cfg = load_config(config_path, overrides)
+        if storage:
+            cfg = dataclasses.replace(cfg, output=dataclasses.replace(
+                cfg.output, storage_options={**cfg.output.storage_options, **storage}))
+        result = run_job(cfg, progress=progress, echo=click.echo)
     click.echo(summary_text(result.summary))
 
 

@@ -115,7 +115,7 @@ def check_fits(cfg: RunConfig, cpus: float, gpus: float) -> None:
     """Raise :class:`ConfigError` when the stage pools and trainer workers need more CPUs or
     GPUs than the cluster has (message: what each part asks for and which keys to lower)."""
     need = demand(cfg)
-    for kind, have, unit in (("cpu", cpus, "CPUs"), ("gpu", gpus, "GPUs")):
+    for kind, have, unit in (("gpu", gpus, "GPUs"), ("cpu", cpus, "CPUs")):
         parts = {k: v for k, v in need.items() if k.startswith(kind + ".") and v > 0}
         total = sum(parts.values())
         if total <= have + 1e-9:

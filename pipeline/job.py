@@ -74,7 +74,8 @@ class Faults:
     Attributes:
         kill_stage: a stage actor exits once on a given candidate (Ray Data restarts it and
             retries the batch).
-        crash_at_step: the rank-0 train worker process exits once it reaches this step.
+        crash_at_step: the rank-0 train worker flushes its shards and exits (no checkpoint)
+            once it reaches this step.
     """
 
     kill_stage: StageKill | None = None
@@ -164,6 +165,7 @@ def plan_resume(cfg: RunConfig, sampler: Any) -> ResumePoint:
     and list the stream positions whose candidates have no decision row yet."""
     out, opts = cfg.output.dir, cfg.output.storage_options
     run = RunDir(out, opts)
+    run.fs.invalidate_cache()  # other processes wrote the run: list it afresh
     name = run.latest_checkpoint()
     n = cfg.generation.num_candidates
     if name is None:

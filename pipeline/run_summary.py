@@ -32,6 +32,8 @@ def summarize_run(cfg: RunConfig) -> dict[str, Any]:
 
     out, opts = cfg.output.dir.rstrip("/"), cfg.output.storage_options
     run = RunDir(out, opts)
+    # The workers (other processes) wrote the shards: forget what this process listed before.
+    run.fs.invalidate_cache()
     planned = cfg.generation.num_candidates
     summary: dict[str, Any] = {"run": cfg.name, "out": out, "shards": shards_root(out),
                                "candidates_planned": planned}

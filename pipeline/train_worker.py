@@ -5,13 +5,17 @@ Per worker (rank r of W)::
     real data (synthesised here if this machine lacks the built-in set)
     trainer = build_trainer(...)            (DDP-wrapped when W > 1), resumed from a checkpoint
     writer  = ShardWriter(OUT, rank=r)      decision rows → OUT/shards/decision=*/part-r...
-    warmup: training.warmup_real_steps real-only steps
-    rounds: next candidate batch → trainer.train_on_candidates → one row per candidate
-            (no batch ready and late_candidates=real_step, or stream gone: a real-only step)
-            W > 1: ranks exchange their step counts; those behind take real-only steps, so
-            every rank runs the same number of DDP steps
-            checkpoint every training.checkpoint_every steps (shards flushed first)
-    until the stream is exhausted on every rank and training.steps steps are done
+    rounds of exactly one optimizer step on every rank:
+      warmup: training.warmup_real_steps real-only steps
+      else:   a step on the candidate batch being used up (trainer.take_candidates, then
+              trainer.step_candidates until the batch is done; then its rows go to the writer)
+              or, with no candidate here, a real-only "filler" step: the stream is done, the
+              batch is late (late_candidates=real_step), or another rank is finishing its
+              batch before a checkpoint. DDP needs every rank to take the same steps, so
+              ranks agree before each step whether anyone still has candidates.
+      every training.checkpoint_every steps, once every rank's batch is used up: flush the
+      shards, write the checkpoint (stream offsets are then exact)
+    until every rank's stream is used up and training.steps steps are done
     rank 0: final checkpoint, evaluation → OUT/eval.json
 
 The stream accounting: every candidate that reaches a worker leaves exactly one row (the
@@ -30,7 +34,6 @@ from pipeline.checkpoints import config_hash, load_trainer_state, read_info, sav
     save_rank_state
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.feed import END, CandidateFeed
-from pipeline.graph import STAGES
 from pipeline.run_dir import MetricsLog, RunDir
 from pipeline.shards import SCHEMA, ShardWriter
 from pipeline.window import RunCounters, WindowStats
@@ -55,8 +58,8 @@ class WorkerPlan:
         out: run folder (local or ``s3://``).
         resume_from: checkpoint name to continue from (``checkpoints/step-N.pt``) or None.
         progress: the :class:`pipeline.progress.ProgressBoard` actor, or None.
-        crash_at_step: test hook: the worker process exits (as in a crash) once it reaches
-            this step.
+        crash_at_step: test hook: rank 0 flushes its shards and exits (as in a crash, without
+            a checkpoint) once it reaches this step.
     """
 
     config: dict[str, Any]
@@ -81,22 +84,22 @@ def trainer_settings(cfg: RunConfig) -> dict[str, Any]:
 
 
 class RankSync:
-    """Keeps DDP ranks in step: after each round every rank learns the largest step count and
-    whether any rank still has candidates. A no-op for one worker."""
+    """What DDP ranks agree on before each step: whether any rank still holds candidates and
+    whether any rank's stream may bring more (MAX over ranks). A no-op for one worker."""
 
     def __init__(self, world: int, device: Any) -> None:
         self.world = world
         self.device = device
 
-    def agree(self, step: int, has_more: bool) -> tuple[int, bool]:
+    def any_of(self, *flags: bool) -> tuple[bool, ...]:
         if self.world == 1:
-            return step, has_more
+            return tuple(flags)
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor([step, int(has_more)], dtype=torch.int64, device=self.device)
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t[0]), bool(t[1])
+        return tuple(bool(v) for v in t.tolist())
 
     def gather(self, obj: Any) -> list[Any]:
         if self.world == 1:
@@ -153,6 +156,8 @@ class TrainWorker:
         pools = {"generate": cfg.generation.concurrency, "annotate": cfg.annotation.concurrency,
                  "check": cfg.annotation.check_concurrency}
         self.window = WindowStats(stage_pools=pools, first_step=self.trainer.step)
+        self.pool: Any = None  # trainer.loop.CandidatePool of the batch being used up
+        self.batch: dict[str, Any] | None = None  # its columns
         self.phase = "warmup"
         self._last_report = 0.0
 
@@ -173,40 +178,64 @@ class TrainWorker:
     # -- the loop --------------------------------------------------------------------------
 
     def run_loop(self, batches: Any) -> None:
+        """Rounds of exactly one optimizer step on every rank until the streams are used up
+        and ``training.steps`` steps are done (module docstring)."""
         cfg, trainer = self.cfg, self.trainer
         feed = CandidateFeed(batches, depth=max(1, cfg.training.prefetch_batches))
         block = cfg.training.late_candidates == "wait"
         try:
             while True:
+                warmup = trainer.step < cfg.training.warmup_real_steps
+                if not warmup and self.pool is None and not self._checkpoint_due():
+                    self._refill(feed, block)
+                any_pool, any_more = self.sync.any_of(self.pool is not None,
+                                                      not feed.exhausted)
+                if self._checkpoint_due() and not any_pool:
+                    # Every rank's pool is used up: the stream offsets are exact.
+                    self.checkpoint()
+                    if not warmup:
+                        self._refill(feed, block)
+                    any_pool, any_more = self.sync.any_of(self.pool is not None,
+                                                          not feed.exhausted)
+                if not warmup and not any_pool and not any_more and \
+                        trainer.step >= cfg.training.steps:
+                    break
                 before = trainer.step
-                has_more = True
-                if trainer.step < cfg.training.warmup_real_steps:
+                if warmup:
                     self._real_step("warmup")
-                else:
+                elif self.pool is not None:
                     self.phase = "candidates"
-                    batch, waited = feed.next(block=block)
-                    if batch is END:
-                        has_more = False
-                        self.window.add_wait(waited)
-                    elif batch is None:
-                        self.window.add_wait(waited)
-                        self._real_step("filler")
-                    else:
-                        self.window.add_batch(batch, waited)
-                        self.counters.wait_seconds += waited
-                        self._candidates(batch)
-                step, any_more = self.sync.agree(trainer.step, has_more)
-                while trainer.step < step:  # DDP: catch up with the rank that went furthest
+                    self._candidate_step()
+                else:
+                    # No candidate here: late (real_step mode), gone, or another rank is
+                    # finishing its pool before a checkpoint. Keep the DDP ranks in step.
+                    self.phase = "candidates" if any_more else "real-only (stream done)"
                     self._real_step("filler")
-                if not any_more:
-                    if trainer.step >= cfg.training.steps:
-                        break
-                    self.phase = "real-only (stream done)"
-                    self._real_step("filler")
-                self._after_round(before)
+                self._after_step(before)
         finally:
             feed.close()
         self._finish()
+
+    def _refill(self, feed: CandidateFeed, block: bool) -> None:
+        """Take the next batch that has candidates to paste (batches of invalid rows only are
+        decided at once); leave ``self.pool`` None when the stream is done or, when not
+        blocking, nothing is ready."""
+        while self.pool is None:
+            batch, waited = feed.next(block=block)
+            self.counters.wait_seconds += waited
+            if batch is END or batch is None:
+                self.window.add_wait(waited)
+                return
+            self.window.add_batch(batch, waited)
+            pool = self.trainer.take_candidates(batch)
+            if pool.done:
+                self._write(batch, pool.decisions())
+            else:
+                self.pool, self.batch = pool, batch
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.training.checkpoint_every
+        return bool(every) and self.trainer.step // every > self.last_checkpoint_step // every
 
     def _real_step(self, kind: str) -> None:
         log = self.trainer.train_real_step()
@@ -216,58 +245,62 @@ class TrainWorker:
             self.counters.filler_steps += 1
         self._log_step(log, kind)
 
-    def _candidates(self, batch: dict[str, Any]) -> None:
-        cfg = self.cfg
-        result = self.trainer.train_on_candidates(batch)
-        n = len(result.decisions)
+    def _candidate_step(self) -> None:
+        log = self.trainer.step_candidates(self.pool)
+        extra = log["step"] >= self.cfg.training.steps
+        self.counters.candidate_steps += 1
+        self.counters.extra_steps += int(extra)
+        self._log_step(log, "extra" if extra else "candidates")
+        if self.pool.done:
+            self._write(self.batch, self.pool.decisions())
+            self.pool = self.batch = None
+
+    def _write(self, batch: dict[str, Any], decisions: list[dict[str, Any]]) -> None:
+        """Send one decision row per candidate of ``batch`` to the shard writer."""
         rows = []
-        for i, decision in enumerate(result.decisions):
+        for i, decision in enumerate(decisions):
             row = {k: batch[k][i] for k in CANDIDATE_COLUMNS if k in batch}
             row.update(decision)
-            row["run_id"] = cfg.name
+            row["run_id"] = self.cfg.name
             row["class_frequency"] = self.frequency.get(int(row.get("class_id", -1)), "")
             rows.append(row)
             self.window.add_decision(decision)
-            kind = decision["reason"]
-            if kind == "accepted":
+            reason = decision["reason"]
+            if reason == "accepted":
                 self.counters.accepted += 1
-            elif kind.startswith("rejected"):
+            elif reason.startswith("rejected"):
                 self.counters.rejected += 1
             else:
                 self.counters.invalid += 1
-        self.counters.decided += n
+        self.counters.decided += len(decisions)
         self.writer.add(rows)
-        for log in result.steps:
-            extra = log["step"] >= cfg.training.steps
-            self.counters.candidate_steps += 1
-            self.counters.extra_steps += int(extra)
-            self._log_step(log, "extra" if extra else "candidates")
 
     def _log_step(self, log: dict[str, Any], kind: str) -> None:
         log = dict(log)
         metrics = log.pop("metrics", None)
         step = log.pop("step")
         log.pop("kind", None)
-        self.counters.busy_seconds += float(log.get("seconds", 0.0))
-        self.window.add_step(kind, float(log.get("seconds", 0.0)), float(log.get("loss", math.nan)))
+        seconds = float(log.get("seconds", 0.0))
+        self.counters.busy_seconds += seconds
+        self.window.add_step(kind, seconds, float(log.get("loss", math.nan)))
         self.metrics.log("step", step=step, rank=self.rank, phase=kind, **log)
         if metrics is not None:
             self.metrics.log("eval", step=step + 1, rank=self.rank, metrics=metrics)
 
-    def _after_round(self, before: int) -> None:
-        cfg, step = self.cfg, self.trainer.step
-        every = cfg.output.log_every
+    def _after_step(self, before: int) -> None:
+        step, every = self.trainer.step, self.cfg.output.log_every
         if step // every > before // every:
             record = self.window.close(step)
             self.metrics.log("window", step=step, rank=self.rank, **record,
                              totals=self.counters.to_dict())
-        every = cfg.training.checkpoint_every
-        if every and step // every > self.last_checkpoint_step // every:
-            self.checkpoint()
         self._report()
         crash = self.plan.crash_at_step
         if crash is not None and step >= crash and self.rank == 0:
-            os._exit(1)  # test hook: die like a killed process (no flush, no cleanup)
+            # Test hook: the rows decided so far reach storage (as a size or time flush would
+            # have written them), then the process dies like a killed one: no checkpoint, no
+            # cleanup.
+            self.writer.flush()
+            os._exit(1)
 
     def _report(self, force: bool = False) -> None:
         if self.plan.progress is None:
@@ -306,7 +339,7 @@ class TrainWorker:
         self.phase = "final checkpoint"
         self._report(force=True)
         if self.cfg.training.checkpoint_every and self.last_checkpoint_step != self.trainer.step:
-            self.checkpoint()
+            self.checkpoint()  # every pool is used up here
         self.writer.close()
         record = self.window.close(self.trainer.step)
         self.metrics.log("window", step=self.trainer.step, rank=self.rank, **record,

@@ -15,7 +15,9 @@ class-balanced, 0..``max_pastes_per_image`` per image (`trainer.copy_paste`); th
 (`trainer.bsgal_step`) leaves the gradients; then gradient clipping, the optimizer, the
 warmup+cosine schedule and the optional EMA. A candidate batch is used up within the call, so a
 checkpoint taken between calls holds no half-used batch and ``stream_offset`` (candidates
-consumed) says where to resume the stream.
+consumed) says where to resume the stream. Where steps must be taken one at a time (DDP ranks
+have to take the same number of steps), ``pool = take_candidates(batch)`` then
+``step_candidates(pool)`` until ``pool.done`` does the same work one optimizer step per call.
 
 Determinism: with the same seeds, inputs and thread count, two runs make the same decisions;
 the trainer seeds torch's global generator (used by torchvision's RoI/anchor samplers) from
@@ -73,6 +75,32 @@ class PastedBatch:
     class_ids: list[int]
     real_test: list[dict[str, Any]] | None
     fields: dict[str, list[float]]
+
+
+@dataclass
+class CandidatePool:
+    """One candidate batch being used up step by step (`DetectorTrainer.take_candidates`).
+
+    Attributes:
+        records: one decision row per incoming row, in input order (None until decided).
+        waiting: checked candidates not pasted yet.
+        first_offset: stream offset of the batch's first row.
+    """
+
+    records: list[dict[str, Any] | None]
+    waiting: list[Candidate]
+    first_offset: int
+
+    @property
+    def done(self) -> bool:
+        """Whether every candidate of the batch has its decision."""
+        return not self.waiting
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """The batch's decision rows, one per incoming row (the pool must be ``done``)."""
+        if not self.done or any(r is None for r in self.records):
+            raise RuntimeError("the candidate pool still has undecided candidates")
+        return list(self.records)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -205,28 +233,57 @@ class DetectorTrainer:
 
         Invalid candidates get their ``invalid_*`` row at once; the rest are used up in steps of
         ``batch_size`` real images each. Returns exactly one decision row per candidate.
+        Equivalent to `take_candidates` followed by `step_candidates` until the pool is done.
+        """
+        pool = self.take_candidates(batch)
+        logs = []
+        while not pool.done:
+            logs.append(self.step_candidates(pool))
+        return CandidateBatchResult(decisions=pool.decisions(), steps=logs)
+
+    def take_candidates(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+                        ) -> CandidatePool:
+        """Check a candidate batch and hold its valid candidates for `step_candidates`.
+
+        Invalid candidates get their decision rows at once. ``stream_offset`` advances by the
+        batch's length now, so a checkpoint must wait until the pool is ``done``. Use this (one
+        optimizer step per call of `step_candidates`) where steps must be counted one by one,
+        e.g. DDP ranks that have to take the same number of steps.
         """
         if self.selector is None:
             raise ValueError("this trainer has no selector (method 'none'); it trains on real "
                              "data only: call train_real_step()")
         rows = batch_rows(batch)
-        records: list[dict[str, Any] | None] = [None] * len(rows)
-        pool: list[Candidate] = []
+        pool = CandidatePool(records=[None] * len(rows), waiting=[],
+                             first_offset=self.stream_offset)
         for position, row in enumerate(rows):
             reason = check_candidate(row, self.label_of, self.min_mask_pixels)
             if reason is None:
-                pool.append(cut_out(position, row, self.label_of[int(row["class_id"])]))
+                pool.waiting.append(cut_out(position, row, self.label_of[int(row["class_id"])]))
             else:
-                records[position] = decision_record(
+                pool.records[position] = decision_record(
                     str(row["sample_id"]), reason=reason, accepted=False, step=self.step,
                     rank=self.rank, method=self.method,
-                    stream_offset=self.stream_offset + position, cache_norm=self._cache_norm())
-        logs = []
-        while pool:
-            logs.append(self._candidate_step(pool, records))
+                    stream_offset=pool.first_offset + position, cache_norm=self._cache_norm())
         self.stream_offset += len(rows)
-        assert all(r is not None for r in records)
-        return CandidateBatchResult(decisions=records, steps=logs)  # type: ignore[arg-type]
+        return pool
+
+    def step_candidates(self, pool: CandidatePool) -> dict[str, Any]:
+        """One optimizer step that pastes candidates taken out of ``pool`` (which must not be
+        ``done``); their decision rows are filled in. Returns the step's log."""
+        if pool.done:
+            raise ValueError("the candidate pool is used up; take the next batch first")
+        started = time.perf_counter()
+        batch = self.paste_next(pool.waiting)
+        outcome, log = self.train_pasted(batch)
+        log["seconds"] = time.perf_counter() - started  # pasting included
+        for c in batch.candidates:
+            pool.records[c.position] = decision_record(
+                c.sample_id, reason=outcome.reason, accepted=outcome.accepted, step=log["step"],
+                rank=self.rank, method=self.method,
+                stream_offset=pool.first_offset + c.position, batch_id=log["batch_id"],
+                score=outcome.score, threshold=outcome.threshold, cache_norm=outcome.cache_norm)
+        return log
 
     def _cache_norm(self) -> float | None:
         cache = None if self.selector is None else self.selector.cache
@@ -272,20 +329,6 @@ class DetectorTrainer:
                         num_candidates=len(batch.candidates),
                         num_generated=outcome.num_generated)
         return outcome, log
-
-    def _candidate_step(self, pool: list[Candidate], records: list[dict[str, Any] | None]
-                        ) -> dict[str, Any]:
-        started = time.perf_counter()
-        batch = self.paste_next(pool)
-        outcome, log = self.train_pasted(batch)
-        log["seconds"] = time.perf_counter() - started  # pasting included
-        for c in batch.candidates:
-            records[c.position] = decision_record(
-                c.sample_id, reason=outcome.reason, accepted=outcome.accepted, step=log["step"],
-                rank=self.rank, method=self.method, stream_offset=self.stream_offset + c.position,
-                batch_id=log["batch_id"],
-                score=outcome.score, threshold=outcome.threshold, cache_norm=outcome.cache_norm)
-        return log
 
     def fit(self, candidate_batches: Iterable[Any] = (), *, steps: int,
             warmup_real_steps: int = 0, checkpoint_dir: str | None = None,

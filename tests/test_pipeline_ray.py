@@ -1,0 +1,202 @@
+"""The whole job on a real local Ray: Ray Data stages into a Ray Train worker, Parquet decision
+shards on local disk and on a real S3 server (moto), a stage actor killed mid-run, a trainer
+killed mid-run and resumed, and two DDP workers. One Ray instance serves the module."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ray = pytest.importorskip("ray")
+
+from pipeline import job  # noqa: E402
+from pipeline.cli import main  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.datasets import train_categories  # noqa: E402
+from pipeline.demo import demo_config  # noqa: E402
+from pipeline.graph import StageKill  # noqa: E402
+from pipeline.job import Faults, TrainingFailed, prompt_sampler, run_job  # noqa: E402
+from pipeline.run_dir import RunDir, read_metrics  # noqa: E402
+from pipeline.shards import PART_NAME, decode_rle, read_decisions  # noqa: E402
+
+CANDIDATES = 48
+COMPARED = ["reason", "accepted", "score", "threshold", "step", "stream_offset", "batch_id",
+            "cache_norm"]
+
+
+def overrides(data: Path, **extra: object) -> list[str]:
+    """A demo-shaped run that takes ~30 s on 2 cores: few candidates, few steps."""
+    keys = {
+        "data.root": str(data), "data.max_val_images": 6,
+        "generation.num_candidates": CANDIDATES, "generation.batch_size": 16,
+        "annotation.batch_size": 16, "annotation.check_batch_size": 8,
+        "training.steps": 12, "training.warmup_real_steps": 2, "training.warmup_steps": 2,
+        "training.checkpoint_every": 4, "training.candidate_batch_size": 8,
+        "output.shard_max_rows": 8, "output.shard_flush_seconds": 1,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_server):
+    # Started after the S3 fixture has set the AWS_* variables: workers inherit them, the way
+    # cluster nodes get credentials from the standard AWS chain.
+    from pipeline.cluster import start_local_ray
+
+    start_local_ray(num_cpus=2)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def run_a(local_ray, builtin_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`bsgal demo` to a local folder while the annotator actor holding candidate #20 dies."""
+    out = tmp_path_factory.mktemp("run-a") / "out"
+    marker = out.parent / "annotator-killed"
+    cfg = demo_config(overrides(builtin_data), str(out))
+    victim = str(prompt_sampler(cfg, train_categories(cfg.data)).sample_batch(21)["sample_id"][20])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(job, "run_job", functools.partial(
+            run_job, faults=Faults(kill_stage=StageKill("annotate", victim, str(marker)))))
+        result = CliRunner().invoke(main, ["demo", "--out", str(out), "--progress", "lines",
+                                           *overrides(builtin_data)])
+    assert result.exit_code == 0, result.output
+    return {"out": out, "marker": marker, "output": result.output}
+
+
+def test_local_run_survives_a_killed_actor_and_every_candidate_has_one_row(run_a) -> None:
+    out: Path = run_a["out"]
+    assert run_a["marker"].exists()  # the annotator actor did die mid-run
+    # Conservation: candidates made = accepted + rejected + invalid rows, no duplicates.
+    summary = json.loads((out / "summary.json").read_text())
+    d = summary["decisions"]
+    assert d["accepted"] + d["rejected"] + d["invalid"] == CANDIDATES == d["rows"]
+    assert d["distinct_sample_ids"] == CANDIDATES and summary["counts_add_up"]
+    table = read_decisions(str(out))
+    assert table.num_rows == CANDIDATES
+    assert sorted(table.column("stream_offset").to_pylist()) == list(range(CANDIDATES))
+    assert set(table.column("run_id").to_pylist()) == {"demo"}
+    assert set(table.column("class_frequency").to_pylist()) <= {"f", "c", "r"}
+    # Hive layout, offset-named parts, readable without bsgal (pyarrow, DuckDB).
+    files = sorted((out / "shards").glob("decision=*/*"))
+    assert files and all(PART_NAME.match(f.name) for f in files)
+    assert {f.parent.name for f in files} <= {"decision=accepted", "decision=rejected",
+                                              "decision=invalid"}
+    row = pq.read_table(files[0]).slice(0, 1).to_pylist()[0]
+    image = np.asarray(Image.open(io.BytesIO(row["image_png"])))
+    assert image.shape == (128, 128, 3)
+    assert decode_rle(row["mask_rle"]).shape == (128, 128)
+    import duckdb
+
+    counts = dict(duckdb.sql(
+        f"SELECT decision, count(*) FROM read_parquet('{out}/shards/**/*.parquet', "
+        "hive_partitioning = true) GROUP BY decision").fetchall())
+    assert counts == {k: v for k, v in (("accepted", d["accepted"]), ("rejected", d["rejected"]),
+                                        ("invalid", d["invalid"])) if v}
+    # Run folder: config, metrics over time, checkpoints, evaluation; the printed summary.
+    saved = load_config(out / "config.yaml")
+    assert saved.generation.num_candidates == CANDIDATES and saved.output.dir == str(out)
+    records = read_metrics(RunDir(str(out)))
+    kinds = {r["kind"] for r in records}
+    assert {"job_start", "step", "window", "checkpoint", "eval", "worker_done",
+            "job_done"} <= kinds
+    window = [r for r in records if r["kind"] == "window"][-1]
+    assert 0 <= window["wait_fraction"] <= 1 and window["stages"]["generate"]["busy_seconds"] > 0
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    assert steps == list(range(len(steps))) and len(steps) >= 12
+    assert RunDir(str(out)).latest_checkpoint() is not None
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev) >= {"bbox", "segm"} and "APr" in ev["segm"]
+    for text in ("candidates made: 48", "acceptance by frequency group", "segm AP",
+                 f"bsgal inspect {out}", "counts add up"):
+        assert text in run_a["output"]
+    assert "train step" in run_a["output"]  # progress lines (stdout is not a terminal here)
+
+
+def test_inspect_reads_the_run(run_a, tmp_path: Path) -> None:
+    out = str(run_a["out"])
+    result = CliRunner().invoke(main, ["inspect", out])
+    assert result.exit_code == 0, result.output
+    assert f"{CANDIDATES} decisions" in result.output
+    assert "Acceptance by frequency group" in result.output
+    html = tmp_path / "report.html"
+    result = CliRunner().invoke(main, ["inspect", out, "--html", str(html)])
+    assert result.exit_code == 0, result.output
+    assert html.stat().st_size > 1000 and "<img" in html.read_text()
+
+
+def test_s3_run_killed_after_a_checkpoint_resumes_to_the_same_decisions(
+        run_a, s3_server, builtin_data: Path) -> None:
+    import s3fs
+
+    bucket = s3_server.make_bucket("bsgal-resume")
+    out = f"{bucket}/runs/b"
+    opts = dict(s3_server.storage_options)  # endpoint + credentials (redacted on disk)
+    cfg = demo_config(overrides(builtin_data, **{"output.storage_options": json.dumps(opts)}),
+                      out)
+    with pytest.raises(TrainingFailed, match="training failed"):
+        run_job(cfg, progress="off", faults=Faults(crash_at_step=11))
+    fs = s3fs.S3FileSystem(**opts)
+    root = out.removeprefix("s3://")
+    assert opts["secret"] not in fs.cat(f"{root}/config.yaml").decode()
+    run = RunDir(out, opts)
+    name = run.latest_checkpoint()
+    info = run.read_json(name.replace(".pt", ".json"))
+    assert 0 < info["step"] < 11
+    offset = info["ranks"][0]["stream_offset"]
+    parts = [PART_NAME.match(p.rsplit("/", 1)[-1]) for p in fs.find(f"{root}/shards")]
+    assert any(m and int(m["start"]) >= offset for m in parts)  # rows past the checkpoint
+
+    # Resume through the CLI; credentials come from the AWS environment, not the config.
+    result = CliRunner().invoke(main, ["run", "--resume", out, "--endpoint-url",
+                                       s3_server.endpoint_url, "--progress", "off"])
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output and "shard files written after the checkpoint removed" \
+        in result.output
+    fs.invalidate_cache()  # this process listed the shards before the resumed run rewrote some
+    b = read_decisions(out, storage_options=opts).to_pandas().set_index("sample_id")
+    a = read_decisions(str(run_a["out"])).to_pandas().set_index("sample_id")
+    assert not b.index.duplicated().any() and len(b) == CANDIDATES
+    assert sorted(a.index) == sorted(b.index)
+    b = b.loc[a.index]
+    for column in COMPARED:
+        x, y = a[column].to_numpy(), b[column].to_numpy()
+        same = (x == y) | (a[column].isna().to_numpy() & b[column].isna().to_numpy())
+        assert same.all(), column
+    eval_a = json.loads((run_a["out"] / "eval.json").read_text())
+    assert run.read_json("eval.json")["segm"] == eval_a["segm"]
+    assert run.read_json("summary.json")["counts_add_up"]
+
+
+def test_two_ddp_workers_stay_in_step_and_decide_every_candidate(
+        local_ray, builtin_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cfg = demo_config(overrides(builtin_data, **{"training.num_workers": 2,
+                                                 "training.num_cpus_per_worker": 0.5}), str(out))
+    result = run_job(cfg, progress="off")
+    s = result.summary
+    assert s["counts_add_up"] and s["decisions"]["rows"] == CANDIDATES
+    table = read_decisions(str(out)).to_pandas()
+    assert set(table["rank"]) == {0, 1}  # both workers judged candidates
+    for rank, rows in table.groupby("rank"):
+        assert sorted(rows["stream_offset"]) == list(range(len(rows)))
+    workers = {w["rank"]: w for w in s["workers"]}
+    assert workers[0]["step"] == workers[1]["step"] >= 12  # same number of DDP steps
+    assert sum(w["decided"] for w in workers.values()) == CANDIDATES
+    names = {p.name for p in (out / "checkpoints").iterdir()}
+    final = s["final_step"]
+    assert {f"step-{final:09d}.pt", f"step-{final:09d}.json",
+            f"step-{final:09d}.rank001.pt"} <= names
