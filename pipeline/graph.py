@@ -138,7 +138,8 @@ def prompt_blocks(prompts: Mapping[str, np.ndarray], block_rows: int) -> list[An
 
 def build_candidate_dataset(cfg: RunConfig, prompts: Mapping[str, np.ndarray],
                             categories: Sequence[Mapping[str, Any]], progress: Any = None,
-                            kill: StageKill | None = None) -> Any:
+                            kill: StageKill | None = None,
+                            specs: Sequence[StageSpec] | None = None) -> Any:
     """The candidate stream as a lazy ``ray.data.Dataset`` (nothing runs until it is read).
 
     Args:
@@ -148,10 +149,11 @@ def build_candidate_dataset(cfg: RunConfig, prompts: Mapping[str, np.ndarray],
             each class's ``look``; loaded once on the driver).
         progress: the run's :class:`pipeline.progress.ProgressBoard` actor, or None.
         kill: test hook, see :class:`StageKill`.
+        specs: the stages (default :func:`stage_specs` of ``cfg``); benchmarks swap one.
     """
     import ray
 
-    specs = stage_specs(cfg, categories)
+    specs = list(specs) if specs is not None else stage_specs(cfg, categories)
     # Ray Data restarts dead stage actors and retries their batches without limit by default;
     # other limits are passed on (as the older remote-args keywords, the only way to set them).
     retries = {k: v for k, v in (("max_restarts", cfg.ray.max_restarts),
