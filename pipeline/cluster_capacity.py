@@ -161,7 +161,8 @@ def launcher_capacity(config: Mapping[str, Any] | str | Path) -> ClusterCapacity
             count += 1
         if count > 0:
             nodes.append(NodeShape(str(name), resources, count))
-    return ClusterCapacity(tuple(nodes), bound=True, source=f"{where}, every node type at max_workers")
+    return ClusterCapacity(tuple(nodes), bound=True,
+                           source=f"{where}, every node type at max_workers")
 
 
 def autoscaler_max_resources(bootstrap_config: str | Path = "~/ray_bootstrap_config.yaml"

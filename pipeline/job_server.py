@@ -35,7 +35,8 @@ class JobServerError(ConfigError):
 
 
 def job_server_url(address: str) -> str:
-    """``http://host:port`` of a Job server from ``host``, ``host:port`` or a URL.
+    """``http://host:port`` of a Job server from ``host``, ``host:port`` (port 8265 when not
+    given) or a URL (kept as written: a proxy may serve it on its scheme's port or a path).
 
     ``ray://`` (the Ray Client port, 10001) and bare GCS addresses (port 6379) are not the Job
     server; the error says which port to use instead.
@@ -48,8 +49,10 @@ def job_server_url(address: str) -> str:
         raise JobServerError(f"--address {address}: bsgal submit talks to the Ray Job server "
                              f"(the dashboard's HTTP port, default {DEFAULT_PORT}), not the Ray "
                              f"Client; use http://HEAD:{DEFAULT_PORT}")
+    default_port = None  # a URL keeps its scheme's port (a proxy on 443, say)
     if "://" not in text:
         text = f"http://{text}"
+        default_port = DEFAULT_PORT
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise JobServerError(f"--address {address}: expected http://HOST:PORT")
@@ -61,7 +64,8 @@ def job_server_url(address: str) -> str:
         raise JobServerError(f"--address {address}: 6379 is the GCS port; the Job server "
                              f"listens on the dashboard port (default {DEFAULT_PORT})")
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    return f"{parts.scheme}://{host}:{port or DEFAULT_PORT}{parts.path}"
+    port = port or default_port
+    return f"{parts.scheme}://{host}{f':{port}' if port else ''}{parts.path}"
 
 
 def is_local_address(url: str) -> bool:
@@ -142,9 +146,9 @@ def job_request(action: str, job_id: str, call: Callable[[], Any]) -> Any:
     """Run one client call; a missing job or a refused request becomes one clear line."""
     try:
         return call()
-    except RuntimeError as exc:
-        text = str(exc)
-        if "does not exist" in text or "404" in text:
+    except (RuntimeError, OSError) as exc:  # HTTP errors; requests' connection errors
+        text = str(exc).strip() or type(exc).__name__
+        if isinstance(exc, RuntimeError) and ("does not exist" in text or "404" in text):
             raise JobServerError(f"no job {job_id!r} on this cluster (bsgal job list shows "
                                  "the jobs it knows)") from None
         raise JobServerError(f"{action} {job_id}: {text.splitlines()[0]}") from None

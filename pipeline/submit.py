@@ -253,7 +253,8 @@ def _credential_keys(cfg: RunConfig) -> list[str]:
 def build_submission(config_path: str | None, overrides: Sequence[str], *, workdir: Path,
                      local_cluster: bool, resume_out: str | None = None,
                      image_has_code: bool = False, env: Sequence[str] = (),
-                     job_id: str | None = None, cwd: Path | None = None) -> tuple[Submission, RunConfig | None]:
+                     job_id: str | None = None, cwd: Path | None = None
+                     ) -> tuple[Submission, RunConfig | None]:
     """The job for ``config_path`` + ``overrides`` (or for continuing ``resume_out``).
 
     Returns the submission and the config the job will run (None when resuming a run whose
@@ -339,6 +340,6 @@ def submit(client: Any, submission: Submission) -> str:
                                  submission_id=submission.submission_id,
                                  runtime_env=submission.runtime_env,
                                  metadata=submission.metadata)
-    except RuntimeError as exc:
-        raise JobServerError(f"the Job server refused the job: "
-                             f"{str(exc).splitlines()[0]}") from None
+    except (RuntimeError, OSError) as exc:  # an HTTP error, or the connection lost (requests)
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise JobServerError(f"the Job server did not take the job: {lines[0]}") from None

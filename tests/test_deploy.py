@@ -66,7 +66,7 @@ def test_dockerfile_base_user_entrypoint(dockerfile: list[tuple[str, str]]) -> N
     # Last USER wins: the image runs as a non-root user created in the image.
     user = [a for w, a in dockerfile if w == "USER"][-1]
     assert user not in ("root", "0")
-    assert any(w == "RUN" and f"useradd" in a and user in a for w, a in dockerfile)
+    assert any(w == "RUN" and "useradd" in a and user in a for w, a in dockerfile)
     assert json.loads([a for w, a in dockerfile if w == "ENTRYPOINT"][-1]) == ["bsgal"]
     env = " ".join(a for w, a in dockerfile if w == "ENV")
     assert "NVIDIA_VISIBLE_DEVICES=all" in env

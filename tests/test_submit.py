@@ -37,7 +37,9 @@ DEMO = REPO / "configs" / "demo.yaml"
 @pytest.mark.parametrize("given, url", [
     ("head", "http://head:8265"),
     ("10.0.0.5:9000", "http://10.0.0.5:9000"),
-    ("https://ray.example.org/", "https://ray.example.org:8265"),
+    ("https://ray.example.org/", "https://ray.example.org"),
+    ("https://example.org/ray/", "https://example.org/ray"),
+    ("http://[::1]:8265", "http://[::1]:8265"),
     ("http://127.0.0.1:8265", "http://127.0.0.1:8265"),
 ])
 def test_job_server_url(given: str, url: str) -> None:
@@ -261,3 +263,83 @@ def test_launcher_capacity_counts_max_workers(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     assert autoscaler_max_resources(path) == {"CPU": 26.0, "GPU": 3.0}
     assert autoscaler_max_resources(tmp_path / "absent.yaml") is None
+
+
+def test_resume_on_a_local_cluster_reads_and_checks_the_run(tmp_path: Path) -> None:
+    from pipeline.config import dump_config
+    from pipeline.submit import check_output
+
+    out = tmp_path / "runs" / "r1"
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(dump_config(load_config(DEMO, [f"output.dir={out}"])))
+    sub, cfg = build_submission(None, ["ray.log_to_driver=true"], workdir=tmp_path / "j",
+                                local_cluster=True, resume_out="runs/r1", cwd=tmp_path)
+    assert cfg is not None and cfg.ray.log_to_driver
+    assert sub.entrypoint == (f"python -m pipeline.cli run --resume {out} --progress lines "
+                              "ray.address=auto ray.log_to_driver=true")
+    assert check_output(cfg, local_cluster=True, resume=True) == f"output {out}: writable"
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already finished"):
+        check_output(cfg, local_cluster=True, resume=True)
+    with pytest.raises(ConfigError, match="decision_keys|cannot change when resuming"):
+        build_submission(None, ["training.steps=5"], workdir=tmp_path / "k",
+                         local_cluster=True, resume_out=str(out))
+
+
+class _LogsWithoutWebsocket:
+    """A Job server client whose log stream is refused (a proxy without websockets): the log
+    grows over three polls while the job runs, then the job fails."""
+
+    def __init__(self) -> None:
+        self.polls = 0
+
+    async def tail_job_logs(self, job_id: str):
+        raise RuntimeError("websocket refused")
+        yield ""  # pragma: no cover - makes this an async generator
+
+    def get_job_status(self, job_id: str) -> str:
+        return "FAILED" if self.polls >= 3 else "RUNNING"
+
+    def get_job_logs(self, job_id: str) -> str:
+        self.polls += 1
+        return "".join(f"line {i}\n" for i in range(min(self.polls, 3)))
+
+
+def test_follow_falls_back_to_polling_without_repeating_lines() -> None:
+    from pipeline.job_server import follow_job
+
+    chunks: list[str] = []
+    status = follow_job(_LogsWithoutWebsocket(), "j", chunks.append, poll=0.01)
+    assert status == "FAILED"
+    assert "".join(chunks) == "line 0\nline 1\nline 2\n"
+
+
+@pytest.mark.s3
+def test_s3_output_is_probed_from_here(s3_server, tmp_path: Path) -> None:
+    import json as _json
+
+    import s3fs
+
+    from pipeline.shards import StorageError
+    from pipeline.submit import check_output
+
+    options = _json.dumps(s3_server.storage_options)
+    bucket = s3_server.make_bucket("bsgal-submit")
+
+    def cfg_for(out: str):
+        return load_config(DEMO, [f"output.dir={out}", f"output.storage_options={options}"])
+
+    with pytest.raises(StorageError) as err:
+        check_output(cfg_for("s3://no-such-bucket-here/run"), local_cluster=False,
+                     resume=False)
+    assert "s3://no-such-bucket-here/run is not writable" in str(err.value)
+    assert "--no-output-check" in str(err.value)
+    assert check_output(cfg_for(f"{bucket}/run"), local_cluster=False,
+                        resume=False) == f"output {bucket}/run: writable"
+    s3fs.S3FileSystem(**s3_server.storage_options).pipe(f"{bucket}/old/config.yaml", b"x")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_output(cfg_for(f"{bucket}/old"), local_cluster=False, resume=False)
+    # A local path on a remote cluster cannot be seen from here.
+    note = check_output(load_config(DEMO, ["output.dir=/shared/run"]), local_cluster=False,
+                        resume=False)
+    assert note == "output /shared/run: checked on the cluster when the job starts"

@@ -129,7 +129,8 @@ def test_demo_job_runs_to_the_end_and_leaves_its_shards(
         ray_head: RayHead, builtin_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     code, output = _invoke("submit", "--address", ray_head.address, "--config", DEMO,
-                           "--follow", *SMALL, f"data.root={builtin_data}",
+                           "--follow", "--env", "BSGAL_PROBE=hidden-value-123", *SMALL,
+                           f"data.root={builtin_data}",
                            "generation.num_candidates=16", "training.steps=4",
                            "training.checkpoint_every=2", f"output.dir={out}")
     assert code == 0, output
@@ -137,6 +138,8 @@ def test_demo_job_runs_to_the_end_and_leaves_its_shards(
     assert f"shards:    {out}/shards" in output
     assert "candidates made: 16" in output  # the driver's summary, streamed
     assert f"job {job} SUCCEEDED" in output
+    assert "BSGAL_PROBE (values not shown)" in output
+    assert "hidden-value-123" not in output
     table = pads.dataset(out / "shards", format="parquet", partitioning="hive").to_table()
     assert table.num_rows == 16  # one decision per candidate
     assert len(set(table.column("sample_id").to_pylist())) == 16
