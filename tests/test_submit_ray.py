@@ -32,9 +32,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = str(REPO / "configs" / "demo.yaml")
-# Fits 2 CPUs: generation/annotation/check actors at 0.25 CPU each, one train worker at 1.
+# Fits 2 CPUs: generation/annotation/check actors at 0.25 CPU each, one train worker at 1;
+# generation and training pinned to the head by the custom resources it advertises.
 SMALL = ["generation.num_cpus=0.25", "annotation.num_cpus=0.25", "training.warmup_steps=1",
-         "data.max_val_images=8", "generation.resources={bsgal_generate: 0.01}"]
+         "data.max_val_images=8", "generation.resources={bsgal_generate: 0.01}",
+         "training.resources_per_worker={bsgal_train: 0.01}"]
 
 
 @dataclass
@@ -99,7 +101,7 @@ def ray_head() -> Iterator[RayHead]:
            f"--port={free_port()}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
            f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=2", "--num-gpus=0",
-           '--resources={"bsgal_generate": 1}', "--include-dashboard=true",
+           '--resources={"bsgal_generate": 1, "bsgal_train": 1}', "--include-dashboard=true",
            f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
