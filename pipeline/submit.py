@@ -241,13 +241,18 @@ def new_submission_id(name: str) -> str:
 def _credential_keys(cfg: RunConfig) -> list[str]:
     from pipeline.job import REDACTED, redact
 
-    found = []
-    for section in ("data", "output"):
-        options = getattr(cfg, section).storage_options
-        redacted = redact(options)
-        found += [f"{section}.storage_options.{k}" for k, v in redacted.items()
-                  if v == REDACTED]
-    return found
+    def walk(options: dict[str, Any], prefix: str) -> list[str]:
+        keys: list[str] = []
+        for key, value in options.items():
+            if value == REDACTED:
+                keys.append(f"{prefix}.{key}")
+            elif isinstance(value, dict):
+                keys += walk(value, f"{prefix}.{key}")
+        return keys
+
+    return [key for section in ("data", "output")
+            for key in walk(redact(getattr(cfg, section).storage_options),
+                            f"{section}.storage_options")]
 
 
 def build_submission(config_path: str | None, overrides: Sequence[str], *, workdir: Path,
@@ -319,10 +324,13 @@ def build_submission(config_path: str | None, overrides: Sequence[str], *, workd
         version = metadata.version("bsgal")
     except metadata.PackageNotFoundError:
         version = "unknown"
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    if any(workdir.iterdir()):  # empty when resuming with the image's code
+        runtime_env["working_dir"] = str(workdir)
     submission = Submission(
         submission_id=job_id or new_submission_id(name),
         entrypoint=entrypoint,
-        runtime_env={"working_dir": str(workdir), "env_vars": env_vars},
+        runtime_env=runtime_env,
         metadata={"bsgal_out": out, "bsgal_name": name, "bsgal_version": version},
         out=out,
         working_dir=workdir,

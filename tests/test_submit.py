@@ -147,10 +147,13 @@ def test_prompt_files_travel_with_the_job(tmp_path: Path) -> None:
 
 def test_credentials_in_config_are_flagged_not_printed(tmp_path: Path) -> None:
     sub, _ = build_submission(str(DEMO), ["output.dir=s3://b/run",
-                                          "output.storage_options.secret=TOPSECRET"],
+                                          "output.storage_options.secret=TOPSECRET",
+                                          "data.storage_options.client_kwargs."
+                                          "aws_secret_access_key=TOPSECRET2"],
                               workdir=tmp_path / "job", local_cluster=False)
     text = "\n".join(sub.notes) + sub.entrypoint
     assert "output.storage_options.secret" in text
+    assert "data.storage_options.client_kwargs.aws_secret_access_key" in text
     assert "TOPSECRET" not in text
 
 
@@ -166,6 +169,10 @@ def test_resume_of_a_remote_local_folder_is_left_to_the_cluster(tmp_path: Path) 
     assert cfg is None
     assert sub.entrypoint == ("python -m pipeline.cli run --resume /shared/run --progress "
                               "lines ray.address=auto ray.log_to_driver=true")
+    assert "working_dir" in sub.runtime_env  # the code travels
+    sub, _ = build_submission(None, [], workdir=tmp_path / "k", local_cluster=False,
+                              resume_out="/shared/run", image_has_code=True)
+    assert "working_dir" not in sub.runtime_env  # nothing to upload
 
 
 def test_forwarded_env(monkeypatch: pytest.MonkeyPatch) -> None:
