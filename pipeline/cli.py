@@ -272,6 +272,13 @@ from pipeline.inspection.commands import export_pool_command, inspect_command  #
 main.add_command(inspect_command)
 main.add_command(export_pool_command)
 
+# ------------------------------------------------------------------ submit, job (Ray Jobs)
+
+from pipeline.submit_commands import job, submit  # noqa: E402
+
+main.add_command(submit)
+main.add_command(job)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -89,6 +89,9 @@ class GenerationConfig:
     concurrency: int = 1
     num_gpus: float = 0.0
     num_cpus: float = 1.0
+    # Custom Ray resources each generation actor asks for, e.g. {bsgal_generate: 0.01}: pins
+    # the pool to the node type that advertises the resource (deploy/cluster.yaml).
+    resources: dict = field(default_factory=dict)
     # Built-in procedural generator only: image side (px) and how often it fails.
     image_size: int = 128
     failure_rates: dict = field(
@@ -108,6 +111,8 @@ class AnnotationConfig:
     concurrency: int = 1
     num_gpus: float = 0.0
     num_cpus: float = 1.0
+    # Custom Ray resources each annotation actor asks for, e.g. {bsgal_annotate: 0.01}.
+    resources: dict = field(default_factory=dict)
     # The quality-check stage (its own actor pool after the annotator; CLIP scoring may want a
     # GPU). Cheap CPU checks want batches of ~64-128 rows under Ray Data.
     check_batch_size: int = 64
@@ -187,6 +192,8 @@ class TrainingConfig:
     use_gpu: bool = False
     # CPUs reserved for each Ray Train worker (also its torch thread count, at least 1).
     num_cpus_per_worker: float = 1.0
+    # Custom Ray resources each train worker asks for, e.g. {bsgal_train: 0.01}.
+    resources_per_worker: dict = field(default_factory=dict)
     # Candidates handed to `train_on_candidates` at a time (0: batch_size x
     # max_pastes_per_image); checkpoints fall between such batches.
     candidate_batch_size: int = 0
@@ -452,6 +459,16 @@ def validate(cfg: RunConfig) -> None:
                 "checkpoint_every", "eval_every"):
         if getattr(cfg.training, key) < 0:
             raise ConfigError(f"training.{key}: must be >= 0, got {getattr(cfg.training, key)}")
+    for key, resources in (("generation.resources", cfg.generation.resources),
+                           ("annotation.resources", cfg.annotation.resources),
+                           ("training.resources_per_worker", cfg.training.resources_per_worker)):
+        for name, amount in resources.items():
+            if name in ("CPU", "GPU"):
+                raise ConfigError(f"{key}.{name}: set CPUs/GPUs with the num_cpus/num_gpus keys "
+                                  "(training: num_cpus_per_worker/use_gpu); resources is for "
+                                  "custom resources such as bsgal_generate")
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
+                raise ConfigError(f"{key}.{name}: must be a number >= 0, got {amount!r}")
     for key in ("num_cpus", "num_gpus"):
         for section in ("generation", "annotation"):
             if getattr(getattr(cfg, section), key) < 0:

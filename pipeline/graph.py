@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,8 @@ class StageSpec:
     concurrency: int
     num_cpus: float
     num_gpus: float
+    # Custom Ray resources per actor (pins the pool to a node type); empty: none.
+    resources: Mapping[str, float] = field(default_factory=dict)
 
 
 class TimedStage:
@@ -116,9 +118,9 @@ def stage_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> list
                     "clip_model": a.clip_model if a.clip_score else None}
     return [
         StageSpec("generate", build_generator, gen_kwargs, g.batch_size, g.concurrency,
-                  g.num_cpus, g.num_gpus),
+                  g.num_cpus, g.num_gpus, dict(g.resources)),
         StageSpec("annotate", build_annotator, ann_kwargs, a.batch_size, a.concurrency,
-                  a.num_cpus, a.num_gpus),
+                  a.num_cpus, a.num_gpus, dict(a.resources)),
         StageSpec("check", _build_quality_check, check_kwargs, a.check_batch_size,
                   a.check_concurrency, a.check_num_cpus, a.check_num_gpus),
     ]
@@ -168,6 +170,7 @@ def build_candidate_dataset(cfg: RunConfig, prompts: Mapping[str, np.ndarray],
             batch_size=spec.batch_size,
             num_cpus=spec.num_cpus,
             num_gpus=spec.num_gpus or None,
+            resources=dict(spec.resources) or None,
             batch_format="numpy",
             zero_copy_batch=True,
             **retries,

@@ -372,6 +372,7 @@ def _torch_trainer(cfg: RunConfig, plan: Any, ds: Any, data_config: Any) -> Any:
     resources = {"CPU": t.num_cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
+    resources.update(t.resources_per_worker)
     storage = os.path.join(tempfile.gettempdir(), "bsgal-ray-train")
     return TorchTrainer(
         train_loop_per_worker,

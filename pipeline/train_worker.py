@@ -40,7 +40,7 @@ from pipeline.window import RunCounters, WindowStats
 
 #: TrainingConfig keys that belong to the pipeline, not to `trainer.factory.build_trainer`.
 PIPELINE_TRAINING_KEYS = ("num_cpus_per_worker", "candidate_batch_size", "prefetch_batches",
-                          "late_candidates")
+                          "late_candidates", "resources_per_worker")
 #: Candidate columns copied into a decision row (the rest of the shard schema comes from the
 #: trainer's decision and the run).
 CANDIDATE_COLUMNS = tuple(name for name in SCHEMA.names if name not in {
