@@ -33,7 +33,10 @@ PER_RANK_KEYS = ("stream_offset", "selector", "sampler", "test_sampler", "copy_p
 #: Config keys that may change on resume (they do not change any decision).
 RESUMABLE_KEYS = ("ray.", "output.storage_options", "output.shard_flush_seconds",
                   "output.log_every", "output.keep_checkpoints", "data.storage_options",
-                  "training.prefetch_batches", "training.eval_every")
+                  "training.prefetch_batches", "training.eval_every",
+                  # Where the stages run, not what they compute.
+                  "generation.resources", "annotation.resources",
+                  "training.resources_per_worker")
 _STEP_FILE = re.compile(r"^step-(\d{9})(?:\.rank\d{3}\.pt|\.json)$")
 
 

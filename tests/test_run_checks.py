@@ -165,3 +165,12 @@ def test_window_summary_rates_and_quantiles() -> None:
     assert record["stages"]["check"]["per_actor_per_second"] is None
     assert (record["first_step"], record["last_step"]) == (10, 11)
     assert w.arrived == 0 and w.first_step == 12  # the next window starts empty
+
+
+def test_resume_may_move_stages_but_not_change_what_they_decide() -> None:
+    base = config_hash(load_config(DEMO))
+    placed = load_config(DEMO, ["generation.resources={accelerator_type:A100: 0.01}",
+                                "annotation.resources={sam_node: 1}",
+                                "training.resources_per_worker={trainer_node: 1}"])
+    assert config_hash(placed) == base
+    assert config_hash(load_config(DEMO, ["selection.fixed_threshold=-0.1"])) != base

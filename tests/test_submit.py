@@ -192,7 +192,7 @@ def _cap(*nodes: NodeShape, bound: bool = True) -> ClusterCapacity:
     return ClusterCapacity(tuple(nodes), bound=bound, source="test nodes")
 
 
-GPU_CONFIG = ["generation.num_gpus=1", "generation.concurrency=4",
+GPU_CONFIG = ["generation.num_gpus=1", "generation.num_cpus=1", "generation.concurrency=4",
               "generation.resources={bsgal_generate: 0.01}", "annotation.num_gpus=1",
               "annotation.resources={bsgal_annotate: 0.01}", "training.use_gpu=true",
               "training.num_workers=2", "training.resources_per_worker={bsgal_train: 0.01}"]
