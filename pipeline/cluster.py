@@ -18,12 +18,18 @@ from pipeline.config import ConfigError, RunConfig
 
 @dataclass(frozen=True)
 class RayConnection:
-    """How this job reached Ray: ``started`` when it started a local instance itself."""
+    """How this job reached Ray: ``started`` when it started a local instance itself.
+
+    ``cpus``/``gpus`` are what the cluster holds now; ``max_cpus``/``max_gpus`` what it may
+    grow to (an autoscaler's node types at their ``max_workers``), the same when none reports.
+    """
 
     started: bool
     address: str
     cpus: float
     gpus: float
+    max_cpus: float
+    max_gpus: float
 
 
 def code_root() -> str:
@@ -78,9 +84,18 @@ def connect(cfg: RunConfig) -> RayConnection:
                             cfg.ray.log_to_driver)
             started = True
     total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0.0)), float(total.get("GPU", 0.0))
+    max_cpus, max_gpus = cpus, gpus
+    if not started:
+        # A cluster autoscaled from zero workers holds almost nothing until the job asks.
+        from pipeline.cluster_capacity import autoscaler_max_resources
+
+        limits = autoscaler_max_resources() or {}
+        max_cpus = max(cpus, float(limits.get("CPU", 0.0)))
+        max_gpus = max(gpus, float(limits.get("GPU", 0.0)))
     ctx = ray.get_runtime_context()
-    return RayConnection(started=started, address=str(ctx.gcs_address),
-                         cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)))
+    return RayConnection(started=started, address=str(ctx.gcs_address), cpus=cpus, gpus=gpus,
+                         max_cpus=max_cpus, max_gpus=max_gpus)
 
 
 def demand(cfg: RunConfig) -> dict[str, float]:

@@ -168,11 +168,10 @@ def launcher_capacity(config: Mapping[str, Any] | str | Path) -> ClusterCapacity
 def autoscaler_max_resources(bootstrap_config: str | Path = "~/ray_bootstrap_config.yaml"
                              ) -> dict[str, float] | None:
     """Inside a cluster (a connected driver): the most of each resource the autoscaler may
-    provide, or None when no autoscaler says so.
+    provide, or None when no autoscaler says so (``bsgal run`` checks a job against it).
 
     Asks Ray for the cluster config that an autoscaler reports to the GCS (KubeRay, autoscaler
-    v2), then falls back to the launcher's bootstrap YAML on the head node. ``bsgal run``
-    could compare a job with this instead of the nodes up now.
+    v2), then falls back to the launcher's bootstrap YAML on the head node.
     """
     try:
         import ray

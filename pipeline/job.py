@@ -327,7 +327,7 @@ def _run_on_ray(cfg: RunConfig, prompts: dict[str, np.ndarray], categories: list
     t0 = time.monotonic()
     conn = connect(cfg)
     try:
-        check_fits(cfg, conn.cpus, conn.gpus)
+        check_fits(cfg, conn.max_cpus, conn.max_gpus)
         ray_seconds = time.monotonic() - t0
         configure_data_context(cfg, conn.cpus)
         board = start_board()

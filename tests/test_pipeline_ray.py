@@ -200,3 +200,26 @@ def test_two_ddp_workers_stay_in_step_and_decide_every_candidate(
     final = s["final_step"]
     assert {f"step-{final:09d}.pt", f"step-{final:09d}.json",
             f"step-{final:09d}.rank001.pt"} <= names
+
+
+def test_a_cluster_that_autoscales_is_judged_by_what_it_may_grow_to(
+        local_ray, builtin_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from pipeline.cluster import check_fits, connect
+    from pipeline.config import ConfigError
+
+    cfg = demo_config(overrides(builtin_data, **{"generation.num_gpus": 1}), str(tmp_path / "o"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    conn = connect(cfg)  # the module's Ray: 2 CPUs, no GPU, no autoscaler
+    assert (conn.started, conn.gpus, conn.max_gpus) == (False, 0.0, 0.0)
+    with pytest.raises(ConfigError, match="generation.concurrency x generation.num_gpus"):
+        check_fits(cfg, conn.max_cpus, conn.max_gpus)
+    # The launcher's bootstrap config on the head: a GPU node type that starts at 0 nodes.
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump({
+        "max_workers": 2, "head_node_type": "head", "available_node_types": {
+            "head": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
+            "gpu": {"resources": {"CPU": 8, "GPU": 1}, "node_config": {}, "max_workers": 2}}}))
+    conn = connect(cfg)
+    assert (conn.gpus, conn.max_gpus, conn.max_cpus) == (0.0, 2.0, 18.0)
+    check_fits(cfg, conn.max_cpus, conn.max_gpus)

@@ -35,6 +35,7 @@ DEMO = str(REPO / "configs" / "demo.yaml")
 # Fits 2 CPUs: generation/annotation/check actors at 0.25 CPU each, one train worker at 1;
 # generation and training pinned to the head by the custom resources it advertises.
 SMALL = ["generation.num_cpus=0.25", "annotation.num_cpus=0.25", "training.warmup_steps=1",
+         "training.warmup_real_steps=0",
          "data.max_val_images=8", "generation.resources={bsgal_generate: 0.01}",
          "training.resources_per_worker={bsgal_train: 0.01}"]
 
