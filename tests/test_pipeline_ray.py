@@ -71,7 +71,9 @@ def run_a(local_ray, builtin_data: Path, tmp_path_factory: pytest.TempPathFactor
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(job, "run_job", functools.partial(
             run_job, faults=Faults(kill_stage=StageKill("annotate", victim, str(marker)))))
-        result = CliRunner().invoke(main, ["demo", "--out", str(out), "--progress", "lines",
+        # A relative --out, as users type it: Ray Train workers run in folders of their own.
+        mp.chdir(out.parent)
+        result = CliRunner().invoke(main, ["demo", "--out", out.name, "--progress", "lines",
                                            *overrides(builtin_data)])
     assert result.exit_code == 0, result.output
     return {"out": out, "marker": marker, "output": result.output}
