@@ -128,8 +128,8 @@ def fidelity_markdown(fidelity: Mapping[str, Any]) -> str:
                          f"{100 * block['gain_positive']:.0f} % |")
     lines += ["", f"Share of these batches accepted at −0.05: faithful "
               f"{100 * pooled['faithful_accept_fixed']:.0f} %, efficient "
-              f"{100 * pooled['efficient_accept_fixed']:.0f} %. Spearman ρ with the batch's fraction of good candidates (does the number see "
-              "the generator's failures?): "
+              f"{100 * pooled['efficient_accept_fixed']:.0f} %. Spearman ρ with the batch's "
+              "fraction of good candidates (does the number see the generator's failures?): "
               + ", ".join([f"faithful score {pooled['faithful_vs_good_fraction']:+.2f}",
                            f"efficient score {pooled['efficient_vs_good_fraction']:+.2f}"]
                           + [f"exact gain (α={a:g}) {pooled[str(a)]['gain_vs_good_fraction']:+.2f}"

@@ -11,9 +11,10 @@ generator's truth is known:
    quality filter on the annotator's ``mask_score`` (a CLIP score cannot be computed here: no
    weights can be downloaded), BSGAL faithful with the fixed threshold (−0.05) and with the
    dynamic one, BSGAL efficient (dynamic threshold), and the exact look-ahead; plus, as a
-   reference that is not a method, accept-all on the good candidates only (an oracle). Reported: LVIS AP/APr/APc/APf
-   (segm, bbox) as mean ± std over seeds, paired differences, acceptance rate, precision and
-   recall of acceptance against the generator's truth, time per step.
+   reference that is not a method, accept-all on the good candidates only (an oracle).
+   Reported: LVIS AP/APr/APc/APf (segm, bbox) as mean ± std over seeds, paired differences,
+   acceptance rate, precision and recall of acceptance against the generator's truth, time per
+   step.
 2. **Noise** (paper §5.1.1): the same good objects with Gaussian pixel noise of increasing σ on
    the object, scored at the pretrained weights with identical state for every level: score
    distribution per level (PNG) and acceptance under the fixed and the dynamic threshold.
@@ -321,12 +322,16 @@ def main() -> None:
     command = "PYTHONPATH=. python benchmarks/selection_quality.py" + (
         " " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     info = machine()
-    md = [f"# Selection quality on the built-in long-tailed set{' (--quick)' if args.quick else ''}",
+    def start(kind: str, metric: str) -> float:
+        return 100 * sum(p["metrics"][kind][metric] for p in pretrained) / len(pretrained)
+
+    title = "# Selection quality on the built-in long-tailed set" + (" (--quick)" if args.quick
+                                                                     else "")
+    md = [title,
           "", f"`{command}`; {info['cores']} cores ({info['cpu']}), torch {info['torch']}; "
           f"wall time {wall / 60:.1f} min.", "", sizes_line(sizes, seeds, args.workers) + ".",
           "", "Pretrained start (real data only) ×100, mean over seeds: " + ", ".join(
-              f"{kind} AP {100 * sum(p['metrics'][kind]['AP'] for p in pretrained) / len(pretrained):.1f}"
-              f" / APr {100 * sum(p['metrics'][kind]['APr'] for p in pretrained) / len(pretrained):.1f}"
+              f"{kind} AP {start(kind, 'AP'):.1f} / APr {start(kind, 'APr'):.1f}"
               for kind in ("segm", "bbox")) + ".", "", "## Methods", "",
           methods_markdown(summary)]
     if noise:

@@ -30,13 +30,20 @@ from benchmarks._method_runs import (
     method_specs,
     run_candidate_steps,
 )
-from benchmarks._quality_report import aggregate_methods, mean_std, methods_markdown
+from benchmarks._quality_report import (
+    aggregate_methods,
+    mean_std,
+    methods_markdown,
+    noise_markdown,
+    plot_noise,
+)
 from benchmarks._score_probes import (
     BSGAL_FIXED,
     _candidates,
     _score_once,
     dynamic_acceptance,
     summarise_fidelity,
+    summarise_noise,
 )
 
 SIZES = Sizes(train_images=240, val_images=60, pretrain_steps=0, finetune_steps=3,
@@ -225,3 +232,21 @@ def test_aggregation_pairs_seeds_and_renders() -> None:
     assert "| BSGAL faithful, fixed threshold −0.05 | 32.0 ± 14.1 |" in table
     assert mean_std([1.0, float("nan"), 3.0]) == {"mean": 2.0, "std": pytest.approx(2 ** 0.5),
                                                   "n": 2}
+
+
+def test_noise_summary_pairs_levels_by_batch(tmp_path: Path) -> None:
+    rows = []
+    for b in range(4):
+        rows.append({"mode": "faithful", "batch": b, "level": 0.0, "score": 0.2 + 0.1 * b})
+        rows.append({"mode": "faithful", "batch": b, "level": 0.8, "score": 0.1 * b - 0.1})
+    summary = summarise_noise([{"seed": 0, "levels": [0.0, 0.8], "rows": rows}], 0.5)
+    clean, noisy = summary["faithful"]["0.0"], summary["faithful"]["0.8"]
+    assert noisy["paired_change_mean"] == pytest.approx(-0.3)
+    assert noisy["paired_lower_fraction"] == 1.0
+    assert clean["accept_fixed"] == 1.0 and noisy["accept_fixed"] == 0.75  # -0.1 < -0.05
+    assert noisy["median"] < clean["median"] and noisy["n"] == 4
+    assert clean["accept_dynamic"] + noisy["accept_dynamic"] > 0
+    table = noise_markdown(summary)
+    assert "| faithful | 0.8 | 4 |" in table and "-0.300 | 100 % | 75 % |" in table
+    plot_noise(summary, tmp_path / "noise.png")
+    assert (tmp_path / "noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
