@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.train_worker import trainer_settings
 from trainer.datasets import LvisDataset
 from trainer.factory import build_trainer, load_initial_weights
 
@@ -22,7 +23,8 @@ def test_demo_config_sections_build_a_trainer(train_set: LvisDataset) -> None:
     cfg = load_config("configs/demo.yaml", ["selection.threshold=dynamic",
                                             "selection.rare_min_accept_rate=0.3",
                                             "training.ema=0.99"])
-    trainer = build_trainer(train_set, training=dataclasses.asdict(cfg.training),
+    # What the Ray Train worker passes: the training section less the pipeline's own keys.
+    trainer = build_trainer(train_set, training=trainer_settings(cfg),
                             selection=dataclasses.asdict(cfg.selection), seed=cfg.seed)
     assert trainer.mode == "faithful" and trainer.method == "bsgal"
     assert trainer.selector.policy.name == "rare_class_min_accept_rate"
