@@ -20,6 +20,7 @@ so that taking their gradients with ``torch.autograd.grad`` never leaves a DDP r
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -61,6 +62,34 @@ class DetectorBackend(Protocol):
 
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections per image (eval mode is set and restored by the caller or here)."""
+
+
+class ModuleBackend:
+    """What both Mask R-CNN backends share: a ``module`` with ``roi_heads.box_head`` and
+    ``roi_heads.box_predictor``, a ``model`` that training forwards go through, ``device``
+    and ``amp`` (bfloat16 autocast of training forwards, no loss scaling needed)."""
+
+    module: nn.Module
+    model: nn.Module
+    device: torch.device
+    amp: bool
+
+    def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
+        self.model = wrapper(self.module)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def classifier_parameters(self) -> list[nn.Parameter]:
+        """Box head and box predictor parameters (what efficient-mode BSGAL scores over)."""
+        heads = self.module.roi_heads
+        return [p for m in (heads.box_head, heads.box_predictor) for p in m.parameters()
+                if p.requires_grad]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
 
 def image_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> Tensor:

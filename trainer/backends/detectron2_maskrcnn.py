@@ -26,10 +26,8 @@ defaults); sigmoid/federated classification or GIoU box losses raise ``NotImplem
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,6 +42,7 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import smooth_l1_loss
 from torch import Tensor, nn
 
+from trainer.backends.base import ModuleBackend
 from trainer.backends.split_losses import GROUP_CODE, GROUPS, SplitLosses
 
 CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
@@ -315,7 +314,7 @@ def build_split_model(cfg: Any) -> GeneralizedRCNN:
     return model.to(torch.device(cfg.MODEL.DEVICE))
 
 
-class Detectron2MaskRCNN:
+class Detectron2MaskRCNN(ModuleBackend):
     """`DetectorBackend` over detectron2's Mask R-CNN (see :mod:`trainer.backends.base`).
 
     Inputs are the contract's RGB [0, 1] tensors; they are resized here (shorter side
@@ -345,22 +344,6 @@ class Detectron2MaskRCNN:
               device: torch.device | str = "cpu", amp: bool = False) -> Detectron2MaskRCNN:
         return cls(build_config(num_classes, arch, image_size, str(device)), num_classes, arch,
                    amp)
-
-    def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
-        self.model = wrapper(self.module)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-    def classifier_parameters(self) -> list[nn.Parameter]:
-        heads = self.module.roi_heads
-        return [p for m in (heads.box_head, heads.box_predictor) for p in m.parameters()
-                if p.requires_grad]
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _scale(self, height: int, width: int) -> float:
         scale = self.min_size / min(height, width)

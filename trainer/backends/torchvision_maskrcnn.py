@@ -12,13 +12,12 @@ the stock model, so torchvision checkpoints load). Example::
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 
+from trainer.backends.base import ModuleBackend
 from trainer.backends.split_losses import SplitLosses
 from trainer.backends.torchvision_arch import build_maskrcnn
 from trainer.backends.torchvision_heads import SplitRegionProposalNetwork, SplitRoIHeads
@@ -33,7 +32,7 @@ def make_split(model: MaskRCNN) -> MaskRCNN:
     return model
 
 
-class TorchvisionMaskRCNN:
+class TorchvisionMaskRCNN(ModuleBackend):
     """`DetectorBackend` over a torchvision Mask R-CNN (see :mod:`trainer.backends.base`)."""
 
     name = "torchvision"
@@ -56,23 +55,6 @@ class TorchvisionMaskRCNN:
         ``amp``: run training forwards under bfloat16 autocast (no loss scaling needed).
         """
         return cls(build_maskrcnn(num_classes, arch, image_size), num_classes, arch, device, amp)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
-        self.model = wrapper(self.module)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-    def classifier_parameters(self) -> list[nn.Parameter]:
-        """Box head and box predictor parameters (what efficient-mode BSGAL scores over)."""
-        heads = self.module.roi_heads
-        return [p for m in (heads.box_head, heads.box_predictor) for p in m.parameters()
-                if p.requires_grad]
 
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]], *,
                score_only: bool = False) -> SplitLosses:
