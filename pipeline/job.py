@@ -47,6 +47,7 @@ from pipeline.config import (
     config_to_dict,
 )
 from pipeline.graph import StageKill
+from pipeline.paths import absolute_paths
 from pipeline.run_dir import MetricsLog, RunDir
 from pipeline.shards import StorageError, drop_after, preflight_writable, read_decisions
 
@@ -269,13 +270,12 @@ def run_job(cfg: RunConfig, *, resume: bool = False, progress: str = "auto",
         TrainingFailed: a worker failed (one line naming its error).
     """
     from pipeline.datasets import ensure_builtin_data, train_categories
-    from pipeline.submit import localize_paths
 
     started = time.monotonic()
     faults = faults or Faults()
     # Ray workers run in folders of their own: relative paths would land (or be looked for)
     # there, not where the user ran the command.
-    cfg, _ = localize_paths(cfg, local_cluster=True, cwd=Path.cwd(), ship={})
+    cfg = absolute_paths(cfg, Path.cwd())
     out, opts = cfg.output.dir.rstrip("/"), cfg.output.storage_options
     if cfg.selection.method == "none" and cfg.generation.num_candidates > 0:
         raise ConfigError("selection.method=none trains on real data only; set "

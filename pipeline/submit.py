@@ -33,22 +33,26 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig, dump_config, load_config
+from pipeline.paths import (
+    NODE_PATH_KEYS,
+    SHIPPED_FILE_KEYS,
+    absolute_paths,
+    get_key,
+    is_uri,
+    looks_local,
+    set_key,
+)
 
 #: The packages of this repository that make up the job's code (pyproject's package list).
 PACKAGES = ("pipeline", "generators", "annotators", "selector", "trainer")
 CONFIG_NAME = "bsgal-job.yaml"
 #: Ray refuses working directories larger than its package limit (GCS storage); stay far below.
 MAX_PACKAGE_BYTES = 100 * 2**20
-#: Config keys naming small local files the driver reads: shipped in the working directory.
-SHIPPED_FILE_KEYS = ("generation.extra_prompts", "generation.external_weights")
-#: Config keys naming paths that must exist where the job runs (too big to ship).
-NODE_PATH_KEYS = ("data.root", "annotation.sam_checkpoint", "training.init_checkpoint",
-                  "generation.model")
 
 
 @dataclass
@@ -70,27 +74,6 @@ class Submission:
 # ------------------------------------------------------------------------------------ paths
 
 
-def _get(cfg: RunConfig, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
-
-
-def _set(cfg: RunConfig, key: str, value: Any) -> RunConfig:
-    section, name = key.split(".")
-    return replace(cfg, **{section: replace(getattr(cfg, section), **{name: value})})
-
-
-def is_uri(path: str) -> bool:
-    """Whether ``path`` names remote storage (``s3://...``) rather than a local path."""
-    return "://" in path and not path.startswith("file://")
-
-
-def _looks_local(key: str, value: str) -> bool:
-    if key == "generation.model":  # a hub id (org/name) unless it is a folder path
-        return value.startswith(("/", "./", "../", "~")) or os.path.isdir(value)
-    return not is_uri(value)
-
-
 def localize_paths(cfg: RunConfig, local_cluster: bool, cwd: Path,
                    ship: dict[str, Path]) -> tuple[RunConfig, list[str]]:
     """The config as the job must see it, and notes for the user.
@@ -101,12 +84,12 @@ def localize_paths(cfg: RunConfig, local_cluster: bool, cwd: Path,
         cwd: the folder relative paths are relative to here.
         ship: filled with ``name in working dir -> local file`` for files to upload.
     """
+    if local_cluster:
+        return absolute_paths(cfg, cwd), []
     notes: list[str] = []
     out = cfg.output.dir
     if not is_uri(out):
-        if local_cluster:
-            cfg = _set(cfg, "output.dir", str((cwd / out).resolve()))
-        elif not os.path.isabs(out):
+        if not os.path.isabs(out):
             raise ConfigError(
                 f"output.dir: {out} is a relative path; on the cluster it would land inside "
                 "the job's temporary working directory. Use s3://bucket/prefix (or an "
@@ -116,27 +99,22 @@ def localize_paths(cfg: RunConfig, local_cluster: bool, cwd: Path,
                          "machine; with several nodes it must be a shared filesystem mounted "
                          "there on every node (s3:// needs nothing shared)")
     for key in SHIPPED_FILE_KEYS:
-        value = _get(cfg, key)
+        value = get_key(cfg, key)
         if not value or is_uri(value):
             continue
         local = (cwd / value).resolve()
-        if local_cluster:
-            cfg = _set(cfg, key, str(local))
-        elif local.is_file():
+        if local.is_file():
             name = f"files/{len(ship)}-{local.name}"
             ship[name] = local
-            cfg = _set(cfg, key, name)
+            cfg = set_key(cfg, key, name)
         else:
             notes.append(f"{key}: {value} is not a file here; the job expects it on the "
                          "cluster at that path")
     for key in NODE_PATH_KEYS:
-        value = _get(cfg, key)
-        if not value or not _looks_local(key, value):
+        value = get_key(cfg, key)
+        if not value or not looks_local(key, value):
             continue
-        if local_cluster:
-            if not os.path.isabs(value):
-                cfg = _set(cfg, key, str((cwd / value).resolve()))
-        elif key == "data.root" and cfg.data.dataset == "builtin":
+        if key == "data.root" and cfg.data.dataset == "builtin":
             continue  # synthesised on each node that lacks it
         elif not os.path.isabs(value):
             notes.append(f"{key}: {value} is relative; on the cluster it resolves inside the "
@@ -277,7 +255,7 @@ def build_submission(config_path: str | None, overrides: Sequence[str], *, workd
                               "--resume OUT")
         cfg: RunConfig | None = load_config(config_path, overrides)
         assert cfg is not None
-        cfg = _set(cfg, "ray.address", "auto")
+        cfg = set_key(cfg, "ray.address", "auto")
         cfg, path_notes = localize_paths(cfg, local_cluster, cwd, ship)
         notes += path_notes
         secrets = _credential_keys(cfg)
