@@ -5,8 +5,8 @@ works in plain Python and as a Ray Data ``map_batches`` stage. A batch is a dict
 numpy columns; one row is one candidate. This package must not import Stable Diffusion code,
 trainer or ray (it shares the plain batch helpers of ``generators.columns``).
 
-Columns (CONTRACTS.md; names in :mod:`annotators.columns`)
-----------------------------------------------------------
+Columns (docs/contracts.md, Candidate; names in :mod:`annotators.columns`)
+--------------------------------------------------------------------------
 Read: ``image`` uint8 [B, H, W, 3] (RGB; an object column of arrays or encoded PNG/JPEG bytes is
 accepted too), ``status``/``error`` when present, ``class_name`` for the optional CLIP score.
 Every other column passes through.

@@ -2,11 +2,11 @@
 
 A stream is made by the embedded pipeline's own stages, in plain Python: `PromptSampler`
 (rare-boost class weighting) → `ProceduralGenerator` (known failure rates) → `BuiltinAnnotator`
-→ `QualityCheck` (X-Paste defaults). It is a dict of equal-length numpy columns (CONTRACTS.md),
-``image`` uint8 [N, S, S, 3], ``mask`` bool [N, S, S], ``truth_failure`` str ("none" = a good
-sample), ``mask_score`` float32 in [0, 1], ``status`` str, ...; it is written once per seed
-(`save_stream`) and every method of that seed reads the same file, so all methods see identical
-candidates.
+→ `QualityCheck` (X-Paste defaults). It is a dict of equal-length numpy columns
+(docs/contracts.md), ``image`` uint8 [N, S, S, 3], ``mask`` bool [N, S, S], ``truth_failure`` str
+("none" = a good sample), ``mask_score`` float32 in [0, 1], ``status`` str, ...; it is written
+once per seed (`save_stream`) and every method of that seed reads the same file, so all methods
+see identical candidates.
 """
 
 from __future__ import annotations

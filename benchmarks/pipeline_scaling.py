@@ -8,10 +8,10 @@ Run from the repository root::
 Generation is simulated the way a GPU generator looks to the rest of the pipeline: a stage whose
 latency is fixed per batch (``--latency`` s for ``--batch`` rows) and which holds no CPU while
 it waits (it sleeps; its actors ask for 0.01 CPU, as a GPU actor would ask for a GPU). Everything
-after it is the real graph of :mod:`pipeline.graph` (built-in annotator and quality checks in
+after it is the real graph of :mod:`pipeline.run.graph` (built-in annotator and quality checks in
 their timed actor pools) and the real ingestion of the trainer: a Ray Train ``TorchTrainer``
-worker reading ``get_dataset_shard`` through :class:`pipeline.feed.CandidateFeed`, with the
-split configured by :class:`pipeline.ingest.CandidateDataConfig`.
+worker reading ``get_dataset_shard`` through :class:`pipeline.run.feed.CandidateFeed`, with the
+split configured by :class:`pipeline.run.train_data_config.CandidateDataConfig`.
 
 1. Scaling: with 1, 2, 4 and 8 generation actors and a consumer that takes candidates as fast as
    they come, the candidates/s arriving at the trainer while every actor is producing (slope
@@ -74,7 +74,7 @@ def consume(config: dict) -> None:
     """Ray Train worker: read the candidate stream, optionally 'train' (sleep) per batch."""
     import ray.train
 
-    from pipeline.feed import END, CandidateFeed
+    from pipeline.run.feed import END, CandidateFeed
 
     shard = ray.train.get_dataset_shard("candidates")
     feed = CandidateFeed(shard.iter_batches(batch_size=config["consume_batch"],
@@ -102,8 +102,8 @@ def run_stream(cfg, categories, actors: int, latency: float, batch: int, num_row
     from ray.train.torch import TorchTrainer
 
     from generators import ClassVocabulary, PromptSampler
-    from pipeline.graph import StageSpec, build_candidate_dataset, stage_specs
-    from pipeline.ingest import CandidateDataConfig
+    from pipeline.run.graph import StageSpec, build_candidate_dataset, stage_specs
+    from pipeline.run.train_data_config import CandidateDataConfig
 
     sampler = PromptSampler(ClassVocabulary.from_categories(categories), run_id="bench")
     prompts = sampler.sample_batch(num_rows)
@@ -178,10 +178,10 @@ def main() -> None:
 
     import ray
 
-    from pipeline.cluster import start_local_ray
+    from pipeline.cluster.connect import start_local_ray
     from pipeline.config import load_config
-    from pipeline.datasets import ensure_builtin_data, train_categories
-    from pipeline.graph import configure_data_context
+    from pipeline.run.datasets import ensure_builtin_data, train_categories
+    from pipeline.run.graph import configure_data_context
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

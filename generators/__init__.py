@@ -4,8 +4,8 @@ Every stage is a callable class (load in ``__init__``, transform one batch in ``
 works in plain Python and as a Ray Data ``map_batches`` stage. A batch is a dict of equal-length
 numpy columns; one row is one candidate. This package must not import annotators, trainer or ray.
 
-Columns (CONTRACTS.md; names in :mod:`generators.columns`)
-----------------------------------------------------------
+Columns (docs/contracts.md, Candidate; names in :mod:`generators.columns`)
+--------------------------------------------------------------------------
 Set by :class:`PromptSampler` (the input rows of the Ray graph):
 
 - ``sample_id`` str: BLAKE2b of (run id, class id, prompt, seed, generator name); deterministic.

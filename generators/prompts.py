@@ -43,7 +43,8 @@ from generators.weighting import (
     mapped_weights,
 )
 
-#: DiverGen's prompt (PAPER.md); X-Paste's is "a photo of a single {name}".
+#: DiverGen's prompt (docs/algorithm.md, Reference training set-up); X-Paste's is
+#: "a photo of a single {name}".
 DEFAULT_TEMPLATE = "a photo of a single {name}, {definition}, in a white background"
 TEMPLATE_FIELDS = ("name", "definition")
 #: Per-sample seeds are drawn in [0, 2**53): exact in float64 and in every integer type.

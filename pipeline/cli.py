@@ -9,50 +9,11 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from typing import Any, Callable
 
 import click
 
-from pipeline.config import ConfigError, dump_config, load_config
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-#: Errors that mean bad input or an unreachable resource: one line, no traceback. Named by
-#: module so that nothing heavy is imported to check them (an exception of a class whose
-#: module was never imported cannot occur).
-USER_ERRORS = {
-    "pipeline.config": ("ConfigError",),
-    "trainer.datasets.lvis_format": ("DatasetFormatError",),
-    "pipeline.shards": ("StorageError", "ShardSchemaError"),
-    "pipeline.job": ("TrainingFailed",),
-}
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    if isinstance(exc, (ConfigError, FileNotFoundError)):
-        return True
-    for module, names in USER_ERRORS.items():
-        loaded = sys.modules.get(module)
-        if loaded is not None and isinstance(exc, tuple(getattr(loaded, n) for n in names)):
-            return True
-    return False
-
-
-def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the project's input errors into one clear line and exit code 1 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            if _is_user_error(exc):
-                raise click.ClickException(str(exc)) from None
-            raise
-
-    return wrapper
-
+from pipeline.command_line import CONTEXT, storage_flags, storage_options_from, user_errors
+from pipeline.config import dump_config, load_config
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="bsgal")
@@ -83,7 +44,7 @@ def config() -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML config file (default: built-in defaults).")
 @click.argument("overrides", nargs=-1)
-@friendly_errors
+@user_errors
 def config_show(config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Print the resolved config: the file's values, then OVERRIDES (section.key=value).
 
@@ -110,7 +71,7 @@ def data() -> None:
 @click.option("--train-images", default=600, show_default=True)
 @click.option("--val-images", default=150, show_default=True)
 @click.option("--image-size", default=128, show_default=True, help="Square image side in px.")
-@friendly_errors
+@user_errors
 def data_synth(out: str, seed: int, num_classes: int, train_images: int, val_images: int,
                image_size: int) -> None:
     """Write the built-in long-tailed set to OUT as an LVIS-format folder.
@@ -156,7 +117,7 @@ def _dataset_summary(root: str) -> str:
               default=("bbox", "segm"), show_default=True)
 @click.option("--max-dets", default=300, show_default=True, help="Detections kept per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@friendly_errors
+@user_errors
 def evaluate(gt: str, dets: str, iou_types: tuple[str, ...], max_dets: int,
              as_json: bool) -> None:
     """LVIS AP, AP50, AP75, APr, APc, APf of DETS (results JSON) against GT (LVIS JSON).
@@ -192,14 +153,11 @@ PROGRESS = click.option(
 @click.option("--resume", "resume_out", metavar="OUT", default=None,
               help="Continue the run in OUT (local folder or s3://) from its last checkpoint; "
                    "OVERRIDES may then only change ray.*, storage options and logging keys.")
-@click.option("--endpoint-url", metavar="URL", envvar="AWS_ENDPOINT_URL",
-              help="S3 endpoint of output.dir (MinIO, Ceph, moto); needed with --resume to "
-                   "read a run's config from such a store.")
-@click.option("--storage-option", "storage_pairs", multiple=True, metavar="KEY=VALUE",
-              help="fsspec option for output.dir (e.g. profile=dev); repeat for several.")
+@functools.partial(storage_flags, what="output.dir (needed with --resume to read a run's "
+                   "config from such a store)")
 @PROGRESS
 @click.argument("overrides", nargs=-1)
-@friendly_errors
+@user_errors
 def run(config_path: str | None, resume_out: str | None, endpoint_url: str | None,
         storage_pairs: tuple[str, ...], progress: str, overrides: tuple[str, ...]) -> None:
     """Run the streaming job: generate → annotate → check (Ray Data) → train and judge (Ray
@@ -213,9 +171,8 @@ def run(config_path: str | None, resume_out: str | None, endpoint_url: str | Non
     """
     import dataclasses
 
-    from pipeline.inspection.commands import storage_options_from
-    from pipeline.job import resume_job, run_job
-    from pipeline.run_summary import summary_text
+    from pipeline.run.job import resume_job, run_job
+    from pipeline.inspection.run_summary import summary_text
 
     storage = storage_options_from(endpoint_url, storage_pairs)
     if resume_out is not None:
@@ -241,7 +198,7 @@ def run(config_path: str | None, resume_out: str | None, endpoint_url: str | Non
 @click.option("--fresh", is_flag=True, help="Delete OUT first if it holds an earlier run.")
 @PROGRESS
 @click.argument("overrides", nargs=-1)
-@friendly_errors
+@user_errors
 def demo(out: str | None, fresh: bool, progress: str, overrides: tuple[str, ...]) -> None:
     """The whole job on the embedded default, on the CPU, in minutes (configs/demo.yaml).
 
@@ -254,9 +211,9 @@ def demo(out: str | None, fresh: bool, progress: str, overrides: tuple[str, ...]
       bsgal demo
       bsgal demo --out runs/demo2 training.steps=200
     """
-    from pipeline.demo import demo_config, remove_run
-    from pipeline.job import run_job
-    from pipeline.run_summary import summary_text
+    from pipeline.run.demo import demo_config, remove_run
+    from pipeline.run.job import run_job
+    from pipeline.inspection.run_summary import summary_text
 
     cfg = demo_config(overrides, out)
     if fresh:
@@ -274,7 +231,7 @@ main.add_command(export_pool_command)
 
 # ------------------------------------------------------------------ submit, job (Ray Jobs)
 
-from pipeline.submit_commands import job, submit  # noqa: E402
+from pipeline.cluster.commands import job, submit  # noqa: E402
 
 main.add_command(submit)
 main.add_command(job)

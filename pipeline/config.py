@@ -23,10 +23,12 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from pipeline.errors import UserError
+
 SCHEMA_VERSION = 1
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is malformed; the message names the key and the fix."""
 
 

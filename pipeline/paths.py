@@ -4,7 +4,7 @@ local ones absolute.
 Relative paths are relative to the folder the user ran the command in; Ray workers run in
 folders of their own, so a run resolves them on the driver (:func:`absolute_paths`) before
 anything reaches a worker. ``bsgal submit`` does the same for a cluster on this machine and
-ships or checks them for a remote one (:mod:`pipeline.submit`).
+ships or checks them for a remote one (:mod:`pipeline.cluster.submit`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.storage.filesystem import is_uri
 
 #: Config keys naming small local files the driver reads: shipped in the working directory.
 SHIPPED_FILE_KEYS = ("generation.extra_prompts", "generation.external_weights")
 #: Config keys naming paths that must exist where the job runs (too big to ship).
 NODE_PATH_KEYS = ("data.root", "annotation.sam_checkpoint", "training.init_checkpoint",
                   "generation.model")
+
+
+def code_root() -> str:
+    """The folder holding the ``pipeline`` package this process imported: Ray workers on this
+    machine must import the same code (an editable install elsewhere could shadow it)."""
+    return str(Path(__file__).resolve().parent.parent)
 
 
 def get_key(cfg: RunConfig, key: str) -> Any:
@@ -33,11 +40,6 @@ def set_key(cfg: RunConfig, key: str, value: Any) -> RunConfig:
     """A copy of ``cfg`` with ``section.name`` set to ``value``."""
     section, name = key.split(".")
     return replace(cfg, **{section: replace(getattr(cfg, section), **{name: value})})
-
-
-def is_uri(path: str) -> bool:
-    """Whether ``path`` names remote storage (``s3://...``) rather than a local path."""
-    return "://" in path and not path.startswith("file://")
 
 
 def looks_local(key: str, value: str) -> bool:

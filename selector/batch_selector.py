@@ -1,6 +1,6 @@
 """`BatchSelector`: gradient cache + contribution score + policy → one `Decision` per batch.
 
-Faithful BSGAL step (DESIGN.md §6), one decision per worker batch::
+Faithful BSGAL step (docs/algorithm.md, Faithful mode), one decision per worker batch::
 
     flat = FlatGradient(params)                       # one reusable (numel,) buffer
     selector.update_cache(flat.compute(real_cls_loss), step=step)   # 1. real "test" batch

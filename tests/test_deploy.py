@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline.cluster_capacity import ClusterCapacity, NodeShape, check_capacity, launcher_capacity
+from pipeline.cluster.capacity import ClusterCapacity, NodeShape, check_capacity, launcher_capacity
 from pipeline.config import ConfigError, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent

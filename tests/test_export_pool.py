@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.export_pool import class_folder, rgba_cutout
-from pipeline.shards import decode_rle, read_decisions
+from pipeline.inspection.export_pool import class_folder, rgba_cutout
+from pipeline.storage.shards import decode_rle, read_decisions
 from tests.test_inspect import make_rows, write_run
 
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from generators.looks import make_looks, render_object
 from pipeline.cli import main
 from pipeline.inspection import TABLE_NAMES
-from pipeline.shards import ShardWriter, list_shard_files
+from pipeline.storage.shards import ShardWriter, list_shard_files
 
 # (class_id, class_name, frequency, [(reason, truth_failure), ...]): the decisions of a small
 # run whose every count is known. 22 rows: 10 accepted, 9 rejected, 3 invalid.

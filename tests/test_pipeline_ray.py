@@ -19,15 +19,15 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ray = pytest.importorskip("ray")
 
-from pipeline import job  # noqa: E402
+from pipeline.run import job  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.datasets import train_categories  # noqa: E402
-from pipeline.demo import demo_config  # noqa: E402
-from pipeline.graph import StageKill  # noqa: E402
-from pipeline.job import Faults, TrainingFailed, prompt_sampler, run_job  # noqa: E402
-from pipeline.run_dir import RunDir, read_metrics  # noqa: E402
-from pipeline.shards import PART_NAME, decode_rle, read_decisions  # noqa: E402
+from pipeline.run.datasets import train_categories  # noqa: E402
+from pipeline.run.demo import demo_config  # noqa: E402
+from pipeline.run.graph import StageKill  # noqa: E402
+from pipeline.run.job import Faults, TrainingFailed, prompt_sampler, run_job  # noqa: E402
+from pipeline.storage.run_dir import RunDir, read_metrics  # noqa: E402
+from pipeline.storage.shards import PART_NAME, decode_rle, read_decisions  # noqa: E402
 
 CANDIDATES = 48
 COMPARED = ["reason", "accepted", "score", "threshold", "step", "stream_offset", "batch_id",
@@ -52,7 +52,7 @@ def overrides(data: Path, **extra: object) -> list[str]:
 def local_ray(s3_server):
     # Started after the S3 fixture has set the AWS_* variables: workers inherit them, the way
     # cluster nodes get credentials from the standard AWS chain.
-    from pipeline.cluster import start_local_ray
+    from pipeline.cluster.connect import start_local_ray
 
     start_local_ray(num_cpus=2)
     try:
@@ -208,7 +208,8 @@ def test_a_cluster_that_autoscales_is_judged_by_what_it_may_grow_to(
         local_ray, builtin_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
 
-    from pipeline.cluster import check_fits, connect
+    from pipeline.cluster.connect import connect
+    from pipeline.demand import check_fits
     from pipeline.config import ConfigError
 
     cfg = demo_config(overrides(builtin_data, **{"generation.num_gpus": 1}), str(tmp_path / "o"))

@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.inspection.query import DecisionFilter, DecisionQuery
-from pipeline.report import OUTLINE_INNER, OUTLINE_OUTER, ReportOptions, outlined_thumbnail, \
+from pipeline.inspection.report import OUTLINE_INNER, OUTLINE_OUTER, ReportOptions, outlined_thumbnail, \
     write_report
 from tests.test_inspect import PLAN, make_rows, write_run
 

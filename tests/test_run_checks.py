@@ -12,14 +12,16 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import REPO_ROOT, free_port
-from pipeline.checkpoints import config_hash, load_trainer_state, save_main, save_rank_state
+from pipeline.storage.checkpoints import config_hash, load_trainer_state, save_main, save_rank_state
 from pipeline.cli import main
-from pipeline.cluster import check_fits
+from pipeline.demand import check_fits
 from pipeline.config import ConfigError, load_config
-from pipeline.feed import END, CandidateFeed
-from pipeline.job import RunExistsError, redact, redacted_config, resume_config, run_job
-from pipeline.run_dir import RunDir
-from pipeline.window import WindowStats
+from pipeline.run.feed import END, CandidateFeed
+from pipeline.run.job import RunExistsError, run_job
+from pipeline.storage.redaction import redact, redacted_config
+from pipeline.storage.run_config import resume_config
+from pipeline.storage.run_dir import RunDir
+from pipeline.run.window import WindowStats
 
 DEMO = REPO_ROOT / "configs" / "demo.yaml"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.run_dir import MetricsLog, RunDir, read_metrics
+from pipeline.storage.run_dir import MetricsLog, RunDir, read_metrics
 
 
 def _state(step: int) -> dict:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.shards import (
+from pipeline.storage.shards import (
     SHARD_SCHEMA_VERSION,
     ShardSchemaError,
     ShardWriter,

@@ -11,19 +11,19 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.cluster_capacity import (
+from pipeline.cluster.capacity import (
     ClusterCapacity,
     NodeShape,
     autoscaler_max_resources,
     check_capacity,
     launcher_capacity,
     reports_autoscaling,
-    run_requests,
     units_that_fit,
 )
 from pipeline.config import ConfigError, load_config
-from pipeline.job_server import JobServerError, exit_code, is_local_address, job_server_url
-from pipeline.submit import CONFIG_NAME, PACKAGES, build_submission, forwarded_env
+from pipeline.demand import run_requests
+from pipeline.cluster.job_client import JobServerError, exit_code, is_local_address, job_server_url
+from pipeline.cluster.submit import CONFIG_NAME, PACKAGES, build_submission, forwarded_env
 
 from tests.conftest import free_port
 
@@ -274,7 +274,7 @@ def test_launcher_capacity_counts_max_workers(tmp_path: Path) -> None:
 
 def test_resume_on_a_local_cluster_reads_and_checks_the_run(tmp_path: Path) -> None:
     from pipeline.config import dump_config
-    from pipeline.submit import check_output
+    from pipeline.cluster.submit import check_output
 
     out = tmp_path / "runs" / "r1"
     out.mkdir(parents=True)
@@ -313,7 +313,7 @@ class _LogsWithoutWebsocket:
 
 
 def test_follow_falls_back_to_polling_without_repeating_lines() -> None:
-    from pipeline.job_server import follow_job
+    from pipeline.cluster.job_client import follow_job
 
     chunks: list[str] = []
     status = follow_job(_LogsWithoutWebsocket(), "j", chunks.append, poll=0.01)
@@ -327,8 +327,8 @@ def test_s3_output_is_probed_from_here(s3_server, tmp_path: Path) -> None:
 
     import s3fs
 
-    from pipeline.shards import StorageError
-    from pipeline.submit import check_output
+    from pipeline.storage.shards import StorageError
+    from pipeline.cluster.submit import check_output
 
     options = _json.dumps(s3_server.storage_options)
     bucket = s3_server.make_bucket("bsgal-submit")

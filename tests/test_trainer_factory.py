@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.train_worker import trainer_settings
+from pipeline.run.train_worker import trainer_settings
 from trainer.datasets import LvisDataset
 from trainer.factory import build_trainer, load_initial_weights
 

@@ -1,4 +1,5 @@
-"""The trainer fed with what the built-in generator and annotator produce (CONTRACTS.md batches)."""
+"""The trainer fed with what the built-in generator and annotator produce
+(docs/contracts.md batches)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@
 steps the optimizer) and returns a `StepOutcome`: the decision on the pasted batch and the loss
 that was trained on.
 
-Faithful mode (default; DESIGN.md §6, the reference's three forward+backward passes):
+Faithful mode (default; docs/algorithm.md, Faithful mode: the reference's three forward+backward
+passes):
 
 1. real "test" batch (real images containing the pasted classes): box-classifier cross-entropy
    on the ground-truth boxes as RoIs (no proposals, no background; `real_classification_loss`)

@@ -1,7 +1,7 @@
 """Candidate batches coming into the trainer, their checks, and the decision rows going out.
 
-A candidate batch follows CONTRACTS.md: a dict of equal-length numpy columns (Ray Data's
-``batch_format="numpy"``) or, equivalently, a list of row dicts. The trainer reads
+A candidate batch follows docs/contracts.md (Candidate): a dict of equal-length numpy columns
+(Ray Data's ``batch_format="numpy"``) or, equivalently, a list of row dicts. The trainer reads
 ``sample_id``, ``class_id``, ``image`` (H x W x 3 uint8 RGB), ``mask`` (H x W bool) and
 ``status``; every other column is ignored here and kept by the caller.
 
@@ -77,7 +77,7 @@ def batch_rows(batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[d
         missing = [c for c in REQUIRED_COLUMNS if c not in batch]
         if missing:
             raise ValueError(f"candidate batch lacks column(s) {missing}; a batch needs "
-                             f"{list(REQUIRED_COLUMNS)} (CONTRACTS.md)")
+                             f"{list(REQUIRED_COLUMNS)} (docs/contracts.md)")
         lengths = {k: len(v) for k, v in batch.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"candidate batch columns have different lengths: {lengths}")
@@ -88,7 +88,7 @@ def batch_rows(batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[d
         missing = [c for c in REQUIRED_COLUMNS if c not in row]
         if missing:
             raise ValueError(f"candidate row {i} lacks field(s) {missing}; a row needs "
-                             f"{list(REQUIRED_COLUMNS)} (CONTRACTS.md)")
+                             f"{list(REQUIRED_COLUMNS)} (docs/contracts.md)")
     return rows
 
 
@@ -140,7 +140,7 @@ def decision_record(sample_id: str, *, reason: str, accepted: bool, step: int, r
                     method: str, stream_offset: int, batch_id: str = "",
                     score: float | None = None, threshold: float | None = None,
                     cache_norm: float | None = None) -> dict[str, Any]:
-    """One decision row (CONTRACTS.md "Decision"); missing numbers become NaN.
+    """One decision row (docs/contracts.md, "Decision"); missing numbers become NaN.
 
     ``stream_offset`` is the candidate's position in this worker's candidate stream (0-based,
     over all batches), the key a resumed run skips by.

@@ -108,8 +108,8 @@ class CandidateBatchResult:
     """What `DetectorTrainer.train_on_candidates` did with one candidate batch.
 
     Attributes:
-        decisions: one decision row per incoming candidate, in input order (CONTRACTS.md fields
-            plus ``sample_id`` and ``stream_offset``).
+        decisions: one decision row per incoming candidate, in input order (docs/contracts.md,
+            Decision: fields plus ``sample_id`` and ``stream_offset``).
         steps: one log dict per optimizer step taken (step, decision, losses, lr, grad norm,
             seconds, and ``metrics`` when an evaluation ran after it).
     """

@@ -1,6 +1,7 @@
 """Optimizer, learning-rate schedule and weight EMA of the training loop.
 
-Reference set-up (PAPER.md): AdamW lr 1e-4, linear warmup then cosine decay, EMA 0.999.
+Reference set-up (docs/algorithm.md, Reference training set-up): AdamW lr 1e-4, linear warmup
+then cosine decay, EMA 0.999.
 """
 
 from __future__ import annotations

@@ -6,76 +6,14 @@ Pillow are imported inside the commands.
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any, Callable
 
 import click
 
+from pipeline.command_line import CONTEXT, storage_flags, storage_options_from, user_errors
 from pipeline.inspection import TABLE_NAMES
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-# Reading should fail in seconds when the endpoint is down, not after botocore's default
-# retries; a user's own config_kwargs replace this.
-FAST_FAIL_S3 = {"connect_timeout": 5, "read_timeout": 60,
-                "retries": {"max_attempts": 2, "mode": "standard"}}
-
-
-def clear_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn bad input (no shards, other schema version, unreachable storage, bad filter) into
-    one line on stderr and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import duckdb
-
-        from pipeline.export_pool import PoolExistsError
-        from pipeline.inspection.query import QueryError
-        from pipeline.shards import ShardSchemaError, StorageError
-
-        try:
-            return fn(*args, **kwargs)
-        except (ShardSchemaError, StorageError, QueryError, PoolExistsError,
-                FileNotFoundError) as exc:
-            raise click.ClickException(str(exc)) from None
-        except duckdb.Error as exc:  # e.g. a shard that became unreadable mid-query
-            from pipeline.inspection.query import duckdb_error_line
-
-            raise click.ClickException(
-                f"reading the shards failed: {duckdb_error_line(exc)}") from None
-        except OSError as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-
-    return wrapper
-
-
-def storage_options_from(endpoint_url: str | None, pairs: tuple[str, ...]) -> dict[str, Any]:
-    """fsspec options from ``--endpoint-url`` and ``--storage-option KEY=VALUE`` (values are
-    read as YAML scalars: ``anon=true`` is a bool)."""
-    import yaml
-
-    opts: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--storage-option")
-        opts[key.strip()] = yaml.safe_load(value) if value else ""
-    if endpoint_url:
-        opts["endpoint_url"] = endpoint_url
-    return opts
-
-
-def options_for(uri: str, storage: dict[str, Any]) -> dict[str, Any] | None:
-    """The storage options that apply to ``uri``: none for a local path; for s3:// the given
-    ones, with fast-failing retries unless ``config_kwargs`` was given."""
-    if "://" not in uri or uri.startswith("file://"):
-        return None
-    opts = dict(storage)
-    if uri.startswith(("s3://", "s3a://")):
-        opts.setdefault("config_kwargs", FAST_FAIL_S3)
-    return opts
-
+from pipeline.storage.filesystem import remote_options
 
 def _filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
@@ -94,16 +32,6 @@ def _filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         fn = option(fn)
-    return fn
-
-
-def _storage_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--storage-option", "storage_pairs", multiple=True, metavar="KEY=VALUE",
-                      help="fsspec option for s3:// and other remote URIs (e.g. "
-                           "profile=dev); repeat for several.")(fn)
-    fn = click.option("--endpoint-url", metavar="URL", envvar="AWS_ENDPOINT_URL",
-                      help="S3 endpoint (MinIO, Ceph, moto); default: AWS or "
-                           "$AWS_ENDPOINT_URL.")(fn)
     return fn
 
 
@@ -156,8 +84,8 @@ def _human_bytes(n: float) -> str:
               help="HTML: classes with a gallery, at most (those with most candidates).")
 @click.option("--seed", default=0, show_default=True, help="HTML: seed of the thumbnail "
               "sample.")
-@_storage_options
-@clear_errors
+@storage_flags
+@user_errors
 def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ...],
                     reasons: tuple[str, ...], where: str | None, as_json: bool, as_csv: bool,
                     tables: tuple[str, ...], show_rows: bool, limit: int, top: int,
@@ -188,14 +116,14 @@ def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ..
         raise click.UsageError("--csv prints one table: choose it with --table "
                                f"({', '.join(TABLE_NAMES)}) or use --rows alone")
     storage = storage_options_from(endpoint_url, storage_pairs)
-    with _open_query(uri, classes, decisions, reasons, where, options_for(uri, storage)) as q:
+    with _open_query(uri, classes, decisions, reasons, where, remote_options(uri, storage)) as q:
         if html_path:
-            from pipeline.report import ReportOptions, write_report
+            from pipeline.inspection.report import ReportOptions, write_report
 
             t0 = time.monotonic()
             options = ReportOptions(thumbs_per_class=thumbs_per_class, thumb_size=thumb_size,
                                     max_classes=max_classes, seed=seed)
-            stats = write_report(q, html_path, options, options_for(html_path, storage))
+            stats = write_report(q, html_path, options, remote_options(html_path, storage))
             click.echo(f"wrote {html_path} ({_human_bytes(stats.bytes)}): {stats.rows} "
                        f"decisions, {stats.thumbnails} thumbnails, galleries for "
                        f"{stats.gallery_classes} of {stats.classes} classes "
@@ -227,8 +155,8 @@ def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ..
               help="A SQL predicate over the shard columns (DuckDB), e.g. \"score > 0.1\".")
 @click.option("--overwrite", is_flag=True,
               help="Replace a pool already in OUT (the files its pool.json lists).")
-@_storage_options
-@clear_errors
+@storage_flags
+@user_errors
 def export_pool_command(uri: str, out: str, classes: tuple[str, ...], where: str | None,
                         overwrite: bool, endpoint_url: str | None,
                         storage_pairs: tuple[str, ...]) -> None:
@@ -243,12 +171,12 @@ def export_pool_command(uri: str, out: str, classes: tuple[str, ...], where: str
       bsgal export-pool runs/demo pools/demo
       bsgal export-pool s3://bucket/run pools/run --where "score > 0.05"
     """
-    from pipeline.export_pool import export_pool
+    from pipeline.inspection.export_pool import export_pool
 
     storage = storage_options_from(endpoint_url, storage_pairs)
     t0 = time.monotonic()
-    with _open_query(uri, classes, ("accepted",), (), where, options_for(uri, storage)) as q:
-        stats = export_pool(q, out, options_for(out, storage), overwrite=overwrite)
+    with _open_query(uri, classes, ("accepted",), (), where, remote_options(uri, storage)) as q:
+        stats = export_pool(q, out, remote_options(out, storage), overwrite=overwrite)
     skipped = (f"; {stats.skipped} accepted rows skipped (listed in export.json)"
                if stats.skipped else "")
     click.echo(f"exported {stats.instances} instances of {stats.classes} classes to {out} "

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import duckdb
 import pyarrow as pa
 
-from pipeline.shards import DECISIONS, is_local, locate_shards
+from pipeline.errors import UserError, duckdb_error_line
+from pipeline.storage.filesystem import is_local
+from pipeline.storage.shards import DECISIONS, locate_shards
 
 if TYPE_CHECKING:
     import fsspec
@@ -39,7 +41,7 @@ FLOAT_COLUMNS = ("mask_score", "area_ratio", "clip_score", "score", "threshold",
 MEDIA_COLUMNS = ("image_png", "mask_rle")
 
 
-class QueryError(ValueError):
+class QueryError(UserError, ValueError):
     """A filter the shards cannot answer: a bad ``--where`` predicate, an unknown class."""
 
 
@@ -92,17 +94,6 @@ def _reason_sql(pattern: str) -> str:
     return f"reason = {sql_string(pattern)}"
 
 
-def duckdb_error_line(exc: BaseException) -> str:
-    """DuckDB's message without its multi-line source excerpt."""
-    lines = [ln.strip() for ln in str(exc).splitlines()]
-    kept = []
-    for ln in lines:
-        if not ln or ln.startswith("LINE "):
-            break
-        kept.append(ln)
-    return " ".join(kept) or type(exc).__name__
-
-
 class DecisionQuery:
     """The decisions of one run on a DuckDB connection (``shard_rows``, ``decisions`` and the
     filtered ``selected``; see the module docstring).
@@ -114,8 +105,8 @@ class DecisionQuery:
         threads: DuckDB worker threads.
 
     Raises:
-        pipeline.shards.ShardSchemaError: no shards, or another schema version.
-        pipeline.shards.StorageError: the storage cannot be read.
+        pipeline.storage.shards.ShardSchemaError: no shards, or another schema version.
+        pipeline.storage.shards.StorageError: the storage cannot be read.
         QueryError: a filter names a class or reason that no row has, or ``where`` is not a
             valid predicate (DuckDB's message).
     """

@@ -1,4 +1,5 @@
-"""The detector backend contract (DESIGN.md §5) shared by the torchvision and detectron2 backends.
+"""The detector backend contract (docs/contracts.md, Detector backend) shared by the torchvision
+and detectron2 backends.
 
 Inputs, the same for every backend:
 

@@ -30,23 +30,25 @@ import os
 import time
 from typing import Any
 
-from pipeline.checkpoints import config_hash, load_trainer_state, read_info, save_main, \
-    save_rank_state
 from pipeline.config import RunConfig, config_from_dict
-from pipeline.feed import END, CandidateFeed
-from pipeline.run_dir import MetricsLog, RunDir
-from pipeline.shards import SCHEMA, ShardWriter
-from pipeline.window import RunCounters, WindowStats
+from pipeline.run.feed import END, CandidateFeed
+from pipeline.run.window import RunCounters, WindowStats
+from pipeline.storage.checkpoints import config_hash, load_trainer_state, read_info, save_main, \
+    save_rank_state
+from pipeline.storage.run_dir import MetricsLog, RunDir
+from pipeline.storage.shards import ENCODED_FIELDS, SCHEMA, ShardWriter, decision_of
+from trainer.candidates import DECISION_FIELDS
 
 #: TrainingConfig keys that belong to the pipeline, not to `trainer.factory.build_trainer`.
 PIPELINE_TRAINING_KEYS = ("num_cpus_per_worker", "candidate_batch_size", "prefetch_batches",
                           "late_candidates", "resources_per_worker")
-#: Candidate columns copied into a decision row (the rest of the shard schema comes from the
-#: trainer's decision and the run).
-CANDIDATE_COLUMNS = tuple(name for name in SCHEMA.names if name not in {
-    "run_id", "class_frequency", "image_png", "mask_rle", "stream_offset", "score", "threshold",
-    "accepted", "reason", "step", "rank", "cache_norm", "batch_id", "method", "decided_at",
-}) + ("image", "mask")
+#: Shard fields the run fills in (not copied from the candidate).
+RUN_FIELDS = ("run_id", "class_frequency")
+#: Candidate columns copied into a decision row: the shard's fields that are neither the
+#: trainer's decision, the run's, nor encoded by the writer (``image``/``mask`` are encoded).
+CANDIDATE_COLUMNS = tuple(
+    name for name in SCHEMA.names
+    if name not in (*DECISION_FIELDS, *RUN_FIELDS, *ENCODED_FIELDS)) + ("image", "mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,7 @@ class WorkerPlan:
         config: the resolved run config as a dict (credentials included: never logged).
         out: run folder (local or ``s3://``).
         resume_from: checkpoint name to continue from (``checkpoints/step-N.pt``) or None.
-        progress: the :class:`pipeline.progress.ProgressBoard` actor, or None.
+        progress: the :class:`pipeline.run.progress.ProgressBoard` actor, or None.
         crash_at_step: test hook: rank 0 flushes its shards and exits (as in a crash, without
             a checkpoint) once it reaches this step.
     """
@@ -123,7 +125,7 @@ class TrainWorker:
     def __init__(self, plan: WorkerPlan, rank: int, world: int) -> None:
         import torch
 
-        from pipeline.datasets import ensure_builtin_data, open_splits
+        from pipeline.run.datasets import ensure_builtin_data, open_splits
         from trainer.factory import build_trainer
 
         self.plan = plan
@@ -265,14 +267,7 @@ class TrainWorker:
             row["class_frequency"] = self.frequency.get(int(row.get("class_id", -1)), "")
             rows.append(row)
             self.window.add_decision(decision)
-            reason = decision["reason"]
-            if reason == "accepted":
-                self.counters.accepted += 1
-            elif reason.startswith("rejected"):
-                self.counters.rejected += 1
-            else:
-                self.counters.invalid += 1
-        self.counters.decided += len(decisions)
+            self.counters.count(decision_of(decision["reason"]))
         self.writer.add(rows)
 
     def _log_step(self, log: dict[str, Any], kind: str) -> None:

@@ -7,7 +7,7 @@
     OUT/checkpoints/step-000000100.pt   model + optimizer + cache + threshold + RNG + offsets
     OUT/eval.json                   final LVIS evaluation
     OUT/summary.json                counts and where things are, written at the end
-    OUT/shards/decision=*/part-*.parquet   (pipeline/shards.py)
+    OUT/shards/decision=*/part-*.parquet   (pipeline/storage/shards.py)
 
 OUT is a local folder or ``s3://bucket/prefix``. Checkpoints are written with ``torch.save``
 to a temporary name and then moved into place (an object store makes the final object visible
@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from pipeline.shards import filesystem
+from pipeline.storage.filesystem import filesystem, is_local
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d{9})\.pt$")
 
@@ -48,32 +48,38 @@ def _jsonable(value: Any) -> Any:
 
 
 class RunDir:
-    """Paths and small-file I/O for one run folder (local or remote)."""
+    """Paths and small-file I/O for one run folder (local or remote).
+
+    Attributes:
+        out: the folder as given (trailing ``/`` removed); ``fs``/``path``: its fsspec
+            filesystem and the path inside it; ``local``: whether ``fs`` is the local disk.
+    """
 
     def __init__(self, out: str, storage_options: dict | None = None) -> None:
         self.out = out.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.fs, self.path = filesystem(self.out, self.storage_options)
-        self._local = "file" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str)
-                                 else tuple(self.fs.protocol))
+        self.local = is_local(self.fs)
 
     # -- paths --
 
     def uri(self, *parts: str) -> str:
+        """``OUT/part/...`` as the user named it (local path or URI)."""
         return _join(self.out, *parts)
 
-    def _p(self, *parts: str) -> str:
+    def path_of(self, *parts: str) -> str:
+        """``OUT/part/...`` as a path inside :attr:`fs` (no protocol)."""
         return _join(self.path, *parts)
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self._p(*parts))
+        return self.fs.exists(self.path_of(*parts))
 
     # -- small files --
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write ``OUT/name`` so that readers see the old or the new content, never a part."""
-        final = self._p(name)
-        if self._local:
+        final = self.path_of(name)
+        if self.local:
             self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
             tmp = f"{final}.tmp-{int(time.time() * 1e6)}"
             with self.fs.open(tmp, "wb") as fh:
@@ -84,7 +90,7 @@ class RunDir:
                 fh.write(data)
 
     def read_bytes(self, name: str) -> bytes:
-        with self.fs.open(self._p(name), "rb") as fh:
+        with self.fs.open(self.path_of(name), "rb") as fh:
             return fh.read()
 
     def write_json(self, name: str, obj: Any) -> None:
@@ -103,7 +109,7 @@ class RunDir:
 
     def list_checkpoints(self) -> list[tuple[int, str]]:
         """(step, name) of every finished checkpoint, oldest first."""
-        folder = self._p("checkpoints")
+        folder = self.path_of("checkpoints")
         if not self.fs.exists(folder):
             return []
         found = []
@@ -129,7 +135,7 @@ class RunDir:
         name = self.checkpoint_name(step)
         self.write_bytes(name, buf.getvalue())
         for _, old in self.list_checkpoints()[:-keep] if keep > 0 else []:
-            self.fs.rm(self._p(old))
+            self.fs.rm(self.path_of(old))
         return name
 
     def load_checkpoint(self, name: str, map_location: str = "cpu") -> dict:
@@ -156,7 +162,7 @@ class MetricsLog:
         self._lock = threading.Lock()
         self._lines: list[str] = []
         self._last_upload = 0.0
-        if not run._local and run.exists(name):
+        if not run.local and run.exists(name):
             self._lines = run.read_bytes(name).decode().splitlines()
 
     def log(self, kind: str, step: int | None = None, **values: Any) -> None:
@@ -164,8 +170,8 @@ class MetricsLog:
                   **_jsonable(values)}
         line = json.dumps(record)
         with self._lock:
-            if self.run._local:
-                path = self.run._p(self.name)
+            if self.run.local:
+                path = self.run.path_of(self.name)
                 self.run.fs.makedirs(posixpath.dirname(path), exist_ok=True)
                 with open(path, "a", encoding="utf-8") as fh:
                     fh.write(line + "\n")
@@ -180,7 +186,7 @@ class MetricsLog:
 
     def close(self) -> None:
         with self._lock:
-            if not self.run._local and self._lines:
+            if not self.run.local and self._lines:
                 self._upload()
 
 

@@ -9,7 +9,7 @@ One checkpoint at step N is up to three kinds of files under ``OUT/checkpoints``
     step-00000N.pt           rank 0's whole trainer state (model, optimizer, scheduler, EMA,
                              and its own per-rank parts) + the pipeline states: written last
 
-The ``.pt`` file is the commit point (:meth:`pipeline.run_dir.RunDir.latest_checkpoint` only
+The ``.pt`` file is the commit point (:meth:`pipeline.storage.run_dir.RunDir.latest_checkpoint` only
 lists those); the other files of step N are written before it. Model and optimizer are the same
 on every rank under DDP, so only rank 0 saves them; the BSGAL cache, threshold and samplers are
 per worker (the reference's per-GPU caches) and each rank saves its own. Every file loads with
@@ -25,7 +25,7 @@ import re
 from typing import Any
 
 from pipeline.config import RunConfig, config_to_dict
-from pipeline.run_dir import RunDir
+from pipeline.storage.run_dir import RunDir
 
 FORMAT = "bsgal-run/1"
 #: Parts of `DetectorTrainer.state_dict` that differ between ranks.
@@ -96,7 +96,7 @@ def save_main(run: RunDir, step: int, trainer_state: dict[str, Any],
     run.write_json(json_name(step), info)
     name = run.save_checkpoint(step, {**info, "trainer": trainer_state}, keep=keep)
     kept = {s for s, _ in run.list_checkpoints()}
-    folder = run._p("checkpoints")
+    folder = run.path_of("checkpoints")
     for path in run.fs.ls(folder, detail=False):
         m = _STEP_FILE.match(path.rsplit("/", 1)[-1])
         if m and int(m.group(1)) not in kept:

@@ -14,7 +14,7 @@ Job server needs:
 * the checks that can be made before the job starts: the output is writable (an ``s3://``
   URI from here; a local path only when the cluster is this machine, otherwise the job checks
   it first thing), it does not hold a run already, and the run fits the cluster
-  (:mod:`pipeline.cluster_capacity`).
+  (:mod:`pipeline.cluster.capacity`).
 
 Paths: on a cluster that is this machine (a loopback address) relative paths are made
 absolute against the current folder, as ``bsgal run`` would read them. On a remote cluster a
@@ -133,15 +133,15 @@ def check_output(cfg: RunConfig, local_cluster: bool, resume: bool) -> str:
         StorageError: the output cannot be written.
         ConfigError: it holds a run already (fresh run) or no unfinished run (``resume``).
     """
-    from pipeline.job import probe_options
-    from pipeline.run_dir import RunDir
-    from pipeline.shards import StorageError, preflight_writable
+    from pipeline.storage.filesystem import fast_fail_options
+    from pipeline.storage.run_dir import RunDir
+    from pipeline.storage.shards import StorageError, preflight_writable
 
     out, opts = cfg.output.dir.rstrip("/"), cfg.output.storage_options
     if not is_uri(out) and not local_cluster:
         return f"output {out}: checked on the cluster when the job starts"
     try:
-        preflight_writable(out, probe_options(out, opts))
+        preflight_writable(out, fast_fail_options(out, opts))
     except StorageError as exc:
         hint = (" (checked from this machine; if only the cluster has credentials for it, "
                 "pass --no-output-check)") if is_uri(out) else ""
@@ -172,7 +172,7 @@ def package_job(dest: Path, config_text: str | None, include_code: bool,
     Raises:
         ConfigError: the folder exceeds :data:`MAX_PACKAGE_BYTES`.
     """
-    from pipeline.cluster import code_root
+    from pipeline.paths import code_root
 
     dest.mkdir(parents=True, exist_ok=True)
     if include_code:
@@ -217,7 +217,7 @@ def new_submission_id(name: str) -> str:
 
 
 def _credential_keys(cfg: RunConfig) -> list[str]:
-    from pipeline.job import REDACTED, redact
+    from pipeline.storage.redaction import REDACTED, redact
 
     def walk(options: dict[str, Any], prefix: str) -> list[str]:
         keys: list[str] = []
@@ -243,7 +243,7 @@ def build_submission(config_path: str | None, overrides: Sequence[str], *, workd
     Returns the submission and the config the job will run (None when resuming a run whose
     config this machine cannot read: a local folder on a remote cluster). Nothing is checked
     against the cluster or the output here (:func:`check_output`,
-    :func:`pipeline.cluster_capacity.check_capacity`).
+    :func:`pipeline.cluster.capacity.check_capacity`).
     """
     cwd = cwd or Path.cwd()
     notes: list[str] = []
@@ -268,7 +268,8 @@ def build_submission(config_path: str | None, overrides: Sequence[str], *, workd
         args = ["run", "--config", CONFIG_NAME, "--progress", "lines"]
         out, name = cfg.output.dir, cfg.name
     else:
-        from pipeline.job import SECRET_WORDS, resume_config
+        from pipeline.storage.redaction import is_secret_key
+        from pipeline.storage.run_config import resume_config
 
         out = resume_out.rstrip("/")
         if not is_uri(out):
@@ -279,8 +280,7 @@ def build_submission(config_path: str | None, overrides: Sequence[str], *, workd
                                   "the cluster sees it (absolute path or s3://)")
         for text in overrides:
             key = text.split("=", 1)[0].lower()
-            if "storage_options" in key and any(w in key.rsplit(".", 1)[-1]
-                                                for w in SECRET_WORDS):
+            if "storage_options" in key and is_secret_key(key.rsplit(".", 1)[-1]):
                 raise ConfigError(f"override {key}: credentials on the command line are "
                                   "shown in the job's entrypoint; pass them with --env")
         cfg = None
@@ -319,7 +319,7 @@ def build_submission(config_path: str | None, overrides: Sequence[str], *, workd
 
 def submit(client: Any, submission: Submission) -> str:
     """Send ``submission`` to the Job server; the job id."""
-    from pipeline.job_server import JobServerError
+    from pipeline.cluster.job_client import JobServerError
 
     try:
         return client.submit_job(entrypoint=submission.entrypoint,

@@ -1,42 +1,19 @@
 """``bsgal submit`` and ``bsgal job status|logs|stop|list``: runs as Ray Jobs on a cluster.
 
 Registered on the main group by :mod:`pipeline.cli`. The cluster is reached through its Job
-server (the dashboard's HTTP port); see :mod:`pipeline.job_server`, :mod:`pipeline.submit` and
-:mod:`pipeline.cluster_capacity`.
+server (the dashboard's HTTP port); see :mod:`pipeline.cluster.job_client`, :mod:`pipeline.cluster.submit` and
+:mod:`pipeline.cluster.capacity`.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
 
 import click
 
-from pipeline.config import ConfigError
-
-# pipeline.cli imports this module to register its commands, so nothing is imported from it.
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input, an unreachable cluster or storage: one line and exit code 1, no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, FileNotFoundError) as exc:  # JobServerError is a ConfigError
-            raise click.ClickException(str(exc)) from None
-        except Exception as exc:
-            shards = sys.modules.get("pipeline.shards")
-            if shards is not None and isinstance(exc, shards.StorageError):
-                raise click.ClickException(str(exc)) from None
-            raise
-
-    return wrapper
+from pipeline.command_line import CONTEXT, user_errors
 
 ADDRESS = click.option(
     "--address", envvar="RAY_API_SERVER_ADDRESS", metavar="URL",
@@ -62,7 +39,7 @@ def _echo_err(text: str) -> None:
 
 def _follow(client: object, job_id: str) -> None:
     """Stream the job's log until it ends; exit with its status (0 only for SUCCEEDED)."""
-    from pipeline.job_server import exit_code, follow_job, status_line
+    from pipeline.cluster.job_client import exit_code, follow_job, status_line
 
     try:
         status = follow_job(client, job_id, lambda chunk: click.echo(chunk, nl=False))
@@ -102,7 +79,7 @@ def _follow(client: object, job_id: str) -> None:
                    "credentials for it; the job probes it first thing anyway).")
 @TIMEOUT
 @click.argument("overrides", nargs=-1)
-@friendly_errors
+@user_errors
 def submit(address: str | None, config_path: str | None, resume_out: str | None,
            follow: bool, image_has_code: bool, env: tuple[str, ...], job_id: str | None,
            cluster_config: str | None, no_resource_check: bool, no_output_check: bool,
@@ -121,11 +98,11 @@ def submit(address: str | None, config_path: str | None, resume_out: str | None,
       bsgal submit --address http://HEAD:8265 --resume s3://bucket/bsgal/run1
       bsgal job logs --follow ID
     """
-    from pipeline.cluster_capacity import check_capacity, launcher_capacity, live_capacity
-    from pipeline.job_server import is_local_address, job_server_url, open_job_client
-    from pipeline.shards import shards_root
-    from pipeline.submit import build_submission, check_output
-    from pipeline.submit import submit as send
+    from pipeline.cluster.capacity import check_capacity, launcher_capacity, live_capacity
+    from pipeline.cluster.job_client import is_local_address, job_server_url, open_job_client
+    from pipeline.storage.shards import shards_root
+    from pipeline.cluster.submit import build_submission, check_output
+    from pipeline.cluster.submit import submit as send
 
     if config_path is not None and resume_out is not None:
         raise click.UsageError("--resume continues a run with its own config.yaml; leave out "
@@ -170,10 +147,10 @@ def job() -> None:
 @ADDRESS
 @TIMEOUT
 @click.argument("job_id")
-@friendly_errors
+@user_errors
 def job_status(address: str | None, timeout: float, job_id: str) -> None:
     """The status of JOB_ID, its message, and where its output goes."""
-    from pipeline.job_server import job_request, job_server_url, open_job_client
+    from pipeline.cluster.job_client import job_request, job_server_url, open_job_client
 
     client = open_job_client(job_server_url(address or ""), timeout)
     info = job_request("status of", job_id, lambda: client.get_job_info(job_id))
@@ -183,7 +160,7 @@ def job_status(address: str | None, timeout: float, job_id: str) -> None:
     click.echo(f"  entrypoint: {info.entrypoint}")
     out = (info.metadata or {}).get("bsgal_out")
     if out:
-        from pipeline.shards import shards_root
+        from pipeline.storage.shards import shards_root
 
         click.echo(f"  shards:     {shards_root(out)}")
     if info.start_time:
@@ -204,10 +181,10 @@ def _when(seconds: float) -> str:
 @click.option("--follow", is_flag=True, help="Keep streaming until the job ends; exit with "
               "its status (0 SUCCEEDED, 1 FAILED, 2 STOPPED).")
 @click.argument("job_id")
-@friendly_errors
+@user_errors
 def job_logs(address: str | None, timeout: float, follow: bool, job_id: str) -> None:
     """The driver log of JOB_ID (progress lines, summary, errors)."""
-    from pipeline.job_server import job_request, job_server_url, open_job_client
+    from pipeline.cluster.job_client import job_request, job_server_url, open_job_client
 
     _quiet_ray_client()
     client = open_job_client(job_server_url(address or ""), timeout)
@@ -222,11 +199,11 @@ def job_logs(address: str | None, timeout: float, follow: bool, job_id: str) -> 
 @click.option("--wait", "wait_s", default=60.0, show_default=True, metavar="S",
               help="Seconds to wait for the job to end (0: do not wait).")
 @click.argument("job_id")
-@friendly_errors
+@user_errors
 def job_stop(address: str | None, timeout: float, wait_s: float, job_id: str) -> None:
     """Stop JOB_ID (its driver, stage actors and trainer workers). Its run folder keeps the
     shards and checkpoints written so far: continue with `bsgal submit --resume OUT`."""
-    from pipeline.job_server import (
+    from pipeline.cluster.job_client import (
         TERMINAL,
         job_request,
         job_server_url,
@@ -252,10 +229,10 @@ def job_stop(address: str | None, timeout: float, wait_s: float, job_id: str) ->
 @ADDRESS
 @TIMEOUT
 @click.option("--all", "show_all", is_flag=True, help="Also jobs not sent by bsgal.")
-@friendly_errors
+@user_errors
 def job_list(address: str | None, timeout: float, show_all: bool) -> None:
     """Jobs on the cluster, newest first: id, status, output folder."""
-    from pipeline.job_server import JobServerError, job_server_url, open_job_client
+    from pipeline.cluster.job_client import JobServerError, job_server_url, open_job_client
 
     client = open_job_client(job_server_url(address or ""), timeout)
     try:

@@ -42,6 +42,9 @@ import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 from PIL import Image
 
+from pipeline.errors import UserError
+from pipeline.storage.filesystem import filesystem, is_local, is_uri
+
 SHARD_SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"bsgal.schema_version"
 DECISIONS = ("accepted", "rejected", "invalid")
@@ -86,11 +89,11 @@ SCHEMA = pa.schema(
 )
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """Output storage is unreachable or not writable; the message names the URI and the fix."""
 
 
-class ShardSchemaError(ValueError):
+class ShardSchemaError(UserError, ValueError):
     """A shard was written by another schema version, or a folder holds no shards."""
 
 
@@ -105,15 +108,9 @@ def decision_of(reason: str) -> str:
     raise ValueError(f"reason {reason!r} is not 'accepted', 'rejected_*' or 'invalid_*'")
 
 
-def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and the path inside it for a local path or URI."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    return fs, path
-
-
 def shards_root(out: str) -> str:
     """``OUT/shards`` for a run folder ``OUT`` (local path or URI)."""
-    return posixpath.join(out.rstrip("/"), "shards") if "://" in out else f"{out.rstrip('/')}/shards"
+    return f"{out.rstrip('/')}/shards"
 
 
 # ------------------------------------------------------------------------------ row encoding
@@ -139,64 +136,55 @@ def decode_rle(rle: dict) -> np.ndarray:
     )
 
 
-def _float_or_nan(value: Any) -> float:
-    if value is None:
-        return math.nan
-    return float(value)
+#: Fields every decision row carries; the others get the neutral values below.
+REQUIRED_FIELDS = ("sample_id", "stream_offset", "accepted", "reason")
+#: Fields written from the row's image and mask, or at writing time.
+ENCODED_FIELDS = ("image_png", "mask_rle", "decided_at")
+_DEFAULTS = {"status": "ok", "rank": 0}
+
+
+def _cast(kind: pa.DataType, value: Any) -> Any:
+    """``value`` as the Python type of an Arrow field; None → the neutral value (``""``,
+    ``-1``, NaN)."""
+    if pa.types.is_string(kind):
+        return "" if value is None else str(value)
+    if pa.types.is_integer(kind):
+        return -1 if value is None else int(value)
+    if pa.types.is_floating(kind):
+        return math.nan if value is None else float(value)
+    if pa.types.is_boolean(kind):
+        return bool(value)
+    raise TypeError(f"no cast for {kind}")
 
 
 def to_record(row: dict[str, Any]) -> dict[str, Any]:
     """A candidate row with its decision (numpy image/mask) → a shard record (PNG, RLE).
 
-    Missing optional fields get neutral values (NaN scores, empty strings), never a guess.
-    A mask whose shape or values cannot be encoded is recorded as absent rather than crashing
-    the writer; the row keeps its reason.
+    Every :data:`SCHEMA` field is filled: :data:`REQUIRED_FIELDS` from the row (KeyError if
+    absent), the rest from the row or a neutral value (NaN scores, empty strings, -1), never a
+    guess. A mask whose shape or values cannot be encoded is recorded as absent rather than
+    crashing the writer; the row keeps its reason.
     """
-    image = row.get("image")
-    mask = row.get("mask")
-    image_png = None
+    record: dict[str, Any] = {}
+    for f in SCHEMA:
+        if f.name in ENCODED_FIELDS:
+            continue
+        value = row[f.name] if f.name in REQUIRED_FIELDS else row.get(f.name,
+                                                                      _DEFAULTS.get(f.name))
+        record[f.name] = _cast(f.type, value)
+    image, mask = row.get("image"), row.get("mask")
+    record["image_png"] = None
     if image is not None:
         arr = np.asarray(image)
         if arr.ndim == 3 and arr.shape[2] in (3, 4) and arr.dtype == np.uint8:
-            image_png = encode_png(arr)
-    mask_rle = None
+            record["image_png"] = encode_png(arr)
+    record["mask_rle"] = None
     if mask is not None:
         m = np.asarray(mask)
         if m.ndim == 2 and m.size and np.isfinite(m.astype(np.float32)).all():
-            mask_rle = encode_rle(m.astype(bool))
-    decided_at = row.get("decided_at") or _dt.datetime.now(_dt.timezone.utc)
-    return {
-        "run_id": str(row.get("run_id", "")),
-        "sample_id": str(row["sample_id"]),
-        "stream_offset": int(row["stream_offset"]),
-        "class_id": int(row.get("class_id", -1)),
-        "class_name": str(row.get("class_name", "")),
-        "class_frequency": str(row.get("class_frequency", "")),
-        "prompt": str(row.get("prompt", "")),
-        "seed": int(row.get("seed", -1)),
-        "generator": str(row.get("generator", "")),
-        "annotator": str(row.get("annotator", "")),
-        "status": str(row.get("status", "ok")),
-        "error": str(row.get("error", "")),
-        "image_png": image_png,
-        "mask_rle": mask_rle,
-        "mask_score": _float_or_nan(row.get("mask_score")),
-        "area_ratio": _float_or_nan(row.get("area_ratio")),
-        "num_components": int(row.get("num_components", -1)),
-        "clip_score": _float_or_nan(row.get("clip_score")),
-        "truth_failure": str(row.get("truth_failure", "")),
-        "truth_class_id": int(row.get("truth_class_id", -1)),
-        "score": _float_or_nan(row.get("score")),
-        "threshold": _float_or_nan(row.get("threshold")),
-        "accepted": bool(row["accepted"]),
-        "reason": str(row["reason"]),
-        "step": int(row.get("step", -1)),
-        "rank": int(row.get("rank", 0)),
-        "cache_norm": _float_or_nan(row.get("cache_norm")),
-        "batch_id": str(row.get("batch_id", "")),
-        "method": str(row.get("method", "")),
-        "decided_at": decided_at,
-    }
+            record["mask_rle"] = encode_rle(m.astype(bool))
+    record["decided_at"] = row.get("decided_at") or _dt.datetime.now(_dt.timezone.utc)
+    return record
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -233,7 +221,7 @@ class ShardWriter:
         self.max_rows = int(max_rows)
         self.flush_seconds = float(flush_seconds)
         self.fs, self.root_path = filesystem(self.root, storage_options)
-        self._local = "file" in _protocols(self.fs)
+        self._local = is_local(self.fs)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_queue_rows))
         self._error: BaseException | None = None
         self._closed = False
@@ -353,16 +341,6 @@ class ShardWriter:
             self.files_written.append(final)
 
 
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    proto = fs.protocol
-    return (proto,) if isinstance(proto, str) else tuple(proto)
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """Whether ``fs`` is the local filesystem (paths are plain OS paths)."""
-    return "file" in _protocols(fs)
-
-
 # ------------------------------------------------------------------------- resume, preflight
 
 
@@ -413,7 +391,7 @@ def preflight_writable(out: str, storage_options: dict | None = None) -> None:
     probe = f"{out.rstrip('/')}/_bsgal_write_probe-{uuid.uuid4().hex}"
     try:
         fs, path = filesystem(probe, storage_options)
-        if "file" in _protocols(fs):
+        if is_local(fs):
             fs.makedirs(posixpath.dirname(path), exist_ok=True)
         with fs.open(path, "wb") as fh:
             fh.write(b"ok")
@@ -425,7 +403,7 @@ def preflight_writable(out: str, storage_options: dict | None = None) -> None:
         hint = (
             "check the bucket name, credentials (AWS_* environment or profile) and "
             "output.storage_options.endpoint_url"
-            if "://" in out
+            if is_uri(out)
             else "check the folder exists or can be created and is writable"
         )
         raise StorageError(f"output {out} is not writable ({type(exc).__name__}: {exc}); "
@@ -479,7 +457,7 @@ def locate_shards(
 
 
 def _storage_hint(uri: str) -> str:
-    if "://" in uri:
+    if is_uri(uri):
         return ("check the bucket name, credentials (AWS_* environment or profile) and "
                 "storage options (endpoint_url)")
     return "check the path"
@@ -488,7 +466,7 @@ def _storage_hint(uri: str) -> str:
 def _raise_if_missing(uri: str, storage_options: dict | None) -> None:
     """Say precisely what is missing when a folder holds no shards (bucket, folder)."""
     fs, path = filesystem(uri, storage_options)
-    if "://" in uri and not uri.startswith("file://"):
+    if is_uri(uri):
         bucket = path.split("/", 1)[0]
         if not fs.exists(bucket):
             raise StorageError(f"{uri}: bucket '{bucket}' does not exist or is not readable; "

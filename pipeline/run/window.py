@@ -2,7 +2,7 @@
 
 One :class:`WindowStats` per worker collects decisions, time blocked on the candidate stream,
 time spent training and the stages' per-row busy seconds (the ``_seconds_<stage>`` columns of
-:mod:`pipeline.graph`); :meth:`WindowStats.close` returns the window's record for
+:mod:`pipeline.run.graph`); :meth:`WindowStats.close` returns the window's record for
 ``metrics.jsonl`` and starts the next window. Counts that run over the whole job live in
 :class:`RunCounters` (they are checkpointed).
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.graph import STAGES, TIMING_PREFIX
+from pipeline.run.graph import STAGES, TIMING_PREFIX
 
 SCORE_QUANTILES = (0.1, 0.5, 0.9)
 
@@ -26,7 +26,7 @@ class RunCounters:
     """Whole-run counts of one worker (plain numbers; part of its checkpoint).
 
     Attributes:
-        decided/accepted/rejected/invalid: candidates by decision.
+        accepted/rejected/invalid: candidates by decision (:attr:`decided` is their sum).
         candidate_steps: optimizer steps on pasted candidates.
         warmup_steps: real-only steps before candidates were consumed.
         filler_steps: real-only steps because no candidate was there (late, gone, or to keep
@@ -35,7 +35,6 @@ class RunCounters:
         wait_seconds: time blocked on the candidate stream; busy_seconds: time in steps.
     """
 
-    decided: int = 0
     accepted: int = 0
     rejected: int = 0
     invalid: int = 0
@@ -46,8 +45,16 @@ class RunCounters:
     wait_seconds: float = 0.0
     busy_seconds: float = 0.0
 
+    @property
+    def decided(self) -> int:
+        return self.accepted + self.rejected + self.invalid
+
+    def count(self, decision: str) -> None:
+        """One more candidate with ``decision`` (``accepted``, ``rejected`` or ``invalid``)."""
+        setattr(self, decision, getattr(self, decision) + 1)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "decided": self.decided}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunCounters":

@@ -7,13 +7,13 @@ Used by ``bsgal submit`` before a job is sent, from a machine that is not part o
   cluster (``/api/cluster_status``); plain HTTP with a timeout, no ``ray.init``;
 * :func:`launcher_capacity` reads a Ray cluster launcher YAML (``deploy/cluster.yaml``): every
   node type at its ``max_workers``, the most an autoscaling cluster can grow to;
-* :func:`run_requests` lists what the run asks for: each stage pool (actors x per-actor
-  resources) and the trainer workers, with custom resources that pin them to node types;
+* the run's demand is :func:`pipeline.demand.run_requests`: each stage pool (actors x
+  per-actor resources) and the trainer workers, with custom resources that pin them;
 * :func:`check_capacity` raises :class:`ConfigError` when they cannot all be placed at once
   (Ray would wait for them forever) and returns warnings where the answer is not known (an
   autoscaling cluster whose maximum was not given).
 
-The CPU/GPU totals are checked by :func:`pipeline.cluster.check_fits` (the same check
+The CPU/GPU totals are checked by :func:`pipeline.demand.check_fits` (the same check
 ``bsgal run`` makes once connected); this module adds custom resources and whether each actor
 fits on one node.
 """
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.demand import check_fits, run_requests
 
 #: Resources every Ray node advertises that a run never asks for by name.
 _BOOKKEEPING = ("memory", "object_store_memory", "node:", "accelerator_type:")
@@ -59,16 +60,6 @@ class ClusterCapacity:
         return sum(n.count * float(n.resources.get(resource, 0.0)) for n in self.nodes)
 
 
-@dataclass(frozen=True)
-class ResourceRequest:
-    """``count`` units of ``unit`` (resource -> amount), each placed on one node."""
-
-    part: str
-    keys: str
-    unit: Mapping[str, float]
-    count: int
-
-
 # ---------------------------------------------------------------------------------- reading
 
 
@@ -79,7 +70,7 @@ def _is_bookkeeping(name: str) -> bool:
 def _get_json(url: str, timeout: float) -> dict[str, Any]:
     import requests
 
-    from pipeline.job_server import JobServerError
+    from pipeline.cluster.job_client import JobServerError
 
     try:
         response = requests.get(url, timeout=(timeout, 3 * timeout))
@@ -195,30 +186,6 @@ def autoscaler_max_resources(bootstrap_config: str | Path = "~/ray_bootstrap_con
 # ----------------------------------------------------------------------------------- demand
 
 
-def run_requests(cfg: RunConfig) -> list[ResourceRequest]:
-    """Each stage pool and the trainer workers as counts of per-unit resource requests."""
-    g, a, t = cfg.generation, cfg.annotation, cfg.training
-
-    def unit(cpus: float, gpus: float, custom: Mapping[str, float]) -> dict[str, float]:
-        out = {"CPU": float(cpus), "GPU": float(gpus)}
-        out.update({k: float(v) for k, v in custom.items()})
-        return {k: v for k, v in out.items() if v > 0}
-
-    return [
-        ResourceRequest("generation", "generation.concurrency, num_cpus, num_gpus, resources",
-                        unit(g.num_cpus, g.num_gpus, g.resources), g.concurrency),
-        ResourceRequest("annotation", "annotation.concurrency, num_cpus, num_gpus, resources",
-                        unit(a.num_cpus, a.num_gpus, a.resources), a.concurrency),
-        ResourceRequest("quality checks", "annotation.check_concurrency, check_num_cpus, "
-                        "check_num_gpus", unit(a.check_num_cpus, a.check_num_gpus, {}),
-                        a.check_concurrency),
-        ResourceRequest("training", "training.num_workers, num_cpus_per_worker, use_gpu, "
-                        "resources_per_worker",
-                        unit(t.num_cpus_per_worker, 1.0 if t.use_gpu else 0.0,
-                             t.resources_per_worker), t.num_workers),
-    ]
-
-
 def units_that_fit(unit: Mapping[str, float], cap: ClusterCapacity) -> int:
     """How many copies of ``unit`` the nodes hold, each copy on one node (no other load)."""
     if not unit:
@@ -239,8 +206,6 @@ def check_capacity(cfg: RunConfig, cap: ClusterCapacity) -> list[str]:
     cluster shortfalls are warnings (the autoscaler may add nodes; pass the launcher YAML to
     know its maximum).
     """
-    from pipeline.cluster import check_fits
-
     problems: list[str] = []
     try:
         check_fits(cfg, cap.total("CPU"), cap.total("GPU"))

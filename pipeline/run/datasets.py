@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import DataConfig
+from pipeline.storage.filesystem import filesystem, is_uri
 from trainer.datasets.lvis_format import join_uri
 
 
@@ -18,12 +19,10 @@ def ensure_builtin_data(data: DataConfig) -> bool:
     return whether it was written."""
     if data.dataset != "builtin":
         return False
-    import fsspec
-
-    fs, _ = fsspec.core.url_to_fs(data.root, **data.storage_options)
+    fs, _ = filesystem(data.root, data.storage_options)
     if all(fs.exists(join_uri(data.root, name)) for name in (data.train_json, data.val_json)):
         return False
-    if "://" in data.root and not data.root.startswith("file://"):
+    if is_uri(data.root):
         raise FileNotFoundError(
             f"data.root: {data.root} holds no {data.train_json}; the built-in set is written "
             "to local folders only: write it with `bsgal data synth DIR` and copy it there, or "

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.run_dir import RunDir, read_metrics
-from pipeline.shards import shards_root
+from pipeline.storage.run_dir import RunDir, read_metrics
+from pipeline.storage.shards import shards_root
 
 
 def _worker_totals(run: RunDir, workers: int) -> list[dict[str, Any]]:

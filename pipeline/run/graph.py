@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import RunConfig
+from pipeline.demand import stage_cpus
 
 STAGES = ("generate", "annotate", "check")
 TIMING_PREFIX = "_seconds_"
@@ -149,7 +150,7 @@ def build_candidate_dataset(cfg: RunConfig, prompts: Mapping[str, np.ndarray],
         prompts: the prompt rows still to generate, in stream order (numpy columns).
         categories: the training set's LVIS category dicts (the procedural generator draws
             each class's ``look``; loaded once on the driver).
-        progress: the run's :class:`pipeline.progress.ProgressBoard` actor, or None.
+        progress: the run's :class:`pipeline.run.progress.ProgressBoard` actor, or None.
         kill: test hook, see :class:`StageKill`.
         specs: the stages (default :func:`stage_specs` of ``cfg``); benchmarks swap one.
     """
@@ -188,11 +189,4 @@ def configure_data_context(cfg: RunConfig, cluster_cpus: float) -> None:
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
     ctx.enable_progress_bars = cfg.ray.data_progress_bars
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        cpu=max(cfg.ray.data_cpu_fraction * cluster_cpus, minimum_stage_cpus(cfg)))
-
-
-def minimum_stage_cpus(cfg: RunConfig) -> float:
-    """CPUs the stage actor pools hold at once (each pool at its fixed size)."""
-    g, a = cfg.generation, cfg.annotation
-    return (g.concurrency * g.num_cpus + a.concurrency * a.num_cpus
-            + a.check_concurrency * a.check_num_cpus)
+        cpu=max(cfg.ray.data_cpu_fraction * cluster_cpus, stage_cpus(cfg)))

@@ -10,13 +10,13 @@
 4. Ray is reached (an existing instance, ``ray.address``, or a local one) and the stage pools
    plus trainer workers are checked against its CPUs/GPUs;
 5. the prompt rows still to generate become the source of the Ray Data graph
-   (:mod:`pipeline.graph`), which a ``TorchTrainer`` reads through
-   ``ray.train.get_dataset_shard`` (:mod:`pipeline.train_worker`);
+   (:mod:`pipeline.run.graph`), which a ``TorchTrainer`` reads through
+   ``ray.train.get_dataset_shard`` (:mod:`pipeline.run.train_worker`);
 6. ``OUT/summary.json`` gets the counts (made = accepted + rejected + invalid), acceptance by
    frequency group, the final evaluation and the timings.
 
 Resume: the latest checkpoint says how far each worker got in its candidate stream; shard files
-written after it are removed (:func:`pipeline.shards.drop_after`) and the prompt rows not yet
+written after it are removed (:func:`pipeline.storage.shards.drop_after`) and the prompt rows not yet
 decided are generated again. With one worker and ``ray.preserve_order`` the resumed run's
 decisions equal an uninterrupted run's; with N workers the split of the stream between workers
 depends on timing, so a resumed run decides every remaining candidate exactly once but not
@@ -25,7 +25,6 @@ necessarily on the same worker.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import tempfile
@@ -36,32 +35,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from pipeline.checkpoints import decision_keys, read_info
-from pipeline.config import (
-    ConfigError,
-    RunConfig,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-)
-from pipeline.graph import StageKill
+from pipeline.config import ConfigError, RunConfig, config_to_dict
+from pipeline.errors import UserError
 from pipeline.paths import absolute_paths
-from pipeline.run_dir import MetricsLog, RunDir
-from pipeline.shards import StorageError, drop_after, preflight_writable, read_decisions
-
-REDACTED = "<redacted>"
-# Keys of storage options whose values are secrets (matched case-insensitively as substrings).
-SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
-NOT_SECRET = ("endpoint_url", "region_name", "profile", "anon", "use_ssl", "client_kwargs",
-              "config_kwargs")
-# Probing the output fails in seconds, not after botocore's default retries.
-FAST_FAIL_S3 = {"connect_timeout": 5, "read_timeout": 20,
-                "retries": {"max_attempts": 2, "mode": "standard"}}
+from pipeline.run.graph import StageKill
+from pipeline.storage.checkpoints import read_info
+from pipeline.storage.filesystem import fast_fail_options
+from pipeline.storage.run_config import resume_config, write_run_config
+from pipeline.storage.run_dir import MetricsLog, RunDir
+from pipeline.storage.shards import StorageError, drop_after, preflight_writable, read_decisions
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(UserError, RuntimeError):
     """The Ray Train workers failed; the message is one line naming the worker's error."""
 
 
@@ -101,47 +87,6 @@ class JobResult:
 
     out: str
     summary: dict[str, Any]
-
-
-# ------------------------------------------------------------------------------ config files
-
-
-def redact(options: Any) -> Any:
-    """Storage options with every secret value replaced by ``<redacted>`` (nested dicts too)."""
-    if isinstance(options, dict):
-        out = {}
-        for key, value in options.items():
-            lowered = str(key).lower()
-            if isinstance(value, dict):
-                out[key] = redact(value)
-            elif lowered not in NOT_SECRET and any(w in lowered for w in SECRET_WORDS):
-                out[key] = REDACTED
-            else:
-                out[key] = value
-        return out
-    return options
-
-
-def _drop_redacted(options: Any) -> Any:
-    if isinstance(options, dict):
-        return {k: _drop_redacted(v) for k, v in options.items() if v != REDACTED}
-    return options
-
-
-def redacted_config(cfg: RunConfig) -> dict[str, Any]:
-    """The config as plain data with the storage options' secrets redacted."""
-    data = config_to_dict(cfg)
-    for section in ("data", "output"):
-        data[section]["storage_options"] = redact(data[section]["storage_options"])
-    return data
-
-
-def probe_options(uri: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Storage options for a quick probe of ``uri``: fast-failing retries for S3."""
-    opts = dict(options)
-    if uri.startswith(("s3://", "s3a://")):
-        opts.setdefault("config_kwargs", FAST_FAIL_S3)
-    return opts
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -208,36 +153,6 @@ def plan_resume(cfg: RunConfig, sampler: Any) -> ResumePoint:
     return ResumePoint(name, step, positions, decided, dropped)
 
 
-def resume_config(out: str, overrides: Sequence[str] = (),
-                  storage_options: dict[str, Any] | None = None) -> RunConfig:
-    """The config of the run in ``out`` with the allowed ``overrides`` applied.
-
-    Only keys that cannot change a decision may be overridden (``ray.*``, storage options,
-    logging); anything else is a :class:`ConfigError` naming the key.
-    """
-    run = RunDir(out, storage_options or {})
-    if not run.exists("config.yaml"):
-        raise ConfigError(f"--resume {out}: no config.yaml there; is it a bsgal run folder?")
-    data = yaml.safe_load(run.read_bytes("config.yaml"))
-    for section in ("data", "output"):
-        data[section]["storage_options"] = _drop_redacted(data[section].get("storage_options")
-                                                          or {})
-    if storage_options:
-        data["output"]["storage_options"] = {**data["output"]["storage_options"],
-                                             **storage_options}
-    before = config_from_dict(copy.deepcopy(data))
-    after = config_from_dict(apply_overrides(data, overrides))
-    old, new = decision_keys(before), decision_keys(after)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if changed:
-        raise ConfigError(
-            f"--resume: {', '.join(changed)} cannot change when resuming (it changes which "
-            "candidates are made or how they are judged); only ray.*, output/data "
-            "storage_options and logging keys may. Start a new run in another output.dir "
-            "instead")
-    return dataclasses.replace(after, output=dataclasses.replace(after.output, dir=out))
-
-
 # ------------------------------------------------------------------------------ the run
 
 
@@ -269,7 +184,7 @@ def run_job(cfg: RunConfig, *, resume: bool = False, progress: str = "auto",
         ConfigError: a bad config, a job that does not fit the cluster, an existing run.
         TrainingFailed: a worker failed (one line naming its error).
     """
-    from pipeline.datasets import ensure_builtin_data, train_categories
+    from pipeline.run.datasets import ensure_builtin_data, train_categories
 
     started = time.monotonic()
     faults = faults or Faults()
@@ -280,7 +195,7 @@ def run_job(cfg: RunConfig, *, resume: bool = False, progress: str = "auto",
     if cfg.selection.method == "none" and cfg.generation.num_candidates > 0:
         raise ConfigError("selection.method=none trains on real data only; set "
                           "generation.num_candidates=0 (or choose a selection method)")
-    preflight_writable(out, probe_options(out, opts))
+    preflight_writable(out, fast_fail_options(out, opts))
     run = RunDir(out, opts)
     if not resume:
         _check_fresh_output(run)
@@ -298,7 +213,7 @@ def run_job(cfg: RunConfig, *, resume: bool = False, progress: str = "auto",
                  f"{len(point.positions)} to go ({point.dropped_files} shard files written "
                  "after the checkpoint removed)")
     else:
-        run.write_text("config.yaml", yaml.safe_dump(redacted_config(cfg), sort_keys=False))
+        write_run_config(run, cfg)
         point = ResumePoint(None, 0, np.arange(cfg.generation.num_candidates, dtype=np.int64),
                             0, 0)
     prompts = sampler.sample_positions(point.positions)
@@ -322,12 +237,13 @@ def _run_on_ray(cfg: RunConfig, prompts: dict[str, np.ndarray], categories: list
     import ray
     from ray.data import ExecutionOptions
 
-    from pipeline.cluster import check_fits, connect
-    from pipeline.graph import build_candidate_dataset, configure_data_context
-    from pipeline.ingest import CandidateDataConfig
-    from pipeline.progress import ProgressDisplay, start_board
-    from pipeline.run_summary import summarize_run
-    from pipeline.train_worker import WorkerPlan, train_loop_per_worker
+    from pipeline.cluster.connect import connect
+    from pipeline.demand import check_fits
+    from pipeline.run.graph import build_candidate_dataset, configure_data_context
+    from pipeline.run.train_data_config import CandidateDataConfig
+    from pipeline.run.progress import ProgressDisplay, start_board
+    from pipeline.inspection.run_summary import summarize_run
+    from pipeline.run.train_worker import WorkerPlan, train_loop_per_worker
 
     t0 = time.monotonic()
     conn = connect(cfg)
@@ -371,7 +287,7 @@ def _torch_trainer(cfg: RunConfig, plan: Any, ds: Any, data_config: Any) -> Any:
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train_worker import train_loop_per_worker
+    from pipeline.run.train_worker import train_loop_per_worker
 
     t = cfg.training
     resources = {"CPU": t.num_cpus_per_worker}
@@ -397,7 +313,7 @@ def resume_job(out: str, overrides: Sequence[str] = (), *, progress: str = "auto
                echo: Callable[[str], None] = print) -> JobResult:
     """``bsgal run --resume OUT``: continue the run in ``out`` from its latest checkpoint."""
     out = out.rstrip("/")
-    preflight_writable(out, probe_options(out, storage_options or {}))
+    preflight_writable(out, fast_fail_options(out, storage_options))
     cfg = resume_config(out, overrides, storage_options)
     run = RunDir(out, cfg.output.storage_options)
     if run.exists("summary.json"):

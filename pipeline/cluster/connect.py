@@ -2,18 +2,17 @@
 
 ``connect(cfg)`` uses a Ray that this process already initialised (tests share one), connects to
 ``ray.address`` when it is set, or starts a local instance; it says whether it started Ray, so
-that the job shuts down only what it started. ``check_fits(cfg, resources)`` refuses, before
-anything is scheduled, a config whose stage pools and trainer workers cannot all hold their
-CPUs/GPUs at once: Ray would otherwise wait for them forever.
+that the job shuts down only what it started; ``max_cpus``/``max_gpus`` of the connection are
+what :func:`pipeline.demand.check_fits` checks the job against.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.paths import code_root
 
 
 @dataclass(frozen=True)
@@ -30,12 +29,6 @@ class RayConnection:
     gpus: float
     max_cpus: float
     max_gpus: float
-
-
-def code_root() -> str:
-    """The folder holding the ``pipeline`` package this process imported: Ray workers on this
-    machine must import the same code (an editable install elsewhere could shadow it)."""
-    return str(Path(__file__).resolve().parent.parent)
 
 
 def worker_env() -> dict[str, str]:
@@ -88,7 +81,7 @@ def connect(cfg: RunConfig) -> RayConnection:
     max_cpus, max_gpus = cpus, gpus
     if not started:
         # A cluster autoscaled from zero workers holds almost nothing until the job asks.
-        from pipeline.cluster_capacity import autoscaler_max_resources
+        from pipeline.cluster.capacity import autoscaler_max_resources
 
         limits = autoscaler_max_resources() or {}
         max_cpus = max(cpus, float(limits.get("CPU", 0.0)))
@@ -96,51 +89,3 @@ def connect(cfg: RunConfig) -> RayConnection:
     ctx = ray.get_runtime_context()
     return RayConnection(started=started, address=str(ctx.gcs_address), cpus=cpus, gpus=gpus,
                          max_cpus=max_cpus, max_gpus=max_gpus)
-
-
-def demand(cfg: RunConfig) -> dict[str, float]:
-    """CPUs and GPUs the job holds at once: every stage pool at its size plus the trainer
-    workers. The keys are the config keys that set each part."""
-    g, a, t = cfg.generation, cfg.annotation, cfg.training
-    return {
-        "cpu.generation": g.concurrency * g.num_cpus,
-        "cpu.annotation": a.concurrency * a.num_cpus,
-        "cpu.check": a.check_concurrency * a.check_num_cpus,
-        "cpu.training": t.num_workers * t.num_cpus_per_worker,
-        "gpu.generation": g.concurrency * g.num_gpus,
-        "gpu.annotation": a.concurrency * a.num_gpus,
-        "gpu.check": a.check_concurrency * a.check_num_gpus,
-        "gpu.training": t.num_workers * (1.0 if t.use_gpu else 0.0),
-    }
-
-
-_PART_KEYS = {
-    "cpu.generation": "generation.concurrency x generation.num_cpus",
-    "cpu.annotation": "annotation.concurrency x annotation.num_cpus",
-    "cpu.check": "annotation.check_concurrency x annotation.check_num_cpus",
-    "cpu.training": "training.num_workers x training.num_cpus_per_worker",
-    "gpu.generation": "generation.concurrency x generation.num_gpus",
-    "gpu.annotation": "annotation.concurrency x annotation.num_gpus",
-    "gpu.check": "annotation.check_concurrency x annotation.check_num_gpus",
-    "gpu.training": "training.num_workers (training.use_gpu=true)",
-}
-
-
-def check_fits(cfg: RunConfig, cpus: float, gpus: float) -> None:
-    """Raise :class:`ConfigError` when the stage pools and trainer workers need more CPUs or
-    GPUs than the cluster has (message: what each part asks for and which keys to lower)."""
-    need = demand(cfg)
-    for kind, have, unit in (("gpu", gpus, "GPUs"), ("cpu", cpus, "CPUs")):
-        parts = {k: v for k, v in need.items() if k.startswith(kind + ".") and v > 0}
-        total = sum(parts.values())
-        if total <= have + 1e-9:
-            continue
-        detail = ", ".join(f"{_PART_KEYS[k]} = {v:g}" for k, v in parts.items())
-        if kind == "gpu" and have == 0:
-            hint = ("this Ray cluster has no GPU: set the num_gpus keys to 0 and "
-                    "training.use_gpu=false, or connect to a cluster with GPUs (ray.address)")
-        else:
-            hint = ("lower these (fractions such as num_cpus=0.25 suit light stages) or use a "
-                    "larger cluster (ray.address)")
-        raise ConfigError(f"the job needs {total:g} {unit} at once but the Ray cluster has "
-                          f"{have:g} ({detail}); {hint}")

@@ -37,7 +37,8 @@ from pipeline.inspection.summary import (
     truth_by_failure,
     truth_precision_recall,
 )
-from pipeline.shards import DECISIONS, decode_rle, filesystem, is_local
+from pipeline.storage.filesystem import filesystem, is_local, is_uri
+from pipeline.storage.shards import DECISIONS, decode_rle
 
 OUTLINE_INNER = (255, 230, 0)  # yellow, on the mask's edge pixels
 OUTLINE_OUTER = (0, 0, 0)  # black, just outside the mask
@@ -564,7 +565,7 @@ def write_report(q: DecisionQuery, path: str, options: ReportOptions | None = No
     """Build the report for ``q``'s selection and write it to ``path`` (local or fsspec URI)."""
     page, meta = build_report(q, options)
     data = page.encode("utf-8")
-    fs, fpath = filesystem(path, storage_options if "://" in path else None)
+    fs, fpath = filesystem(path, storage_options if is_uri(path) else None)
     if is_local(fs):
         parent = fpath.rsplit("/", 1)[0] if "/" in fpath else ""
         if parent:

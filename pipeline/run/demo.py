@@ -6,9 +6,9 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.cluster import code_root
+from pipeline.paths import code_root
 from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.shards import filesystem
+from pipeline.storage.filesystem import filesystem
 
 
 def demo_config_path() -> Path:

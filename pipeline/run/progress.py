@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from pipeline.graph import STAGES
+from pipeline.run.graph import STAGES
 
 
 class ProgressBoard:

@@ -35,14 +35,16 @@ from annotators import cutout
 from PIL import Image
 
 from pipeline.inspection.query import DecisionQuery
-from pipeline.shards import decode_rle, filesystem, is_local
+from pipeline.errors import UserError
+from pipeline.storage.filesystem import filesystem, is_local, is_uri
+from pipeline.storage.shards import decode_rle
 
 POOL_INDEX = "pool.json"
 XPASTE_INDEX = "xpaste_pool.json"
 EXPORT_RECORD = "export.json"
 
 
-class PoolExistsError(FileExistsError):
+class PoolExistsError(UserError, FileExistsError):
     """The output folder already holds a pool (and overwriting was not asked for)."""
 
 
@@ -95,7 +97,7 @@ def export_pool(q: DecisionQuery, out: str, storage_options: dict | None = None,
     Raises:
         PoolExistsError: ``out`` already holds ``pool.json`` and ``overwrite`` is False.
     """
-    fs, root = filesystem(out, storage_options if "://" in out else None)
+    fs, root = filesystem(out, storage_options if is_uri(out) else None)
     root = root.rstrip("/")
     local = is_local(fs)
     index_path = f"{root}/{POOL_INDEX}"

@@ -1,0 +1,50 @@
+"""Opening a local path or URI with fsspec, and the few questions every caller asks of it.
+
+``filesystem(uri)`` gives the fsspec filesystem and the path inside it; :func:`is_uri` says
+whether a string names remote storage (``s3://bucket/key``; ``file://`` counts as local);
+:func:`is_local` says it of an opened filesystem. :func:`fast_fail_options` adds time-outs
+and few retries for S3, so that an endpoint that is down fails in seconds instead of after
+botocore's default retries; a user's own ``config_kwargs`` replace them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+
+#: botocore settings for reads and probes: a dead endpoint fails at connect (5 s), a slow read
+#: of a large shard still completes.
+FAST_FAIL_S3 = {"connect_timeout": 5, "read_timeout": 60,
+                "retries": {"max_attempts": 2, "mode": "standard"}}
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names remote storage (``s3://...``) rather than a local path."""
+    return "://" in path and not path.startswith("file://")
+
+
+def filesystem(uri: str, storage_options: dict | None = None
+               ) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the path inside it for a local path or URI."""
+    return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem (paths are plain OS paths)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" in protocols
+
+
+def fast_fail_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """``options`` for ``uri`` with :data:`FAST_FAIL_S3` unless ``config_kwargs`` is given."""
+    opts = dict(options or {})
+    if uri.startswith(("s3://", "s3a://")):
+        opts.setdefault("config_kwargs", FAST_FAIL_S3)
+    return opts
+
+
+def remote_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The storage options that apply to ``uri``: None for a local path, else
+    :func:`fast_fail_options`."""
+    return fast_fail_options(uri, options) if is_uri(uri) else None
