@@ -1,8 +1,8 @@
 """One dataclass tree for a run: loadable from YAML, overridable as ``section.key=value``.
 
 ``RunConfig`` is the whole run. Its sections are plain dataclasses whose fields carry the
-defaults of the reference set-up where one exists (PAPER.md), so that a YAML file only names
-what differs. Loading is strict: an unknown key or a value of the wrong type is a
+defaults of the reference set-up where one exists (docs/algorithm.md, Reference training
+set-up), so that a YAML file only names what differs. Loading is strict: an unknown key or a value of the wrong type is a
 :class:`ConfigError` that names the key and suggests the closest valid one.
 
 Example::
@@ -293,7 +293,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         hint = _suggest(str(value), [str(c) for c in choices])
         raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}{hint}")
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in typing.get_args(tp):
             if arg is type(None):
                 if value is None:
@@ -301,8 +300,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
     if tp is bool:
         if isinstance(value, bool):

@@ -239,11 +239,11 @@ def _run_on_ray(cfg: RunConfig, prompts: dict[str, np.ndarray], categories: list
 
     from pipeline.cluster.connect import connect
     from pipeline.demand import check_fits
-    from pipeline.run.graph import build_candidate_dataset, configure_data_context
-    from pipeline.run.train_data_config import CandidateDataConfig
-    from pipeline.run.progress import ProgressDisplay, start_board
     from pipeline.inspection.run_summary import summarize_run
-    from pipeline.run.train_worker import WorkerPlan, train_loop_per_worker
+    from pipeline.run.graph import build_candidate_dataset, configure_data_context
+    from pipeline.run.progress import ProgressDisplay, start_board
+    from pipeline.run.train_data_config import CandidateDataConfig
+    from pipeline.run.train_worker import WorkerPlan
 
     t0 = time.monotonic()
     conn = connect(cfg)
