@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test clean chromium
+.PHONY: install demo test test-fast clean chromium
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ test: install chromium
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q \
 		--durations=15; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$status
+
+# The inner loop: everything but the tests that start Ray, moto S3 or Chromium, or take > 20 s.
+test-fast: install
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q \
+		-m "not slow and not ray and not s3 and not browser"
 
 # The HTML report's test drives a real headless Chromium (Debian's package); install it if absent.
 chromium:
