@@ -47,7 +47,7 @@ Backends
 
 from __future__ import annotations
 
-import importlib
+from generators.columns import lazy_attribute, registered_class
 
 #: backend name -> "module:Class" (imported on use, so the builtin path never loads torch).
 ANNOTATOR_BACKENDS = {
@@ -58,12 +58,7 @@ ANNOTATOR_BACKENDS = {
 
 def annotator_class(backend: str) -> type:
     """The stage class registered for ``backend``."""
-    if backend not in ANNOTATOR_BACKENDS:
-        raise ValueError(
-            f"unknown annotator backend {backend!r}; expected one of {sorted(ANNOTATOR_BACKENDS)}"
-        )
-    module, _, name = ANNOTATOR_BACKENDS[backend].partition(":")
-    return getattr(importlib.import_module(module), name)
+    return registered_class(ANNOTATOR_BACKENDS, backend, "annotator")
 
 
 def build_annotator(backend: str, **kwargs):
@@ -71,21 +66,21 @@ def build_annotator(backend: str, **kwargs):
     return annotator_class(backend)(**kwargs)
 
 
+#: Lazy re-exports: importing the package must stay cheap (no torch, no segment-anything).
+_LAZY = {
+    "BuiltinAnnotator": "annotators.builtin",
+    "SamAnnotator": "annotators.sam",
+    "build_sam": "annotators.sam",
+    "QualityCheck": "annotators.quality",
+    "ClipScorer": "annotators.clip_score",
+    "rgba_cutout": "annotators.cutout",
+    "Annotation": "annotators.stage",
+    "MaskAnnotator": "annotators.stage",
+}
+
+
 def __getattr__(name: str):
-    # Lazy re-exports: importing the package must stay cheap (no torch, no segment-anything).
-    lazy = {
-        "BuiltinAnnotator": "annotators.builtin",
-        "SamAnnotator": "annotators.sam",
-        "build_sam": "annotators.sam",
-        "QualityCheck": "annotators.quality",
-        "ClipScorer": "annotators.clip_score",
-        "rgba_cutout": "annotators.cutout",
-        "Annotation": "annotators.stage",
-        "MaskAnnotator": "annotators.stage",
-    }
-    if name in lazy:
-        return getattr(importlib.import_module(lazy[name]), name)
-    raise AttributeError(f"module 'annotators' has no attribute {name!r}")
+    return lazy_attribute("annotators", _LAZY, name)
 
 
 __all__ = [

@@ -1,8 +1,9 @@
 """Column names and batch helpers of the annotation stages (see :mod:`annotators`).
 
 The batch plumbing (``string_column``, ``batch_length``, ``require_columns``,
-``incoming_status``, ``short_error`` and the shared column names) is the one in
-:mod:`generators.columns`: plain numpy, no model code. Both follow the candidate contract.
+``incoming_status``, ``short_error``), the shared column names and the ``invalid_*`` status
+values are the ones in :mod:`generators.columns` (plain numpy, no model code), re-exported here.
+Both follow the candidate contract.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from generators.columns import (  # noqa: F401  (re-exported for the annotation 
     CLASS_NAME,
     ERROR,
     IMAGE,
+    INVALID_ANNOTATION_ERROR,
+    INVALID_AREA_RATIO,
+    INVALID_BORDER_TOUCH,
+    INVALID_EMPTY_MASK,
+    INVALID_IMAGE,
+    INVALID_MISSING_MASK,
+    INVALID_NAN_MASK,
+    INVALID_QUALITY_ERROR,
+    INVALID_SIZE_MISMATCH,
     STATUS,
     STATUS_OK,
     batch_length,
@@ -30,16 +40,6 @@ MASK_SCORE = "mask_score"
 AREA_RATIO = "area_ratio"
 NUM_COMPONENTS = "num_components"
 CLIP_SCORE = "clip_score"
-
-INVALID_IMAGE = "invalid_image"
-INVALID_ANNOTATION_ERROR = "invalid_annotation_error"
-INVALID_MISSING_MASK = "invalid_missing_mask"
-INVALID_NAN_MASK = "invalid_nan_mask"
-INVALID_SIZE_MISMATCH = "invalid_size_mismatch"
-INVALID_EMPTY_MASK = "invalid_empty_mask"
-INVALID_AREA_RATIO = "invalid_area_ratio"
-INVALID_BORDER_TOUCH = "invalid_border_touch"
-INVALID_QUALITY_ERROR = "invalid_quality_error"
 
 
 def mask_column(masks: Sequence[np.ndarray | None], shapes: Sequence[tuple[int, int] | None]):

@@ -40,8 +40,7 @@ following the same contract plus one line in :data:`GENERATOR_BACKENDS`.
 
 from __future__ import annotations
 
-import importlib
-
+from generators.columns import lazy_attribute, registered_class
 from generators.prompts import DEFAULT_TEMPLATE, PromptSampler, make_sample_id
 from generators.vocabulary import ClassInfo, ClassVocabulary, UnknownClassError
 
@@ -54,12 +53,7 @@ GENERATOR_BACKENDS = {
 
 def generator_class(backend: str) -> type:
     """The stage class registered for ``backend``."""
-    if backend not in GENERATOR_BACKENDS:
-        raise ValueError(
-            f"unknown generator backend {backend!r}; expected one of {sorted(GENERATOR_BACKENDS)}"
-        )
-    module, _, name = GENERATOR_BACKENDS[backend].partition(":")
-    return getattr(importlib.import_module(module), name)
+    return registered_class(GENERATOR_BACKENDS, backend, "generator")
 
 
 def build_generator(backend: str, **kwargs):
@@ -67,16 +61,16 @@ def build_generator(backend: str, **kwargs):
     return generator_class(backend)(**kwargs)
 
 
+#: Lazy re-exports: importing the package must stay cheap (no torch/diffusers).
+_LAZY = {
+    "ProceduralGenerator": "generators.procedural",
+    "StableDiffusionGenerator": "generators.stable_diffusion",
+    "ModelNotFoundError": "generators.stable_diffusion",
+}
+
+
 def __getattr__(name: str):
-    # Lazy re-exports: importing the package must stay cheap (no torch/diffusers).
-    lazy = {
-        "ProceduralGenerator": "generators.procedural",
-        "StableDiffusionGenerator": "generators.stable_diffusion",
-        "ModelNotFoundError": "generators.stable_diffusion",
-    }
-    if name in lazy:
-        return getattr(importlib.import_module(lazy[name]), name)
-    raise AttributeError(f"module 'generators' has no attribute {name!r}")
+    return lazy_attribute("generators", _LAZY, name)
 
 
 __all__ = [

@@ -1,11 +1,20 @@
-"""Column names and small helpers for candidate batches (dicts of equal-length numpy columns).
+"""Column names, status values and small helpers for candidate batches (dicts of equal-length
+numpy columns).
 
-The vocabulary is listed in :mod:`generators` (the package docstring); this module holds the
-names as constants and the helpers every generator stage uses to read and write a batch.
+The vocabulary is listed in :mod:`generators` and :mod:`annotators` (the package docstrings);
+this module holds the names as constants and the plain helpers every stage uses to read and write
+a batch. It is the lowest module of the candidate contract: :mod:`annotators.columns` re-exports
+it and `trainer.candidates` imports it (plain numpy, no model code), so the candidate status
+values and the reason vocabulary of decision rows (`reason_kind`) are written down only here.
+The batch selector's own decision reasons stay in `selector.decision` (selector imports nothing
+from the project); they follow the same ``accepted`` / ``rejected_*`` / ``invalid_*`` forms.
+It also holds the backend-registry lookup that the `generators` and `annotators` packages share
+(`registered_class`, `lazy_attribute`).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -24,9 +33,28 @@ STATUS = "status"
 ERROR = "error"
 
 STATUS_OK = "ok"
+# Generation failures.
 INVALID_GENERATION_ERROR = "invalid_generation_error"
 INVALID_UNKNOWN_CLASS = "invalid_unknown_class"
 INVALID_NSFW = "invalid_nsfw"
+# Annotation and quality-check failures (the trainer checks some of them again).
+INVALID_IMAGE = "invalid_image"
+INVALID_ANNOTATION_ERROR = "invalid_annotation_error"
+INVALID_MISSING_MASK = "invalid_missing_mask"
+INVALID_NAN_MASK = "invalid_nan_mask"
+INVALID_SIZE_MISMATCH = "invalid_size_mismatch"
+INVALID_EMPTY_MASK = "invalid_empty_mask"
+INVALID_AREA_RATIO = "invalid_area_ratio"
+INVALID_BORDER_TOUCH = "invalid_border_touch"
+INVALID_QUALITY_ERROR = "invalid_quality_error"
+
+#: The reason of a decision row is ``accepted``, ``rejected_<why>`` or ``invalid_<why>`` (a
+#: candidate's failed status, or a batch that could not be judged).
+ACCEPTED = "accepted"
+REJECTED_PREFIX = "rejected_"
+INVALID_PREFIX = "invalid_"
+#: What `reason_kind` returns (the ``decision`` column of the decision shards).
+DECISION_KINDS = ("accepted", "rejected", "invalid")
 
 #: Columns every prompt row carries (the input rows of the Ray graph).
 PROMPT_COLUMNS = (SAMPLE_ID, CLASS_ID, CLASS_NAME, PROMPT, SEED)
@@ -73,3 +101,39 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
     """``Type: message`` of an exception, cut to ``limit`` characters, for the ``error`` column."""
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_invalid_reason(reason: str) -> bool:
+    """True for an ``invalid_<why>`` status or reason."""
+    return reason.startswith(INVALID_PREFIX)
+
+
+def reason_kind(reason: str) -> str:
+    """``"accepted"``, ``"rejected"`` (``rejected_*``) or ``"invalid"`` (``invalid_*``) for a
+    decision reason; ValueError for any other string."""
+    if reason == ACCEPTED:
+        return "accepted"
+    if reason.startswith(REJECTED_PREFIX):
+        return "rejected"
+    if is_invalid_reason(reason):
+        return "invalid"
+    raise ValueError(f"reason {reason!r} is not {ACCEPTED!r}, '{REJECTED_PREFIX}*' or "
+                     f"'{INVALID_PREFIX}*'")
+
+
+def registered_class(registry: Mapping[str, str], backend: str, kind: str) -> type:
+    """The stage class that ``registry`` (backend name → ``"module:Class"``) names for
+    ``backend``, imported now; ``kind`` (``"generator"``, ``"annotator"``) names the registry in
+    the error for an unknown backend."""
+    if backend not in registry:
+        raise ValueError(f"unknown {kind} backend {backend!r}; expected one of {sorted(registry)}")
+    module, _, name = registry[backend].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def lazy_attribute(package: str, lazy: Mapping[str, str], name: str):
+    """A package's lazy re-export (its module ``__getattr__``): attribute ``name`` of the
+    module that ``lazy`` maps it to, imported on first use so the package itself stays cheap."""
+    if name in lazy:
+        return getattr(importlib.import_module(lazy[name]), name)
+    raise AttributeError(f"module {package!r} has no attribute {name!r}")

@@ -6,7 +6,7 @@ Faithful BSGAL step (docs/algorithm.md, Faithful mode), one decision per worker 
     selector.update_cache(flat.compute(real_cls_loss), step=step)   # 1. real "test" batch
     decision = selector.decide(step=step, num_generated=n,          # 2.-3. pasted batch
                                candidate_grad=flat.compute(generated_loss),
-                               class_ids=pasted_class_ids)
+                               class_ids=class_ids)  # of the pasted instances
     # 4. train on the pasted batch if decision.accepted, else on the real images without pastes
 
 Efficient variant (both loss parts from one graph): ``flat.compute(real_part, retain_graph=True)``
@@ -39,6 +39,9 @@ from selector.gradient_cache import GradientCache
 from selector.score import SCORE_KINDS, contribution_score
 from selector.thresholds import SelectionPolicy
 
+#: The method name of the exact look-ahead baseline (see `BatchSelector.uses_lookahead`).
+LOOKAHEAD = "lookahead"
+
 
 class BatchSelector:
     """Decides, batch by batch, whether generated candidates are trained on.
@@ -49,7 +52,8 @@ class BatchSelector:
             gradients (accept-all, random, field threshold, look-ahead gain handed in as
             ``score``).
         score_kind: ``"cosine"`` (reference) or ``"dot"``; used only with a cache.
-        method: the method name recorded for the run (``"bsgal"``, ``"random"``, ...).
+        method: the method name recorded for the run (``"bsgal"``, ``"random"``, ...);
+            ``"lookahead"`` makes it the exact look-ahead baseline (`uses_lookahead`).
     """
 
     def __init__(self, policy: SelectionPolicy, *, cache: GradientCache | None = None,
@@ -66,6 +70,13 @@ class BatchSelector:
     def needs_gradients(self) -> bool:
         """True when `update_cache` and ``candidate_grad`` are expected (BSGAL scoring)."""
         return self.cache is not None
+
+    @property
+    def uses_lookahead(self) -> bool:
+        """True for the exact look-ahead baseline (``method="lookahead"``): the caller computes
+        `selector.lookahead.exact_lookahead_gain` against a real "test" batch and hands it to
+        `decide` as ``score``."""
+        return self.method == LOOKAHEAD
 
     def update_cache(self, real_grad: GradientLike, *, step: int) -> str | None:
         """Fold this step's real-data gradient into the cache.

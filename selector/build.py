@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from selector.baselines import AcceptAll, FieldThreshold, RandomAcceptance
-from selector.batch_selector import BatchSelector
+from selector.batch_selector import LOOKAHEAD, BatchSelector
 from selector.gradient_cache import GradientCache
 from selector.thresholds import (
     DynamicPercentileThreshold,
@@ -41,7 +41,7 @@ from selector.thresholds import (
     SelectionPolicy,
 )
 
-METHODS = ("bsgal", "accept_all", "random", "field_threshold", "lookahead", "none")
+METHODS = ("bsgal", "accept_all", "random", "field_threshold", LOOKAHEAD, "none")
 THRESHOLDS = ("fixed", "dynamic", "schedule")
 
 
@@ -90,7 +90,7 @@ def build_selection_policy(*, method: str = "bsgal", threshold: str = "fixed",
                              "field_threshold")
         policy = FieldThreshold(field, field_threshold, reduce=field_reduce)
     else:  # lookahead
-        policy = FixedThreshold(lookahead_threshold, name="lookahead")
+        policy = FixedThreshold(lookahead_threshold, name=LOOKAHEAD)
     if rare_min_accept_rate:  # a floor of 0 never overrides anything: same as no floor
         if not rare_class_ids:
             raise ValueError("rare_min_accept_rate is set but rare_class_ids is empty: give the "
@@ -116,4 +116,5 @@ def build_selector(params: Iterable[Tensor], *, method: str = "bsgal", score: st
     if method == "bsgal":
         cache = GradientCache(params, mode=cache_update, momentum=momentum, dtype=cache_dtype,
                               device=cache_device, sync=cache_sync)
+    # method="lookahead" makes the selector's `uses_lookahead` flag true.
     return BatchSelector(policy, cache=cache, score_kind=score, method=method)

@@ -45,9 +45,8 @@ INVALID_NAN_SCORE = "invalid_nan_score"
 INVALID_MISSING_FIELD = "invalid_missing_field"
 INVALID_NAN_FIELD = "invalid_nan_field"
 
-REASONS: tuple[str, ...] = (
-    ACCEPTED,
-    REJECTED_SCORE,
+#: The reasons for a batch that could not be judged.
+INVALID_REASONS: tuple[str, ...] = (
     INVALID_EMPTY_BATCH,
     INVALID_NAN_REAL_GRAD,
     INVALID_NAN_CANDIDATE_GRAD,
@@ -56,11 +55,14 @@ REASONS: tuple[str, ...] = (
     INVALID_MISSING_FIELD,
     INVALID_NAN_FIELD,
 )
+REASONS: tuple[str, ...] = (ACCEPTED, REJECTED_SCORE, *INVALID_REASONS)
 
 
 def is_invalid(reason: str) -> bool:
-    """True for the ``invalid_*`` reasons (the batch could not be judged)."""
-    return reason.startswith("invalid_")
+    """True for the selector's ``invalid_*`` reasons (`INVALID_REASONS`: the batch could not be
+    judged). Decision rows, whose reasons also come from the stages and the trainer, are
+    classified by ``generators.columns.reason_kind``."""
+    return reason in INVALID_REASONS
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,30 @@ def test_candidate_checks_name_the_problem() -> None:
     assert cand.fields == {"mask_score": pytest.approx(0.9)}
 
 
+def test_every_reason_has_one_kind() -> None:
+    import generators.columns as gc
+    from selector import INVALID_REASONS, REASONS
+    from selector import is_invalid as selector_is_invalid
+    from trainer import candidates
+
+    assert gc.reason_kind("accepted") == "accepted"
+    assert gc.reason_kind("rejected_score") == "rejected"
+    # The selector's own vocabulary (it imports nothing from the project) agrees.
+    for reason in REASONS:
+        kind = gc.reason_kind(reason)
+        assert kind in gc.DECISION_KINDS
+        assert (kind == "invalid") == (reason in INVALID_REASONS) == selector_is_invalid(reason)
+    statuses = [v for k, v in vars(gc).items()
+                if k.startswith("INVALID_") and k != "INVALID_PREFIX"]
+    statuses += [candidates.INVALID_STATUS, candidates.INVALID_FULL_MASK,
+                 candidates.INVALID_NAN_LOSS]
+    assert len(statuses) == len(set(statuses)) and all(
+        gc.reason_kind(s) == "invalid" for s in statuses)
+    for bad in ("ok", "rejected", "invalid", "maybe"):
+        with pytest.raises(ValueError, match="is not 'accepted'"):
+            gc.reason_kind(bad)
+
+
 def test_batch_rows_accepts_columns_and_rows() -> None:
     cols = {"sample_id": np.array(["a", "b"]), "class_id": np.array([1, 2]),
             "image": np.zeros((2, 4, 4, 3), np.uint8), "mask": np.zeros((2, 4, 4), bool),

@@ -30,10 +30,7 @@ from selector import (
     contribution_score,
     parameter_gradients,
 )
-
-
-def make_params() -> list[torch.Tensor]:
-    return [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, 1))]
+from tests.conftest import make_params
 
 
 def cache_holding(vector: list[float]) -> GradientCache:
@@ -178,6 +175,17 @@ def test_build_selector_maps_config_names_to_objects():
     per_class = build_selection_policy(fixed_threshold=0.1, class_thresholds={3: -0.2})
     assert per_class.threshold_for([1, 3]) == -0.2 and per_class.threshold_for([1]) == 0.1
     assert build_selector(params, method="none") is None
+
+
+def test_only_the_lookahead_method_takes_the_lookahead_path():
+    params = make_params()
+    assert build_selector(params, method="lookahead").uses_lookahead
+    # Also behind a per-class floor, whose policy has another name.
+    floored = build_selector(params, method="lookahead", rare_class_ids=[1],
+                             rare_min_accept_rate=0.1)
+    assert floored.uses_lookahead and floored.policy.name == "rare_class_min_accept_rate"
+    for method in ("bsgal", "accept_all", "random"):
+        assert not build_selector(params, method=method).uses_lookahead
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -370,7 +370,7 @@ def test_checkpoint_resume_gives_the_same_next_decisions(train_set, good_rows, t
     for b in batches[:2]:
         first.train_on_candidates(b)
     path = tmp_path / "ckpt.pt"
-    first.save_checkpoint(str(path))
+    torch.save(first.state_dict(), path)
     state = torch.load(path, weights_only=True)
     assert state["stream_offset"] == 8 and state["selector"]["cache"]["num_updates"] >= 2
     assert state["selector"]["policy"]["scores"]  # the dynamic threshold's window
@@ -378,7 +378,7 @@ def test_checkpoint_resume_gives_the_same_next_decisions(train_set, good_rows, t
     torch.rand(5)
     np.random.rand(3)
     resumed = make_trainer(train_set, model_seed=123, **settings)
-    resumed.load_checkpoint(str(path))
+    resumed.load_state_dict(torch.load(path, weights_only=True))
     assert resumed.step == first.step and resumed.stream_offset == 8
     got = [resumed.train_on_candidates(b).decisions for b in batches[2:]]
     assert got == expected[2:]
@@ -390,18 +390,27 @@ def test_checkpoint_resume_gives_the_same_next_decisions(train_set, good_rows, t
 def test_checkpoint_from_another_setup_is_refused(train_set, tmp_path) -> None:
     trainer = make_trainer(train_set, mode="faithful")
     path = tmp_path / "ckpt.pt"
-    trainer.save_checkpoint(str(path))
+    torch.save(trainer.state_dict(), path)
     with pytest.raises(ValueError, match="mode='efficient'"):
-        make_trainer(train_set, mode="efficient").load_checkpoint(str(path))
+        make_trainer(train_set, mode="efficient").load_state_dict(
+            torch.load(path, weights_only=True))
 
 
-def test_fit_warms_up_on_real_data_then_consumes_candidates(train_set, good_rows,
-                                                            tmp_path) -> None:
+def test_real_warmup_steps_then_candidate_batches_step_by_step(train_set, good_rows) -> None:
+    # The calls a training worker makes (pipeline.run.train_worker): real-only warmup steps,
+    # then each candidate batch used up one optimizer step at a time, then real-only steps.
     trainer = make_trainer(train_set)
     batches = [good_rows[0:3], good_rows[3:6]]
-    decisions = trainer.fit(batches, steps=6, warmup_real_steps=2,
-                            checkpoint_dir=str(tmp_path), checkpoint_every=3)
+    while trainer.step < 2:
+        trainer.train_real_step()
+    decisions = []
+    for batch in batches:
+        pool = trainer.take_candidates(batch)
+        while not pool.done:
+            trainer.step_candidates(pool)
+        decisions.extend(pool.decisions())
+    while trainer.step < 6:
+        trainer.train_real_step()
     assert [d["sample_id"] for d in decisions] == [r["sample_id"] for r in good_rows[:6]]
     assert min(d["step"] for d in decisions) == 2  # nothing before the warmup ended
     assert trainer.step >= 6
-    assert list(tmp_path.glob("checkpoint_*.pt"))

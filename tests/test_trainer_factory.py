@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import SelectionConfig, TrainingConfig, load_config
 from pipeline.run.train_worker import trainer_settings
 from trainer.datasets import LvisDataset
-from trainer.factory import build_trainer, load_initial_weights
+from trainer.defaults import SELECTION_DEFAULTS, TRAINING_DEFAULTS
+from trainer.factory import IGNORED_TRAINING_KEYS, build_trainer, load_initial_weights
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,55 @@ def test_demo_config_sections_build_a_trainer(train_set: LvisDataset) -> None:
         cfg.training.lr / cfg.training.warmup_steps)  # first warmup step
 
 
+def _keyword_defaults(fn) -> dict:
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_trainer_defaults_are_the_config_defaults() -> None:
+    from selector import build_selection_policy, build_selector
+    from trainer.backends import build_backend
+    from trainer.backends.torchvision_maskrcnn import TorchvisionMaskRCNN
+    from trainer.factory import build_detector
+    from trainer.loop import DetectorTrainer
+    from trainer.optim import WarmupCosine, build_optimizer
+    from trainer.sampling import RepeatFactorSampler
+
+    training = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}
+    selection = {f.name: f.default for f in dataclasses.fields(SelectionConfig)}
+    # The one table in trainer/ holds the config's values, for every key the trainer reads;
+    # the other keys the worker passes are accepted and left to the pipeline.
+    assert TRAINING_DEFAULTS == {k: training[k] for k in TRAINING_DEFAULTS}
+    assert SELECTION_DEFAULTS == selection
+    passed = set(trainer_settings(load_config()))
+    assert set(TRAINING_DEFAULTS) | IGNORED_TRAINING_KEYS == passed
+    # Keyword defaults in trainer/ and selector/ for the same settings: (callable, section,
+    # parameter name -> config key where they differ, the config keys compared or None: all
+    # that the callable shares with the section).
+    checks = [
+        (DetectorTrainer, training, {"total_steps": "steps"}, None),
+        (DetectorTrainer, selection, {}, {"mode", "real_batch_size"}),
+        (build_detector, training, {}, None),
+        (build_backend, training, {}, {"arch", "image_size", "amp"}),  # device: resolved
+        (TorchvisionMaskRCNN.build, training, {}, {"arch", "image_size", "amp"}),
+        (build_optimizer, training, {"name": "optimizer"}, None),
+        (WarmupCosine, training, {}, None),
+        (RepeatFactorSampler, training, {"threshold": "repeat_factor_threshold"}, None),
+        (build_selector, selection, {}, None),
+        (build_selection_policy, selection, {}, None),  # None there: required when used
+    ]
+    compared = set()
+    for fn, section, renamed, only in checks:
+        for name, value in _keyword_defaults(fn).items():
+            key = renamed.get(name, name)
+            if key in section and value is not None and (only is None or key in only):
+                assert value == section[key], (fn, name, value, section[key])
+                compared.add((fn.__qualname__, key))
+    assert {("DetectorTrainer", "steps"), ("DetectorTrainer", "lr"), ("DetectorTrainer", "mode"),
+            ("build_detector", "device"), ("build_selection_policy", "fixed_threshold"),
+            ("build_selector", "momentum")} <= compared
+
+
 def test_efficient_mode_caches_the_box_classifier_gradient(train_set: LvisDataset) -> None:
     trainer = build_trainer(train_set, selection={"mode": "efficient"})
     head = trainer.backend.classifier_parameters()
@@ -56,7 +107,7 @@ def test_unknown_settings_are_named(train_set: LvisDataset) -> None:
 def test_init_checkpoint_loads_matching_weights(train_set: LvisDataset, tmp_path) -> None:
     trainer = build_trainer(train_set, selection={"method": "accept_all"}, seed=1)
     path = tmp_path / "ckpt.pt"
-    trainer.save_checkpoint(str(path))
+    torch.save(trainer.state_dict(), path)
     other = build_trainer(train_set, selection={"method": "accept_all"}, seed=2,
                           training={"init_checkpoint": str(path)})
     for a, b in zip(trainer.backend.module.state_dict().values(),

@@ -11,7 +11,8 @@ Read in this order (each module has one job; nothing here imports Ray):
                             detectron2 Mask R-CNN with real/generated loss split
 `trainer.bsgal_step`        one step: cache update, score, decision, gradients (faithful/efficient)
 `trainer.optim`             AdamW/SGD, warmup + cosine, weight EMA
-`trainer.loop`              `DetectorTrainer`: steps, evaluation, checkpoints, resume
+`trainer.loop`              `DetectorTrainer`: steps, evaluation, state dict for checkpoints
+`trainer.defaults`          the run config's training/selection defaults, as trainer/ applies them
 `trainer.factory`           `build_trainer` from config-named settings
 `trainer.evaluation`        official LVIS evaluation (AP, APr/APc/APf; bbox and segm)
 =========================  =====================================================================

@@ -64,8 +64,8 @@ from torch import Tensor
 
 from selector import BatchSelector, parameter_gradients
 from trainer.backends.base import DetectorBackend
-from trainer.backends.split_losses import CLEAR_GROUPS, REAL_FOREGROUND, SplitLosses
-from trainer.candidates import INVALID_NAN_LOSS
+from trainer.backends.split_losses import REAL_FOREGROUND, SplitLosses
+from trainer.candidates import INVALID_NAN_LOSS, nan_if_none
 from trainer.copy_paste import PastedImage
 from trainer.real_data import original_inputs, pasted_inputs, real_inputs
 
@@ -111,10 +111,6 @@ class StepOutcome:
     num_generated: int = 0
 
 
-def _nan_if_none(value: float | None) -> float:
-    return math.nan if value is None else float(value)
-
-
 def check_finite(losses: Mapping[str, Tensor], step: int, batch: str) -> None:
     """Raise `NonFiniteLossError` for the first non-finite term."""
     for term, value in losses.items():
@@ -131,7 +127,7 @@ class BsgalStep:
         selector: the batch selector (`selector.BatchSelector`), or None for real-only
             training (``method="none"``: only `train_real` is available). BSGAL needs its
             gradient cache; baselines (accept-all, random, field threshold) decide without
-            gradients; a selector without a cache whose policy is named ``"lookahead"`` gets
+            gradients; a selector whose ``uses_lookahead`` is set (``method="lookahead"``) gets
             the exact look-ahead gain.
         mode: ``"faithful"`` (default) or ``"efficient"``. Only BSGAL has an efficient mode;
             baselines decide without gradients and train like faithful mode in either mode.
@@ -181,7 +177,7 @@ class BsgalStep:
             real_test: the real "test" samples (faithful BSGAL and look-ahead only).
             class_ids: category ids of the batch's generated instances (for per-class policies).
             fields: candidate fields for field-threshold baselines (name → values).
-            lookahead_lr: step size of the exact look-ahead (``lookahead`` policy only).
+            lookahead_lr: step size of the exact look-ahead (``lookahead`` method only).
         """
         num_generated = sum(p.num_generated for p in pasted)
         if self.selector is None:
@@ -196,8 +192,8 @@ class BsgalStep:
                  num_generated: int) -> StepOutcome:
         return StepOutcome(
             accepted=bool(decision.accepted), reason=str(decision.reason), trained_on=trained_on,
-            score=_nan_if_none(decision.score), threshold=_nan_if_none(decision.threshold),
-            cache_norm=_nan_if_none(decision.cache_norm), policy=str(decision.policy),
+            score=nan_if_none(decision.score), threshold=nan_if_none(decision.threshold),
+            cache_norm=nan_if_none(decision.cache_norm), policy=str(decision.policy),
             losses=losses, num_generated=num_generated)
 
     def _nan_loss_outcome(self, trained_on: str, losses: dict[str, float],
@@ -233,7 +229,7 @@ class BsgalStep:
                     class_ids=class_ids, fields=fields)
             else:
                 nan_loss = True
-        elif selector.policy.name == "lookahead":
+        elif selector.uses_lookahead:
             decision = self._lookahead_decision(step, pasted, real_test, num_generated,
                                                 class_ids, lookahead_lr)
         else:
@@ -287,7 +283,7 @@ class BsgalStep:
             decision = selector.decide(step=step, num_generated=num_generated,
                                        candidate_grad=generated_grads, class_ids=class_ids)
         accepted = decision is not None and decision.accepted
-        trained = split.stock if accepted else split.by_term(CLEAR_GROUPS)
+        trained = split.stock if accepted else split.without_generated
         check_finite(trained, step, "pasted" if accepted else "pasted (real part)")
         torch.stack(list(trained.values())).sum().backward()
         losses = {k: float(v.detach()) for k, v in trained.items()}

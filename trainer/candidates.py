@@ -18,7 +18,10 @@ The trainer does not trust upstream checks. A candidate is never scored when:
 
 Such a candidate gets its decision row at once and the step goes on without it. Batch-level
 reasons come from `selector.decision` (``invalid_empty_batch``, ``invalid_nan_candidate_grad``,
-...), plus ``invalid_nan_loss`` here: the generated part of the loss was not finite.
+...), plus ``invalid_nan_loss`` here: the generated part of the loss was not finite. The status
+values that the stages set too, and `generators.columns.reason_kind` (accepted / rejected /
+invalid of any reason), are those of :mod:`generators.columns`; the ones defined here are the
+trainer's own.
 """
 
 from __future__ import annotations
@@ -30,12 +33,17 @@ from typing import Any
 
 import numpy as np
 
+from generators.columns import (
+    INVALID_EMPTY_MASK,
+    INVALID_IMAGE,
+    INVALID_NAN_MASK,
+    INVALID_SIZE_MISMATCH,
+    INVALID_UNKNOWN_CLASS,
+    STATUS_OK,
+    is_invalid_reason,
+)
+
 INVALID_STATUS = "invalid_status"
-INVALID_UNKNOWN_CLASS = "invalid_unknown_class"
-INVALID_IMAGE = "invalid_image"
-INVALID_SIZE_MISMATCH = "invalid_size_mismatch"
-INVALID_NAN_MASK = "invalid_nan_mask"
-INVALID_EMPTY_MASK = "invalid_empty_mask"
 INVALID_FULL_MASK = "invalid_full_mask"
 INVALID_NAN_LOSS = "invalid_nan_loss"
 
@@ -96,8 +104,8 @@ def check_candidate(row: Mapping[str, Any], label_of: Mapping[int, int],
                     min_mask_pixels: int = 16) -> str | None:
     """The ``invalid_*`` reason for a row (module docstring), or None when it can be pasted."""
     status = str(row["status"])
-    if status != "ok":
-        return status if status.startswith("invalid_") else INVALID_STATUS
+    if status != STATUS_OK:
+        return status if is_invalid_reason(status) else INVALID_STATUS
     if int(row["class_id"]) not in label_of:
         return INVALID_UNKNOWN_CLASS
     image = np.asarray(row["image"])
@@ -132,7 +140,8 @@ def cut_out(position: int, row: Mapping[str, Any], label: int) -> Candidate:
                      mask=np.ascontiguousarray(mask[y0:y1, x0:x1]), fields=fields)
 
 
-def _float_or_nan(value: float | None) -> float:
+def nan_if_none(value: float | None) -> float:
+    """``value`` as a float, NaN for None (a number that was not computed)."""
     return math.nan if value is None else float(value)
 
 
@@ -148,13 +157,13 @@ def decision_record(sample_id: str, *, reason: str, accepted: bool, step: int, r
     return {
         "sample_id": str(sample_id),
         "stream_offset": int(stream_offset),
-        "score": _float_or_nan(score),
-        "threshold": _float_or_nan(threshold),
+        "score": nan_if_none(score),
+        "threshold": nan_if_none(threshold),
         "accepted": bool(accepted),
         "reason": str(reason),
         "step": int(step),
         "rank": int(rank),
-        "cache_norm": _float_or_nan(cache_norm),
+        "cache_norm": nan_if_none(cache_norm),
         "batch_id": str(batch_id),
         "method": str(method),
     }

@@ -2,10 +2,11 @@
 
 ``training`` takes the keys of ``pipeline.config.TrainingConfig`` and ``selection`` those of
 ``SelectionConfig`` (pass ``dataclasses.asdict(cfg.training)``); no config class is imported
-here, so the arrow stays pipeline → trainer. Keys that belong to the pipeline
-(``steps`` is used as the schedule length; ``warmup_real_steps``, ``checkpoint_every``,
-``num_workers``, ``use_gpu`` are the caller's) are accepted; unknown keys are an error naming
-them. Example::
+here, so the arrow stays pipeline → trainer. A key left out takes its default from
+`trainer.defaults` (the config's defaults). Keys that belong to the pipeline
+(``warmup_real_steps``, ``checkpoint_every``, ``num_workers``, ``use_gpu``; ``steps`` is also
+used here, as the schedule length) are accepted; unknown keys are an error naming them.
+Example::
 
     trainer = build_trainer(train_set, val_set, training={"arch": "small", "lr": 5e-4},
                             selection={"method": "bsgal", "mode": "faithful"}, seed=0)
@@ -22,20 +23,14 @@ from selector import build_selector
 from trainer.backends import build_backend
 from trainer.backends.base import DetectorBackend
 from trainer.datasets.lvis_format import LvisDataset
+from trainer.defaults import SELECTION_DEFAULTS, TRAINING_DEFAULTS
 from trainer.loop import DetectorTrainer
 
-TRAINING_KEYS = frozenset({
-    "backend", "arch", "image_size", "batch_size", "steps", "warmup_real_steps", "optimizer",
-    "lr", "weight_decay", "momentum", "warmup_steps", "schedule", "grad_clip", "ema",
-    "max_pastes_per_image", "repeat_factor_threshold", "eval_every", "checkpoint_every",
-    "init_checkpoint", "device", "amp", "num_workers", "use_gpu",
-})
-SELECTION_KEYS = frozenset({
-    "method", "mode", "score", "cache_update", "momentum", "cache_dtype", "cache_sync",
-    "threshold", "fixed_threshold", "keep_fraction", "keep_fraction_start", "keep_fraction_end",
-    "window", "rare_min_accept_rate", "random_p", "quality_field", "quality_threshold",
-    "real_batch_size",
-})
+#: ``training`` keys that the caller uses (the pipeline's); accepted here and not read.
+IGNORED_TRAINING_KEYS = frozenset({"warmup_real_steps", "checkpoint_every", "num_workers",
+                                   "use_gpu"})
+TRAINING_KEYS = frozenset(TRAINING_DEFAULTS) | IGNORED_TRAINING_KEYS
+SELECTION_KEYS = frozenset(SELECTION_DEFAULTS)
 
 
 def _check_keys(settings: Mapping[str, Any], valid: frozenset[str], section: str) -> None:
@@ -52,7 +47,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def load_initial_weights(module: torch.nn.Module, path: str) -> dict[str, list[str]]:
-    """Load weights from a bsgal checkpoint (its ``model``) or a bare state dict.
+    """Load weights from a saved `DetectorTrainer.state_dict` (its ``model``) or a bare state
+    dict.
 
     Entries whose name or shape does not fit (e.g. a classifier for another number of classes)
     are skipped and listed. Loaded with ``weights_only=True``.
@@ -75,9 +71,13 @@ def load_initial_weights(module: torch.nn.Module, path: str) -> dict[str, list[s
     return {"loaded": sorted(fitting), "skipped": sorted(set(state) - set(fitting))}
 
 
-def build_detector(num_classes: int, *, backend: str = "torchvision", arch: str = "small",
-                   image_size: int = 128, device: str = "auto", amp: bool = False,
-                   init_checkpoint: str | None = None) -> DetectorBackend:
+def build_detector(num_classes: int, *, backend: str = TRAINING_DEFAULTS["backend"],
+                   arch: str = TRAINING_DEFAULTS["arch"],
+                   image_size: int = TRAINING_DEFAULTS["image_size"],
+                   device: str = TRAINING_DEFAULTS["device"],
+                   amp: bool = TRAINING_DEFAULTS["amp"],
+                   init_checkpoint: str | None = TRAINING_DEFAULTS["init_checkpoint"]
+                   ) -> DetectorBackend:
     """The detector backend, on its device, optionally started from ``init_checkpoint``."""
     detector = build_backend(backend, num_classes, arch, image_size, resolve_device(device), amp)
     if init_checkpoint:
@@ -100,54 +100,48 @@ def build_trainer(train_set: LvisDataset, val_set: LvisDataset | None = None, *,
     selection = dict(selection or {})
     _check_keys(training, TRAINING_KEYS, "training")
     _check_keys(selection, SELECTION_KEYS, "selection")
+    t = {**TRAINING_DEFAULTS, **training}
+    s = {**SELECTION_DEFAULTS, **selection}
     if detector is None:
         torch.manual_seed(seed)
         detector = build_detector(
-            train_set.num_classes, backend=training.get("backend", "torchvision"),
-            arch=training.get("arch", "small"), image_size=training.get("image_size", 128),
-            device=training.get("device", "auto"), amp=training.get("amp", False),
-            init_checkpoint=training.get("init_checkpoint"))
-    steps = int(training.get("steps", 300))
-    method = selection.get("method", "bsgal")
-    rare_rate = float(selection.get("rare_min_accept_rate", 0.0))
-    mode = selection.get("mode", "faithful")
+            train_set.num_classes, backend=t["backend"], arch=t["arch"],
+            image_size=t["image_size"], device=t["device"], amp=t["amp"],
+            init_checkpoint=t["init_checkpoint"])
+    steps = int(t["steps"])
+    rare_rate = float(s["rare_min_accept_rate"])
+    mode = s["mode"]
     # Faithful BSGAL scores over every trainable parameter (the reference); efficient mode over
     # the box classifier, whose gradients a short backward gives (see trainer.bsgal_step).
     score_params = (detector.classifier_parameters() if mode == "efficient"
                     else detector.trainable_parameters())
     selector = build_selector(
         score_params,
-        method=method,
-        score=selection.get("score", "cosine"),
-        cache_update=selection.get("cache_update", "momentum"),
-        momentum=selection.get("momentum", 0.1),
-        cache_dtype=selection.get("cache_dtype", "float32"),
-        cache_sync=selection.get("cache_sync", "per_worker"),
-        threshold=selection.get("threshold", "fixed"),
-        fixed_threshold=selection.get("fixed_threshold", -0.05),
-        keep_fraction=selection.get("keep_fraction", 0.5),
-        keep_fraction_start=selection.get("keep_fraction_start", 0.5),
-        keep_fraction_end=selection.get("keep_fraction_end", 0.5),
+        method=s["method"],
+        score=s["score"],
+        cache_update=s["cache_update"],
+        momentum=s["momentum"],
+        cache_dtype=s["cache_dtype"],
+        cache_sync=s["cache_sync"],
+        threshold=s["threshold"],
+        fixed_threshold=s["fixed_threshold"],
+        keep_fraction=s["keep_fraction"],
+        keep_fraction_start=s["keep_fraction_start"],
+        keep_fraction_end=s["keep_fraction_end"],
         total_steps=steps,
-        window=selection.get("window", 1000),
+        window=s["window"],
         rare_class_ids=[c.id for c in train_set.categories if c.frequency == "r"],
         rare_min_accept_rate=rare_rate if rare_rate > 0 else None,
-        random_p=selection.get("random_p", 0.5),
+        random_p=s["random_p"],
         seed=seed * 1000 + rank,
-        field=selection.get("quality_field", "mask_score"),
-        field_threshold=selection.get("quality_threshold", 0.5),
+        field=s["quality_field"],
+        field_threshold=s["quality_threshold"],
     )
     return DetectorTrainer(
-        detector, train_set, selector=selector, mode=mode,
-        batch_size=training.get("batch_size", 4),
-        real_batch_size=selection.get("real_batch_size", 4),
-        max_pastes_per_image=training.get("max_pastes_per_image", 3),
-        optimizer=training.get("optimizer", "adamw"), lr=training.get("lr", 1e-4),
-        weight_decay=training.get("weight_decay", 1e-4),
-        momentum=training.get("momentum", 0.9),
-        warmup_steps=training.get("warmup_steps", 50), total_steps=steps,
-        schedule=training.get("schedule", "cosine"), grad_clip=training.get("grad_clip", 10.0),
-        ema=training.get("ema", 0.0),
-        repeat_factor_threshold=training.get("repeat_factor_threshold", 0.001),
-        val_set=val_set, eval_every=training.get("eval_every", 0),
-        max_eval_images=max_eval_images, seed=seed, rank=rank)
+        detector, train_set, selector=selector, mode=mode, batch_size=t["batch_size"],
+        real_batch_size=s["real_batch_size"], max_pastes_per_image=t["max_pastes_per_image"],
+        optimizer=t["optimizer"], lr=t["lr"], weight_decay=t["weight_decay"],
+        momentum=t["momentum"], warmup_steps=t["warmup_steps"], total_steps=steps,
+        schedule=t["schedule"], grad_clip=t["grad_clip"], ema=t["ema"],
+        repeat_factor_threshold=t["repeat_factor_threshold"], val_set=val_set,
+        eval_every=t["eval_every"], max_eval_images=max_eval_images, seed=seed, rank=rank)

@@ -7,8 +7,12 @@ no Ray). A worker feeds it candidate batches as they arrive::
     for batch in shard.iter_batches(batch_size=8, batch_format="numpy"):
         result = trainer.train_on_candidates(batch)   # one or more steps
         write(result.decisions)                       # exactly one row per candidate
-    trainer.save_checkpoint("ckpt.pt")                # model, optimizer, scheduler, EMA, cache,
+    state = trainer.state_dict()                      # model, optimizer, scheduler, EMA, cache,
                                                       # threshold state, RNG states, offset
+
+Real-only steps (warmup, or no candidate at hand) are ``train_real_step()``. The run's loop
+and its checkpoint files (``state_dict`` split by rank) are `pipeline.run.train_worker` and
+`pipeline.storage.checkpoints`.
 
 Per step: ``batch_size`` real images from the repeat-factor sampler; candidates chosen
 class-balanced, 0..``max_pastes_per_image`` per image (`trainer.copy_paste`); the BSGAL step
@@ -29,10 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +48,8 @@ from trainer.bsgal_step import BsgalStep, NonFiniteLossError, StepOutcome
 from trainer.candidates import Candidate, batch_rows, check_candidate, cut_out, decision_record
 from trainer.copy_paste import ClassSizeStatistics, CopyPaste, PastedImage
 from trainer.datasets.lvis_format import LvisDataset
+from trainer.defaults import SELECTION_DEFAULTS as _S
+from trainer.defaults import TRAINING_DEFAULTS as _T
 from trainer.evaluation import LvisEvaluator
 from trainer.optim import ModelEma, build_optimizer, build_scheduler
 from trainer.real_data import RealImages
@@ -139,17 +144,25 @@ class DetectorTrainer:
         image_cache_size: decoded real images kept in memory (LRU; the built-in set fits whole,
             an LVIS sample with its masks takes a few MB).
         min_mask_pixels: candidates with smaller masks are ``invalid_empty_mask``.
+
+    The defaults of the settings named like config keys are the run config's
+    (`trainer.defaults`).
     """
 
     def __init__(self, backend: DetectorBackend, train_set: LvisDataset, *,
-                 selector: BatchSelector | None = None, mode: str = "faithful",
-                 batch_size: int = 4, real_batch_size: int = 4, max_pastes_per_image: int = 3,
-                 optimizer: str = "adamw", lr: float = 1e-4, weight_decay: float = 1e-4,
-                 momentum: float = 0.9, warmup_steps: int = 50, total_steps: int = 300,
-                 schedule: str = "cosine", grad_clip: float = 10.0, ema: float = 0.0,
-                 repeat_factor_threshold: float = 0.001, val_set: LvisDataset | None = None,
-                 eval_every: int = 0, max_eval_images: int | None = None, seed: int = 0,
-                 rank: int = 0, image_cache_size: int = 256, min_mask_pixels: int = 16) -> None:
+                 selector: BatchSelector | None = None, mode: str = _S["mode"],
+                 batch_size: int = _T["batch_size"],
+                 real_batch_size: int = _S["real_batch_size"],
+                 max_pastes_per_image: int = _T["max_pastes_per_image"],
+                 optimizer: str = _T["optimizer"], lr: float = _T["lr"],
+                 weight_decay: float = _T["weight_decay"], momentum: float = _T["momentum"],
+                 warmup_steps: int = _T["warmup_steps"], total_steps: int = _T["steps"],
+                 schedule: str = _T["schedule"], grad_clip: float = _T["grad_clip"],
+                 ema: float = _T["ema"],
+                 repeat_factor_threshold: float = _T["repeat_factor_threshold"],
+                 val_set: LvisDataset | None = None, eval_every: int = _T["eval_every"],
+                 max_eval_images: int | None = None, seed: int = 0, rank: int = 0,
+                 image_cache_size: int = 256, min_mask_pixels: int = 16) -> None:
         if batch_size < 1 or real_batch_size < 1:
             raise ValueError(f"batch_size={batch_size} and real_batch_size={real_batch_size} "
                              "must be >= 1")
@@ -294,7 +307,7 @@ class DetectorTrainer:
         assert self.selector is not None
         if self.selector.needs_gradients:
             return self.mode == "faithful"
-        return self.selector.policy.name == "lookahead"
+        return self.selector.uses_lookahead
 
     def paste_next(self, pool: list[Candidate]) -> PastedBatch:
         """Take candidates out of ``pool`` and paste them onto the next ``batch_size`` real
@@ -330,31 +343,6 @@ class DetectorTrainer:
                         num_generated=outcome.num_generated)
         return outcome, log
 
-    def fit(self, candidate_batches: Iterable[Any] = (), *, steps: int,
-            warmup_real_steps: int = 0, checkpoint_dir: str | None = None,
-            checkpoint_every: int = 0) -> list[dict[str, Any]]:
-        """Train until ``steps`` optimizer steps: real-only for ``warmup_real_steps``, then on
-        candidate batches while they last, then real-only. Returns all decision rows.
-
-        Checkpoints go to ``checkpoint_dir/checkpoint_<step>.pt`` every ``checkpoint_every``
-        steps (checked between candidate batches).
-        """
-        decisions: list[dict[str, Any]] = []
-        batches = iter(candidate_batches)
-        next_checkpoint = self.step + checkpoint_every if checkpoint_every else math.inf
-        while self.step < steps:
-            batch = None if self.step < warmup_real_steps else next(batches, None)
-            if batch is None:
-                self.train_real_step()
-            else:
-                decisions.extend(self.train_on_candidates(batch).decisions)
-            if checkpoint_dir is not None and self.step >= next_checkpoint:
-                os.makedirs(checkpoint_dir, exist_ok=True)
-                self.save_checkpoint(os.path.join(checkpoint_dir,
-                                                  f"checkpoint_{self.step:07d}.pt"))
-                next_checkpoint = self.step + checkpoint_every
-        return decisions
-
     # -- evaluation -------------------------------------------------------------------------
 
     def evaluate(self, dataset: LvisDataset | None = None, max_images: int | None = None
@@ -385,7 +373,8 @@ class DetectorTrainer:
     # -- checkpoints ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit for bit (plain data and tensors only)."""
+        """Everything needed to continue bit for bit (plain data and tensors only; it loads
+        with ``torch.load(weights_only=True)``)."""
         np_state = np.random.get_state()
         return {
             "format": CHECKPOINT_FORMAT,
@@ -411,6 +400,7 @@ class DetectorTrainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a `state_dict` of a trainer of the same method, mode and EMA setting."""
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint format {state.get('format')!r} is not "
                              f"{CHECKPOINT_FORMAT!r}; it was not written by this trainer")
@@ -439,17 +429,6 @@ class DetectorTrainer:
         name, keys, *rest = rng["numpy"]
         np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
         random.setstate(_as_tuple(rng["python"]))
-
-    def save_checkpoint(self, path: str) -> None:
-        """``torch.save`` of `state_dict` to ``path``, atomically (temp file + rename)."""
-        tmp = f"{path}.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-
-    def load_checkpoint(self, path: str) -> None:
-        """Load a checkpoint written by `save_checkpoint` (``weights_only=True``)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.load_state_dict(state)
 
 
 def _as_tuple(value: Any) -> Any:

@@ -70,11 +70,3 @@ def original_inputs(pasted: Sequence[PastedImage], device: torch.device | str
                     ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """Model inputs for the un-pasted originals of pasted images (the reject path)."""
     return real_inputs([p.original for p in pasted], device)
-
-
-def pasted_class_ids(pasted: Sequence[PastedImage], label_to_category: dict[int, int]
-                     ) -> list[int]:
-    """Category ids of the generated instances present in ``pasted`` (with repeats)."""
-    return [label_to_category[int(label)] for p in pasted
-            for label, gen in zip(p.labels, p.generated) if gen]
-

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import click
 
+from generators.columns import DECISION_KINDS
 from pipeline.command_line import CONTEXT, storage_flags, storage_options_from, user_errors
 from pipeline.inspection import TABLE_NAMES
 from pipeline.storage.filesystem import remote_options
@@ -20,7 +21,7 @@ def _filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--class", "classes", multiple=True, metavar="NAME|ID",
                      help="Only this class (name or id); repeat for several."),
         click.option("--decision", "decisions", multiple=True,
-                     type=click.Choice(["accepted", "rejected", "invalid"]),
+                     type=click.Choice(DECISION_KINDS),
                      help="Only this decision; repeat for several."),
         click.option("--reason", "reasons", multiple=True, metavar="REASON",
                      help="Only this reason (rejected_score, invalid_empty_mask, or a pattern "

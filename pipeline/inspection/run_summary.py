@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.storage.run_dir import RunDir, read_metrics
-from pipeline.storage.shards import shards_root
+from pipeline.storage.shards import DECISIONS, shards_root
 
 
 def _worker_totals(run: RunDir, workers: int) -> list[dict[str, Any]]:
@@ -39,7 +39,7 @@ def summarize_run(cfg: RunConfig) -> dict[str, Any]:
                                "candidates_planned": planned}
     if planned:
         with DecisionQuery(out, storage_options=opts or None) as q:
-            counts = {d: 0 for d in ("accepted", "rejected", "invalid")}
+            counts = dict.fromkeys(DECISIONS, 0)
             for r in q.rows("SELECT decision, count(*) AS n FROM decisions GROUP BY 1"):
                 counts[r["decision"]] = int(r["n"])
             (rows, distinct) = q.con.execute(

@@ -36,7 +36,8 @@ from pipeline.run.window import RunCounters, WindowStats
 from pipeline.storage.checkpoints import config_hash, load_trainer_state, read_info, save_main, \
     save_rank_state
 from pipeline.storage.run_dir import MetricsLog, RunDir
-from pipeline.storage.shards import ENCODED_FIELDS, SCHEMA, ShardWriter, decision_of
+from generators.columns import reason_kind
+from pipeline.storage.shards import ENCODED_FIELDS, SCHEMA, ShardWriter
 from trainer.candidates import DECISION_FIELDS
 
 #: TrainingConfig keys that belong to the pipeline, not to `trainer.factory.build_trainer`.
@@ -267,7 +268,7 @@ class TrainWorker:
             row["class_frequency"] = self.frequency.get(int(row.get("class_id", -1)), "")
             rows.append(row)
             self.window.add_decision(decision)
-            self.counters.count(decision_of(decision["reason"]))
+            self.counters.count(reason_kind(decision["reason"]))
         self.writer.add(rows)
 
     def _log_step(self, log: dict[str, Any], kind: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from generators.columns import reason_kind
 from pipeline.run.graph import STAGES, TIMING_PREFIX
 
 SCORE_QUANTILES = (0.1, 0.5, 0.9)
@@ -93,9 +94,7 @@ class WindowStats:
         self.wait_seconds += waited
 
     def add_decision(self, row: dict[str, Any]) -> None:
-        reason = str(row["reason"])
-        kind = ("accepted" if reason == "accepted" else
-                "rejected" if reason.startswith("rejected") else "invalid")
+        kind = reason_kind(str(row["reason"]))
         self.decisions[kind] += 1
         score = row.get("score")
         if kind != "invalid" and score is not None and math.isfinite(score):

@@ -42,12 +42,14 @@ import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 from PIL import Image
 
+from generators.columns import DECISION_KINDS, STATUS_OK, reason_kind
 from pipeline.errors import UserError
 from pipeline.storage.filesystem import filesystem, is_local, is_uri
 
 SHARD_SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"bsgal.schema_version"
-DECISIONS = ("accepted", "rejected", "invalid")
+#: The hive partitions of the shards, one per kind of reason.
+DECISIONS = DECISION_KINDS
 PART_NAME = re.compile(r"^part-r(?P<rank>\d+)-(?P<start>\d+)-(?P<end>\d+)\.parquet$")
 
 MASK_RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
@@ -97,17 +99,6 @@ class ShardSchemaError(UserError, ValueError):
     """A shard was written by another schema version, or a folder holds no shards."""
 
 
-def decision_of(reason: str) -> str:
-    """Partition of a reason: ``accepted``, ``rejected`` (``rejected_*``) or ``invalid``."""
-    if reason == "accepted":
-        return "accepted"
-    if reason.startswith("rejected"):
-        return "rejected"
-    if reason.startswith("invalid"):
-        return "invalid"
-    raise ValueError(f"reason {reason!r} is not 'accepted', 'rejected_*' or 'invalid_*'")
-
-
 def shards_root(out: str) -> str:
     """``OUT/shards`` for a run folder ``OUT`` (local path or URI)."""
     return f"{out.rstrip('/')}/shards"
@@ -140,7 +131,7 @@ def decode_rle(rle: dict) -> np.ndarray:
 REQUIRED_FIELDS = ("sample_id", "stream_offset", "accepted", "reason")
 #: Fields written from the row's image and mask, or at writing time.
 ENCODED_FIELDS = ("image_png", "mask_rle", "decided_at")
-_DEFAULTS = {"status": "ok", "rank": 0}
+_DEFAULTS = {"status": STATUS_OK, "rank": 0}
 
 
 def _cast(kind: pa.DataType, value: Any) -> Any:
@@ -243,7 +234,7 @@ class ShardWriter:
             for key in ("sample_id", "stream_offset", "accepted", "reason"):
                 if key not in row:
                     raise ValueError(f"decision row has no field '{key}': {sorted(row)}")
-            decision_of(str(row["reason"]))
+            reason_kind(str(row["reason"]))
             self._queue.put(("row", row))
 
     def flush(self) -> None:
@@ -322,7 +313,7 @@ class ShardWriter:
         end = max(r["stream_offset"] for r in records)
         name = f"part-r{self.rank:03d}-{start:012d}-{end:012d}.parquet"
         for decision in DECISIONS:
-            part = [r for r in records if decision_of(r["reason"]) == decision]
+            part = [r for r in records if reason_kind(r["reason"]) == decision]
             if not part:
                 continue
             table = pa.Table.from_pylist(part, schema=SCHEMA)

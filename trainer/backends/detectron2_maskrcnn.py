@@ -40,38 +40,27 @@ from detectron2.modeling.roi_heads import StandardROIHeads, select_foreground_pr
 from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 from fvcore.nn import smooth_l1_loss
-from torch import Tensor, nn
+from torch import Tensor
 
-from trainer.backends.base import ModuleBackend
-from trainer.backends.split_losses import GROUP_CODE, GROUPS, SplitLosses
+from trainer.backends.base import (
+    ModuleBackend,
+    add_per_group,
+    generated_flags,
+    group_codes,
+    real_background_groups,
+    sample_groups,
+)
+from trainer.backends.split_losses import GROUPS, SplitLosses
 
 CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 ARCHS = ("small", "resnet50_fpn")
 
-_FG_REAL = GROUP_CODE["real_foreground"]
-_BG_REAL = GROUP_CODE["real_background"]
-_FG_GEN = GROUP_CODE["generated"]
-_BG_GEN = GROUP_CODE["generated_background"]
 
-
-def _groups(quality: Tensor, matched: Tensor, positive: Tensor, generated: Tensor) -> Tensor:
-    """Group code per sample (see ``torchvision_heads.sample_groups``); quality is G x S."""
-    if quality.shape[0] == 0:
-        return torch.full((quality.shape[1],), _BG_REAL, dtype=torch.int64,
-                          device=quality.device)
-    best_iou, best_gt = quality.max(dim=0)
-    on_generated = generated[best_gt] & (best_iou > 0)
-    fg = torch.where(generated[matched], _FG_GEN, _FG_REAL)
-    bg = torch.where(on_generated, _BG_GEN, _BG_REAL)
-    return torch.where(positive, fg, bg).to(torch.int64)
-
-
-def _per_group(values: Tensor, groups: Tensor, denominator: float, term: str,
-               weight: float, out: dict[str, Tensor]) -> None:
-    for name in GROUPS:
-        mask = groups == GROUP_CODE[name]
-        out[f"{name}/{term}"] = torch.where(mask, values, torch.zeros_like(values)).sum() * (
-            weight / denominator)
+def _gt_generated(inst: Instances) -> Tensor:
+    """The ground truth's ``gt_generated`` flags (all False when absent)."""
+    if inst.has("gt_generated"):
+        return inst.gt_generated
+    return torch.zeros(len(inst), dtype=torch.bool, device=inst.gt_boxes.device)
 
 
 def config_path() -> str:
@@ -144,9 +133,8 @@ class SplitRPN(RPN):
                 inside = anchors_all.inside_box(inst.image_size, self.anchor_boundary_thresh)
                 image_labels[~inside] = -1
             image_labels = self._subsample_labels(image_labels)
-            generated = inst.gt_generated if inst.has("gt_generated") else torch.zeros(
-                len(inst), dtype=torch.bool, device=gt_boxes.device)
-            groups.append(_groups(quality, matched, image_labels == 1, generated))
+            groups.append(sample_groups(quality, matched, image_labels == 1,
+                                        _gt_generated(inst)))
             if len(gt_boxes) == 0:
                 matched_boxes.append(torch.zeros_like(anchors_all.tensor))
             else:
@@ -175,10 +163,10 @@ class SplitRPN(RPN):
         bce = torch.where(valid, bce, torch.zeros_like(bce))
         normalizer = self.batch_size_per_image * len(labels)
         out: dict[str, Tensor] = {}
-        _per_group(bce, groups_all, normalizer, "loss_rpn_cls",
-                   self.loss_weight.get("loss_rpn_cls", 1.0), out)
-        _per_group(loc, groups_all, normalizer, "loss_rpn_loc",
-                   self.loss_weight.get("loss_rpn_loc", 1.0), out)
+        add_per_group(bce, groups_all, normalizer, "loss_rpn_cls", out,
+                      self.loss_weight.get("loss_rpn_cls", 1.0))
+        add_per_group(loc, groups_all, normalizer, "loss_rpn_loc", out,
+                      self.loss_weight.get("loss_rpn_loc", 1.0))
         return out
 
     def forward(self, images, features, gt_instances=None):
@@ -203,22 +191,17 @@ class SplitStandardROIHeads(StandardROIHeads):
     def label_and_sample_proposals(self, proposals, targets):
         sampled = super().label_and_sample_proposals(proposals, targets)
         for props, target in zip(sampled, targets):
-            n = len(props)
             if len(target) == 0:
-                props.split_group = torch.full((n,), _BG_REAL, dtype=torch.int64,
-                                               device=props.proposal_boxes.device)
+                props.split_group = real_background_groups(len(props),
+                                                           props.proposal_boxes.device)
                 continue
             quality = pairwise_iou(target.gt_boxes, props.proposal_boxes)
             positive = props.gt_classes != self.num_classes
-            generated = target.gt_generated if target.has("gt_generated") else torch.zeros(
-                len(target), dtype=torch.bool, device=quality.device)
-            best_iou, best_gt = quality.max(dim=0)
             # Positives carry their matched ground truth's flag (copied like every gt_ field).
             matched_generated = (props.gt_generated if props.has("gt_generated")
                                  else torch.zeros_like(positive))
-            fg = torch.where(matched_generated, _FG_GEN, _FG_REAL)
-            bg = torch.where(generated[best_gt] & (best_iou > 0), _BG_GEN, _BG_REAL)
-            props.split_group = torch.where(positive, fg, bg).to(torch.int64)
+            props.split_group = group_codes(quality, positive, matched_generated,
+                                            _gt_generated(target))
         return sampled
 
     def _forward_box(self, features, proposals):
@@ -244,7 +227,7 @@ class SplitStandardROIHeads(StandardROIHeads):
         out: dict[str, Tensor] = {}
         weight = predictor.loss_weight
         ce = F.cross_entropy(scores, gt_classes, reduction="none")
-        _per_group(ce, groups, num, "loss_cls", weight.get("loss_cls", 1.0), out)
+        add_per_group(ce, groups, num, "loss_cls", out, weight.get("loss_cls", 1.0))
         foreground = (gt_classes >= 0) & (gt_classes < self.num_classes)
         box_dim = proposal_boxes.shape[1]
         if deltas.shape[1] == box_dim:
@@ -256,7 +239,7 @@ class SplitStandardROIHeads(StandardROIHeads):
         gt_deltas = predictor.box2box_transform.get_deltas(proposal_boxes, gt_boxes)
         reg = smooth_l1_loss(chosen, gt_deltas, predictor.smooth_l1_beta, reduction="none").sum(1)
         reg = torch.where(foreground, reg, torch.zeros_like(reg))
-        _per_group(reg, groups, num, "loss_box_reg", weight.get("loss_box_reg", 1.0), out)
+        add_per_group(reg, groups, num, "loss_box_reg", out, weight.get("loss_box_reg", 1.0))
         return out
 
     def _forward_mask(self, features, instances):
@@ -282,8 +265,8 @@ class SplitStandardROIHeads(StandardROIHeads):
         per_roi = F.binary_cross_entropy_with_logits(chosen, targets,
                                                      reduction="none").sum(dim=(1, 2))
         out: dict[str, Tensor] = {}
-        _per_group(per_roi, groups, targets.numel(), "loss_mask",
-                   float(self.mask_head.loss_weight), out)
+        add_per_group(per_roi, groups, targets.numel(), "loss_mask", out,
+                      float(self.mask_head.loss_weight))
         return out
 
     def gt_box_classification_loss(self, features: dict[str, Tensor],
@@ -326,15 +309,12 @@ class Detectron2MaskRCNN(ModuleBackend):
     name = "detectron2"
     classification_term = "loss_cls"
 
+    module: GeneralizedRCNN
+
     def __init__(self, cfg: Any, num_classes: int, arch: str = "custom",
                  amp: bool = False) -> None:
+        super().__init__(build_split_model(cfg), num_classes, arch, cfg.MODEL.DEVICE, amp)
         self.cfg = cfg
-        self.device = torch.device(cfg.MODEL.DEVICE)
-        self.module: GeneralizedRCNN = build_split_model(cfg)
-        self.model: nn.Module = self.module
-        self.num_classes = num_classes
-        self.arch = arch
-        self.amp = amp
         self.min_size = int(cfg.INPUT.MIN_SIZE_TEST)
         self.max_size = int(cfg.INPUT.MAX_SIZE_TEST)
         self._storage_iter = 0
@@ -372,19 +352,14 @@ class Detectron2MaskRCNN(ModuleBackend):
                 if masks.shape[-2:] != size:
                     masks = F.interpolate(masks[None].float(), size=size, mode="nearest")[0] > 0.5
                 inst.gt_masks = BitMasks(masks)
-                generated = t.get("generated")
-                inst.gt_generated = (torch.zeros(len(t["labels"]), dtype=torch.bool,
-                                                 device=t["labels"].device)
-                                     if generated is None else generated.bool())
+                inst.gt_generated = generated_flags(t)
                 entry["instances"] = inst
             out.append(entry)
         return out
 
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]], *,
                score_only: bool = False) -> SplitLosses:
-        if not self.module.training:
-            raise RuntimeError("losses() needs the model in train mode (call module.train())")
-        model = self.module if score_only else self.model
+        model = self._loss_model(score_only)
         with EventStorage(self._storage_iter), self._autocast():
             flat = model(self._inputs(images, targets))
         return SplitLosses.from_flat(flat)
@@ -403,12 +378,8 @@ class Detectron2MaskRCNN(ModuleBackend):
 
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        was_training = self.module.training
-        self.module.eval()
-        try:
+        with self._eval_mode():
             outputs = self.module(self._inputs(images))
-        finally:
-            self.module.train(was_training)
         results = []
         for out in outputs:
             inst = out["instances"]

@@ -19,7 +19,7 @@ positive RoIs), so the pieces of a term sum to the stock torchvision/detectron2 
 The *generated part* is the ``generated`` group; the *real part* is the rest (both background
 groups included), so ``real + generated`` is the stock loss. Training "without the generated
 instances and without treating their regions as background" (the efficient mode's reject path)
-uses `SplitLosses.without_generated`: ``real_foreground + real_background``.
+uses `SplitLosses.without_generated`: ``real_foreground + real_background`` per term.
 """
 
 from __future__ import annotations
@@ -96,11 +96,8 @@ class SplitLosses:
         terms = self.terms if terms is None else tuple(terms)
         return torch.stack([self.pieces[g][t] for g in groups for t in terms]).sum()
 
-    def without_generated(self) -> Tensor:
-        """Training loss without generated instances and without their regions as background."""
-        return self.total(CLEAR_GROUPS)
-
-    def detached(self) -> dict[str, float]:
-        """``{"<group>/<term>": float}`` for logging."""
-        return {f"{g}/{t}": float(v.detach()) for g, terms in self.pieces.items()
-                for t, v in terms.items()}
+    @property
+    def without_generated(self) -> dict[str, Tensor]:
+        """Every term without the generated instances and without their regions as background
+        (``real_foreground + real_background``: efficient mode's reject path)."""
+        return self.by_term(CLEAR_GROUPS)

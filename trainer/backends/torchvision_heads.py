@@ -8,6 +8,7 @@ matched, and return every loss term per group of :mod:`trainer.backends.split_lo
 ``{"<group>/<term>": 0-dim tensor}``. Summed over groups, each term equals the stock term.
 
 Targets may carry ``generated``: bool [N] (True for a pasted instance); missing means all real.
+The group labelling itself (`trainer.backends.base.sample_groups`) is shared with detectron2.
 Nothing of torchvision is patched: the loss functions here are separate functions called by the
 subclasses, and the stock modules keep working unchanged.
 """
@@ -24,55 +25,13 @@ from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_bo
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
-from trainer.backends.split_losses import GROUP_CODE, GROUPS
-
-_FG_REAL = GROUP_CODE["real_foreground"]
-_BG_REAL = GROUP_CODE["real_background"]
-_FG_GEN = GROUP_CODE["generated"]
-_BG_GEN = GROUP_CODE["generated_background"]
-
-
-def generated_flags(target: dict[str, Tensor]) -> Tensor:
-    """The target's ``generated`` flags as bool [N] (all False when absent)."""
-    n = target["boxes"].shape[0]
-    flags = target.get("generated")
-    if flags is None:
-        return torch.zeros(n, dtype=torch.bool, device=target["boxes"].device)
-    if flags.shape != (n,):
-        raise ValueError(f"target 'generated' has shape {tuple(flags.shape)}; expected ({n},), "
-                         "one flag per box")
-    return flags.to(dtype=torch.bool)
-
-
-def sample_groups(match_quality: Tensor, matched_idxs: Tensor, positive: Tensor,
-                  generated: Tensor) -> Tensor:
-    """Group code (index into GROUPS) of each anchor/RoI.
-
-    Args:
-        match_quality: G x S IoU between ground truth boxes and samples.
-        matched_idxs: S int64, the matched ground truth (clamped to >= 0).
-        positive: S bool, the sample is a foreground sample.
-        generated: G bool, the ground truth is a generated instance.
-
-    Returns:
-        S int64: positives take the group of their matched ground truth; negatives are
-        ``generated_background`` when their best-IoU ground truth is generated with IoU > 0.
-    """
-    best_iou, best_gt = match_quality.max(dim=0)
-    on_generated = generated[best_gt] & (best_iou > 0)
-    fg = torch.where(generated[matched_idxs], _FG_GEN, _FG_REAL)
-    bg = torch.where(on_generated, _BG_GEN, _BG_REAL)
-    return torch.where(positive, fg, bg).to(torch.int64)
-
-
-def _per_group(values: Tensor, groups: Tensor, denominator: float | Tensor, term: str,
-               out: dict[str, Tensor]) -> None:
-    """``out["<group>/<term>"] = sum(values over group) / denominator`` for every group."""
-    for name in GROUPS:
-        in_group = groups == GROUP_CODE[name]
-        out[f"{name}/{term}"] = torch.where(in_group, values, torch.zeros_like(values)).sum() / (
-            denominator
-        )
+from trainer.backends.base import (
+    add_per_group,
+    generated_flags,
+    real_background_groups,
+    sample_groups,
+)
+from trainer.backends.split_losses import GROUPS
 
 
 def split_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],
@@ -95,13 +54,13 @@ def split_fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: li
     num = labels_all.numel()
     out: dict[str, Tensor] = {}
     cross_entropy = F.cross_entropy(class_logits, labels_all, reduction="none")
-    _per_group(cross_entropy, groups_all, num, "loss_classifier", out)
+    add_per_group(cross_entropy, groups_all, num, "loss_classifier", out)
     rows = class_logits.shape[0]
     box_regression = box_regression.reshape(rows, box_regression.size(-1) // 4, 4)
     chosen = box_regression[torch.arange(rows, device=labels_all.device), labels_all]
     smooth_l1 = F.smooth_l1_loss(chosen, targets_all, beta=1 / 9, reduction="none").sum(dim=1)
     smooth_l1 = torch.where(labels_all > 0, smooth_l1, torch.zeros_like(smooth_l1))
-    _per_group(smooth_l1, groups_all, num, "loss_box_reg", out)
+    add_per_group(smooth_l1, groups_all, num, "loss_box_reg", out)
     return out
 
 
@@ -131,7 +90,7 @@ def split_maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: 
     rows = torch.arange(labels.shape[0], device=labels.device)
     per_roi = F.binary_cross_entropy_with_logits(mask_logits[rows, labels], targets,
                                                  reduction="none").sum(dim=(1, 2))
-    _per_group(per_roi, groups_all, targets.numel(), "loss_mask", out)
+    add_per_group(per_roi, groups_all, targets.numel(), "loss_mask", out)
     return out
 
 
@@ -181,7 +140,7 @@ class SplitRoIHeads(RoIHeads):
                 n = props.shape[0]
                 matched_idxs.append(torch.zeros(n, dtype=torch.int64, device=device))
                 labels.append(torch.zeros(n, dtype=torch.int64, device=device))
-                groups.append(torch.full((n,), _BG_REAL, dtype=torch.int64, device=device))
+                groups.append(real_background_groups(n, device))
                 continue
             quality = box_ops.box_iou(boxes, props)
             matched = self.proposal_matcher(quality)
@@ -279,7 +238,7 @@ class SplitRegionProposalNetwork(RegionProposalNetwork):
                 matched_gt_boxes.append(torch.zeros(anchors_in_image.shape, dtype=torch.float32,
                                                     device=device))
                 labels.append(torch.zeros((n,), dtype=torch.float32, device=device))
-                groups.append(torch.full((n,), _BG_REAL, dtype=torch.int64, device=device))
+                groups.append(real_background_groups(n, device))
                 continue
             quality = self.box_similarity(gt_boxes, anchors_in_image)
             matched = self.proposal_matcher(quality)
@@ -310,11 +269,11 @@ class SplitRegionProposalNetwork(RegionProposalNetwork):
         bce = F.binary_cross_entropy_with_logits(objectness, labels_all.clamp(min=0),
                                                  reduction="none")
         bce = torch.where(sampled, bce, torch.zeros_like(bce))
-        _per_group(bce, groups_all, max(num_sampled, 1), "loss_objectness", out)
+        add_per_group(bce, groups_all, max(num_sampled, 1), "loss_objectness", out)
         smooth_l1 = F.smooth_l1_loss(pred_bbox_deltas, targets_all, beta=1 / 9,
                                      reduction="none").sum(dim=1)
         smooth_l1 = torch.where(pos, smooth_l1, torch.zeros_like(smooth_l1))
-        _per_group(smooth_l1, groups_all, max(num_sampled, 1), "loss_rpn_box_reg", out)
+        add_per_group(smooth_l1, groups_all, max(num_sampled, 1), "loss_rpn_box_reg", out)
         return out
 
     def forward(self, images: ImageList, features: dict[str, Tensor],

@@ -12,9 +12,8 @@ the stock model, so torchvision checkpoints load). Example::
 
 from __future__ import annotations
 
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models.detection import MaskRCNN
 
 from trainer.backends.base import ModuleBackend
@@ -38,14 +37,12 @@ class TorchvisionMaskRCNN(ModuleBackend):
     name = "torchvision"
     classification_term = "loss_classifier"
 
+    module: MaskRCNN
+
     def __init__(self, model: MaskRCNN, num_classes: int, arch: str = "custom",
                  device: torch.device | str = "cpu", amp: bool = False) -> None:
-        self.device = torch.device(device)
-        self.module: MaskRCNN = make_split(model).to(self.device)
-        self.model: nn.Module = self.module
-        self.num_classes = num_classes
-        self.arch = arch
-        self.amp = amp
+        super().__init__(make_split(model).to(torch.device(device)), num_classes, arch, device,
+                         amp)
 
     @classmethod
     def build(cls, num_classes: int, arch: str = "small", image_size: int = 128,
@@ -58,9 +55,7 @@ class TorchvisionMaskRCNN(ModuleBackend):
 
     def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]], *,
                score_only: bool = False) -> SplitLosses:
-        if not self.module.training:
-            raise RuntimeError("losses() needs the model in train mode (call module.train())")
-        model = self.module if score_only else self.model
+        model = self._loss_model(score_only)
         with self._autocast():
             return SplitLosses.from_flat(model(images, targets))
 
@@ -82,12 +77,8 @@ class TorchvisionMaskRCNN(ModuleBackend):
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections in the input images' frame; masks thresholded at 0.5 (bool)."""
-        was_training = self.module.training
-        self.module.eval()
-        try:
+        with self._eval_mode():
             outputs = self.module(images)
-        finally:
-            self.module.train(was_training)
         return [
             {
                 "boxes": o["boxes"].float(),
