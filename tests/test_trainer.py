@@ -306,13 +306,31 @@ def test_baselines_decide_without_gradients(train_set, good_rows) -> None:
 
 
 def test_lookahead_baseline_scores_with_the_exact_gain(train_set, good_rows) -> None:
+    from selector import exact_lookahead_gain
+    from trainer.real_data import pasted_inputs, real_inputs
+
     torch.manual_seed(0)
     backend = TorchvisionMaskRCNN.build(train_set.num_classes)
     selector = BatchSelector(FixedThreshold(0.0, name="lookahead"), method="lookahead")
     trainer = make_trainer(train_set, backend=backend, selector=selector)
-    result = trainer.train_on_candidates(good_rows[:3])
-    assert all(math.isfinite(d["score"]) for d in result.decisions)
-    assert {d["reason"] for d in result.decisions} <= {"accepted", "rejected_score"}
+    pool = [cut_out(i, row, trainer.label_of[int(row["class_id"])])
+            for i, row in enumerate(good_rows[:3])]
+    batch = trainer.paste_next(pool)
+    assert batch.real_test and sum(p.num_generated for p in batch.pasted) > 0
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    pasted = pasted_inputs(batch.pasted, backend.device)
+    real = real_inputs(batch.real_test, backend.device)
+    torch.manual_seed(1)  # the same RoI sampling for the direct computation and the step
+    expected = exact_lookahead_gain(
+        backend.trainable_parameters(),
+        lambda: backend.losses(*pasted, score_only=True).generated[backend.classification_term],
+        lambda: backend.real_classification_loss(*real),
+        lr=lr, buffers=list(backend.module.buffers())).gain
+    torch.manual_seed(1)
+    outcome, _ = trainer.train_pasted(batch)
+    assert expected != 0.0 and math.isfinite(expected)
+    assert outcome.score == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    assert outcome.reason == ("accepted" if expected >= 0 else "rejected_score")
 
 
 def test_evaluation_runs_the_lvis_evaluator(train_set, builtin_data) -> None:
