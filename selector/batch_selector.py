@@ -26,6 +26,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from torch import Tensor
+
 from selector.decision import (
     INVALID_EMPTY_BATCH,
     INVALID_EMPTY_CACHE,
@@ -41,6 +43,16 @@ from selector.thresholds import SelectionPolicy
 
 #: The method name of the exact look-ahead baseline (see `BatchSelector.uses_lookahead`).
 LOOKAHEAD = "lookahead"
+
+
+def _storages(grad: GradientLike) -> set[int]:
+    tensors = [grad] if isinstance(grad, Tensor) else [g for g in grad if g is not None]
+    return {t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0}
+
+
+def _share_memory(a: GradientLike, b: GradientLike) -> bool:
+    """Whether two gradients (flat or per parameter) overlap in memory."""
+    return bool(_storages(a) & _storages(b))
 
 
 class BatchSelector:
@@ -139,7 +151,23 @@ class BatchSelector:
     def select(self, *, step: int, num_generated: int, real_grad: GradientLike | None = None,
                candidate_grad: GradientLike | None = None, score: float | None = None,
                class_ids: Sequence[int] = (), fields: Mapping[str, Any] | None = None) -> Decision:
-        """`update_cache` (when ``real_grad`` is given) followed by `decide`."""
+        """`update_cache` (when ``real_grad`` is given) followed by `decide`.
+
+        Raises:
+            ValueError: ``real_grad`` and ``candidate_grad`` share memory, e.g. both came from
+                one `FlatGradient` (its ``compute`` returns the same reusable buffer each time,
+                so the first gradient was overwritten by the second and the cache would be fed
+                the candidate's own gradient). Call ``update_cache(flat.compute(real_loss))``
+                before computing the candidate gradient, or use two `FlatGradient` objects.
+        """
+        if real_grad is not None and candidate_grad is not None and _share_memory(
+                real_grad, candidate_grad):
+            raise ValueError(
+                "real_grad and candidate_grad are the same memory (one FlatGradient buffer "
+                "returned twice?): the real gradient was overwritten by the candidate's. Call "
+                "selector.update_cache(flat.compute(real_loss), step=...) first, then "
+                "selector.decide(candidate_grad=flat.compute(generated_loss), ...), or use a "
+                "FlatGradient per gradient")
         if real_grad is not None:
             self.update_cache(real_grad, step=step)
         return self.decide(step=step, num_generated=num_generated, candidate_grad=candidate_grad,

@@ -235,3 +235,34 @@ def test_efficient_step_flat_and_per_parameter_paths_agree():
         (per_row.mean() if by_flat.accepted else real_part).backward()
         optimizer.step()
     assert flat_path.cache.num_updates == 12
+
+
+def test_one_flat_buffer_passed_twice_to_select_is_an_error_not_a_silent_accept():
+    """``select(real_grad=flat.compute(a), candidate_grad=flat.compute(b))`` with one
+    FlatGradient hands the same buffer twice: the cache would be fed the candidate's own
+    gradient and every batch accepted. It is refused, and the documented order works."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    params = list(model.parameters())
+    selector = build_selector(params, threshold="fixed", fixed_threshold=0.0)
+    flat = FlatGradient(params)
+    x = torch.randn(6, 4)
+    real_loss = model(x[:3]).pow(2).sum()
+    candidate_loss = -model(x[3:]).pow(2).sum()  # the opposite direction of the real loss
+    with pytest.raises(ValueError, match="same memory"):
+        selector.select(step=0, num_generated=1,
+                        real_grad=flat.compute(real_loss, retain_graph=True),
+                        candidate_grad=flat.compute(candidate_loss, retain_graph=True))
+    assert selector.cache.num_updates == 0  # nothing was folded in
+    per_param = parameter_gradients(model(x[:1]).sum(), params)
+    with pytest.raises(ValueError, match="same memory"):
+        selector.select(step=0, num_generated=1, real_grad=per_param, candidate_grad=per_param)
+    selector.update_cache(flat.compute(real_loss, retain_graph=True), step=0)
+    decision = selector.decide(step=0, num_generated=1,
+                               candidate_grad=flat.compute(candidate_loss))
+    assert decision.score < 0 and decision.reason == "rejected_score"
+    two = FlatGradient(params)
+    decision = selector.select(step=1, num_generated=1,
+                               real_grad=two.compute(model(x[:3]).pow(2).sum()),
+                               candidate_grad=flat.compute(-model(x[3:]).pow(2).sum()))
+    assert not decision.accepted
