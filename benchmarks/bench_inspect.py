@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.test_inspect import make_rows, write_run
+from tests.conftest import make_rows, write_run
 
 FAILURES = ("wrong_class", "broken", "clutter", "noise")
 

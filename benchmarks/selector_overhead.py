@@ -31,6 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# torch.profiler's Kineto backend logs to stderr on every ``profile()``: "USDT: ...
+# SyncActivityProfilerHandler.cpp] profiler_start" / "profiler_stop", and once per process
+# "ERROR: ... DeviceProperties.cpp] gpuGetDeviceCount failed with code 35" where no CUDA driver
+# is installed (it probes GPUs even for CPU-only activities). Its levels run VERBOSE=0 .. USDT=5;
+# 6 mutes them. Read when the profiler first starts; set KINETO_LOG_LEVEL to see them again.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -212,9 +212,16 @@ def ray_overhead(quick: bool) -> list[tuple]:
 
 
 def main() -> None:
+    import diffusers
     import transformers
 
-    transformers.logging.set_verbosity_error()  # the tiny tokenizer's truncation notices
+    # The CLIP truncation notices of the tiny SD pipeline's prompts come from diffusers' logger;
+    # the load/save progress bars ("Writing model shards", "Loading weights", "Loading pipeline
+    # components") from transformers and diffusers.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (CI smoke run)")
     args = parser.parse_args()

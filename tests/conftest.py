@@ -27,6 +27,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = REPO_ROOT / "configs"
+#: The small CPU demo config (``bsgal demo``), the base most pipeline tests override.
+DEMO_CONFIG = CONFIGS / "demo.yaml"
 
 
 def free_port() -> int:
@@ -34,6 +37,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def invoke_cli(*args: str) -> tuple[int, str]:
+    """``bsgal ARGS`` in-process (click's runner): exit code and output; a Python exception
+    (anything but ``SystemExit``) propagates."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
 
 
 class S3Server:
@@ -100,3 +116,111 @@ def builtin_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("builtin")
     return write_builtin_dataset(root, seed=0, num_train_images=240, num_val_images=60)
+
+
+@pytest.fixture(scope="module")
+def train_set(request: pytest.FixtureRequest, builtin_data: Path):
+    """The built-in training split, its first ``TRAIN_IMAGES`` images (a constant of the test
+    module that asks for it), loaded once per module."""
+    from trainer.datasets import LvisDataset
+
+    return LvisDataset(builtin_data, "train.json", max_images=request.module.TRAIN_IMAGES)
+
+
+def make_params() -> list[torch.Tensor]:
+    """Two parameters, shapes (2,) and (2, 1): 4 elements in the flat layout."""
+    from torch import nn
+
+    return [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, 1))]
+
+
+# ------------------------------------------------------------------ a run folder with shards
+
+# (class_id, class_name, frequency, [(reason, truth_failure), ...]): the decisions of a small
+# run whose every count is known. 22 rows: 10 accepted, 9 rejected, 3 invalid.
+PLAN = [
+    (1, "cat", "f", [("accepted", "none")] * 5 + [("accepted", "wrong_class"),
+                     ("rejected_score", "none"), ("rejected_score", "broken"),
+                     ("invalid_empty_mask", "none")]),
+    (2, "dog", "c", [("accepted", "none")] * 3 + [("rejected_score", "none")]
+     + [("rejected_score", "clutter")] * 2),
+    (3, "yak", "r", [("accepted", "broken")] + [("rejected_score", "none")] * 2
+     + [("rejected_score", "noise")] * 2 + [("invalid_empty_mask", "none"),
+                                             ("invalid_area_ratio", "broken")]),
+]
+ROWS_PER_STEP = 3
+
+
+def make_rows(plan=PLAN, size: tuple[int, int] = (40, 48), seed: int = 0,
+              truth: bool = True) -> list[dict]:
+    """Decision rows for ``plan``, interleaved round-robin over classes in stream order.
+
+    Images are a grey background with one object drawn by the built-in looks; the mask is the
+    object's pixels (empty for ``invalid_empty_mask``). Accepted rows score above their
+    threshold, rejected ones below, invalid ones have no score. The threshold rises with the
+    step (a dynamic threshold).
+    """
+    import numpy as np
+
+    from generators.looks import make_looks, render_object
+
+    rng = np.random.default_rng(seed)
+    looks = make_looks(max(cid for cid, *_ in plan))
+    queues = [[(cid, name, freq, reason, tf) for reason, tf in items]
+              for cid, name, freq, items in plan]
+    order = []
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+    h, w = size
+    rows = []
+    for offset, (cid, name, freq, reason, tf) in enumerate(order):
+        step = offset // ROWS_PER_STEP
+        threshold = -0.05 + 0.01 * step
+        image = np.full((h, w, 3), 200, dtype=np.uint8)
+        mask = np.zeros((h, w), dtype=bool)
+        if reason != "invalid_empty_mask":
+            bh, bw = int(rng.integers(h // 2, h - 4)), int(rng.integers(w // 2, w - 4))
+            y0, x0 = int(rng.integers(1, h - bh)), int(rng.integers(1, w - bw))
+            rgb, m = render_object(looks[cid - 1], bh, bw, rng)
+            image[y0:y0 + bh, x0:x0 + bw][m] = rgb[m]
+            mask[y0:y0 + bh, x0:x0 + bw] = m
+        if reason == "accepted":
+            score = threshold + 0.02 + 0.01 * (offset % 5)
+        elif reason.startswith("rejected"):
+            score = threshold - 0.02 - 0.01 * (offset % 5)
+        else:
+            score = float("nan")
+        rows.append({
+            "run_id": "inspect-test", "sample_id": f"{name}-{offset:04d}",
+            "stream_offset": offset, "class_id": cid, "class_name": name,
+            "class_frequency": freq, "prompt": f"a photo of a single {name}", "seed": offset,
+            "generator": "procedural@1", "annotator": "builtin@1",
+            "status": "ok" if not reason.startswith("invalid") else reason,
+            "image": image, "mask": mask, "mask_score": 0.9, "area_ratio": float(mask.mean()),
+            "num_components": 1, "truth_failure": tf if truth else "",
+            "truth_class_id": cid if truth else -1, "score": score, "threshold": threshold,
+            "accepted": reason == "accepted", "reason": reason, "step": step, "rank": 0,
+            "cache_norm": 1.0, "batch_id": f"b{step}", "method": "bsgal",
+        })
+    return rows
+
+
+def write_run(out: str, rows: list[dict], storage_options: dict | None = None,
+              max_rows: int = 8) -> None:
+    """``rows`` as decision shards under the run folder ``out`` (the real ShardWriter)."""
+    from pipeline.storage.shards import ShardWriter
+
+    with ShardWriter(out, max_rows=max_rows, flush_seconds=60,
+                     storage_options=storage_options) as writer:
+        writer.add(rows)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """A run folder with the shards of ``make_rows()`` and those rows; one per test module."""
+    out = tmp_path_factory.mktemp("run-dir") / "run"
+    rows = make_rows()
+    write_run(str(out), rows)
+    return out, rows

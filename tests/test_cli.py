@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from tests.conftest import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _all_commands(group: click.Group, prefix: tuple[str, ...] = ()):
@@ -50,7 +50,7 @@ def test_every_command_has_help(path: tuple[str, ...]) -> None:
 
 
 def _bsgal(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -14,8 +14,7 @@ from pipeline.config import (
     dump_config,
     load_config,
 )
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from tests.conftest import CONFIGS
 
 
 def test_defaults_round_trip_through_yaml(tmp_path: Path) -> None:

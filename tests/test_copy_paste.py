@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +19,7 @@ from trainer.copy_paste import ClassSizeStatistics, CopyPaste, SideStatistics
 from trainer.datasets import LvisDataset
 
 MAGENTA = np.array([255, 0, 255], dtype=np.uint8)
-
-
-@pytest.fixture(scope="module")
-def train_set(builtin_data: Path) -> LvisDataset:
-    return LvisDataset(builtin_data, "train.json", max_images=40)
+TRAIN_IMAGES = 40  # the conftest ``train_set`` fixture: the first 40 training images
 
 
 def _candidate(position: int, label: int, size: int = 40, color=MAGENTA) -> Candidate:

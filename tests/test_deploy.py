@@ -8,7 +8,6 @@ import copy
 import json
 import re
 import tomllib
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -16,9 +15,9 @@ import yaml
 
 from pipeline.cluster.capacity import ClusterCapacity, NodeShape, check_capacity, launcher_capacity
 from pipeline.config import ConfigError, config_from_dict, load_config
+from tests.conftest import CONFIGS, REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
-DEPLOY = REPO / "deploy"
+DEPLOY = REPO_ROOT / "deploy"
 PINS = ("torch", "torchvision")
 
 
@@ -52,7 +51,7 @@ def dockerfile() -> list[tuple[str, str]]:
 
 
 def _pyproject_pins() -> dict[str, str]:
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     return {d.split("==")[0]: d for d in deps if d.split("==")[0] in PINS}
 
 
@@ -88,7 +87,7 @@ def test_dockerfile_installs_pyproject_pins_then_the_project(
     for package in ("pipeline", "generators", "annotators", "selector", "trainer", "configs",
                     "pyproject.toml"):
         assert package in copied
-        assert (REPO / package).exists()
+        assert (REPO_ROOT / package).exists()
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
@@ -159,7 +158,7 @@ def test_cluster_yaml_node_types_per_stage(launcher_yaml: dict) -> None:
 
 
 def _pinned_lvis_config(extra: tuple[str, ...] = ()) -> object:
-    return load_config(REPO / "configs" / "lvis_sd_sam.yaml", [
+    return load_config(CONFIGS / "lvis_sd_sam.yaml", [
         "annotation.sam_checkpoint=/models/sam.pth",
         "generation.resources={bsgal_generate: 0.01}",
         "annotation.resources={bsgal_annotate: 0.01}",

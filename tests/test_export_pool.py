@@ -8,28 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cli import main
 from pipeline.inspection.export_pool import class_folder, rgba_cutout
 from pipeline.storage.shards import decode_rle, read_decisions
-from tests.test_inspect import make_rows, write_run
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    out = tmp_path_factory.mktemp("export") / "run"
-    rows = make_rows()
-    write_run(str(out), rows)
-    return out, rows
-
-
-def _export(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["export-pool", *args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
+from tests.conftest import invoke_cli, make_rows, write_run
 
 
 def _check_cutout(png: bytes, row: dict) -> tuple[int, int, int, int]:
@@ -49,7 +32,7 @@ def _check_cutout(png: bytes, row: dict) -> tuple[int, int, int, int]:
 def test_round_trip_alpha_equals_stored_mask(run_dir, tmp_path: Path) -> None:
     run, rows = run_dir
     pool = tmp_path / "pool"
-    code, text = _export(str(run), str(pool))
+    code, text = invoke_cli("export-pool", str(run), str(pool))
     assert code == 0, text
     accepted = [r for r in rows if r["accepted"]]
     assert text.startswith(f"exported {len(accepted)} instances of 3 classes to {pool}")
@@ -87,17 +70,18 @@ def test_round_trip_alpha_equals_stored_mask(run_dir, tmp_path: Path) -> None:
 def test_filters_and_overwrite(run_dir, tmp_path: Path) -> None:
     run, rows = run_dir
     pool = tmp_path / "pool"
-    code, _ = _export(str(run), str(pool), "--class", "dog", "--where", "step >= 2")
+    code, _ = invoke_cli("export-pool", str(run), str(pool), "--class", "dog", "--where",
+                         "step >= 2")
     assert code == 0
     index = json.loads((pool / "pool.json").read_text())
     want = sorted(r["sample_id"] for r in rows
                   if r["accepted"] and r["class_name"] == "dog" and r["step"] >= 2)
     assert list(index) == ["2"] and sorted(e["sample_id"] for e in index["2"]) == want
     (pool / "notes.txt").write_text("mine")
-    code, text = _export(str(run), str(pool))
+    code, text = invoke_cli("export-pool", str(run), str(pool))
     assert code == 1 and "already holds an instance pool" in text
     assert len(text.strip().splitlines()) == 1
-    code, text = _export(str(run), str(pool), "--overwrite", "--class", "cat")
+    code, text = invoke_cli("export-pool", str(run), str(pool), "--overwrite", "--class", "cat")
     assert code == 0, text
     index = json.loads((pool / "pool.json").read_text())
     assert list(index) == ["1"]
@@ -109,7 +93,7 @@ def test_unusable_accepted_rows_are_listed_not_dropped(tmp_path: Path) -> None:
     rows = make_rows([(5, "bow_(weapon)", "r", [("accepted", "none")] * 3)])
     rows[1]["mask"] = np.zeros_like(rows[1]["mask"])  # accepted with an empty mask
     write_run(str(tmp_path / "run"), rows)
-    code, text = _export(str(tmp_path / "run"), str(tmp_path / "pool"))
+    code, text = invoke_cli("export-pool", str(tmp_path / "run"), str(tmp_path / "pool"))
     assert code == 0
     assert "2 instances of 1 classes" in text and "1 accepted rows skipped" in text
     record = json.loads((tmp_path / "pool" / "export.json").read_text())
@@ -133,7 +117,7 @@ def test_cutout_and_folder_names() -> None:
 
 
 def test_no_shards_is_one_line(tmp_path: Path) -> None:
-    code, text = _export(str(tmp_path), str(tmp_path / "pool"))
+    code, text = invoke_cli("export-pool", str(tmp_path), str(tmp_path / "pool"))
     assert code == 1 and "no decision shards found" in text
     assert len(text.strip().splitlines()) == 1 and not (tmp_path / "pool").exists()
 
@@ -145,8 +129,8 @@ def test_export_from_and_to_s3(s3_server) -> None:
     bucket = s3_server.make_bucket("export-test")
     rows = make_rows()
     write_run(f"{bucket}/run", rows, s3_server.storage_options)
-    code, text = _export(f"{bucket}/run", f"{bucket}/pool", "--endpoint-url",
-                         s3_server.endpoint_url, "--class", "yak")
+    code, text = invoke_cli("export-pool", f"{bucket}/run", f"{bucket}/pool", "--endpoint-url",
+                            s3_server.endpoint_url, "--class", "yak")
     assert code == 0, text
     fs = s3fs.S3FileSystem(**s3_server.storage_options)
     index = json.loads(fs.cat(f"{bucket}/pool/pool.json"))

@@ -13,102 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from generators.looks import make_looks, render_object
 from pipeline.cli import main
 from pipeline.inspection import TABLE_NAMES
-from pipeline.storage.shards import ShardWriter, list_shard_files
-
-# (class_id, class_name, frequency, [(reason, truth_failure), ...]): the decisions of a small
-# run whose every count is known. 22 rows: 10 accepted, 9 rejected, 3 invalid.
-PLAN = [
-    (1, "cat", "f", [("accepted", "none")] * 5 + [("accepted", "wrong_class"),
-                     ("rejected_score", "none"), ("rejected_score", "broken"),
-                     ("invalid_empty_mask", "none")]),
-    (2, "dog", "c", [("accepted", "none")] * 3 + [("rejected_score", "none")]
-     + [("rejected_score", "clutter")] * 2),
-    (3, "yak", "r", [("accepted", "broken")] + [("rejected_score", "none")] * 2
-     + [("rejected_score", "noise")] * 2 + [("invalid_empty_mask", "none"),
-                                             ("invalid_area_ratio", "broken")]),
-]
-ROWS_PER_STEP = 3
-
-
-def make_rows(plan=PLAN, size: tuple[int, int] = (40, 48), seed: int = 0,
-              truth: bool = True) -> list[dict]:
-    """Decision rows for ``plan``, interleaved round-robin over classes in stream order.
-
-    Images are a grey background with one object drawn by the built-in looks; the mask is the
-    object's pixels (empty for ``invalid_empty_mask``). Accepted rows score above their
-    threshold, rejected ones below, invalid ones have no score. The threshold rises with the
-    step (a dynamic threshold).
-    """
-    rng = np.random.default_rng(seed)
-    looks = make_looks(max(cid for cid, *_ in plan))
-    queues = [[(cid, name, freq, reason, tf) for reason, tf in items]
-              for cid, name, freq, items in plan]
-    order = []
-    while any(queues):
-        for q in queues:
-            if q:
-                order.append(q.pop(0))
-    h, w = size
-    rows = []
-    for offset, (cid, name, freq, reason, tf) in enumerate(order):
-        step = offset // ROWS_PER_STEP
-        threshold = -0.05 + 0.01 * step
-        image = np.full((h, w, 3), 200, dtype=np.uint8)
-        mask = np.zeros((h, w), dtype=bool)
-        if reason != "invalid_empty_mask":
-            bh, bw = int(rng.integers(h // 2, h - 4)), int(rng.integers(w // 2, w - 4))
-            y0, x0 = int(rng.integers(1, h - bh)), int(rng.integers(1, w - bw))
-            rgb, m = render_object(looks[cid - 1], bh, bw, rng)
-            image[y0:y0 + bh, x0:x0 + bw][m] = rgb[m]
-            mask[y0:y0 + bh, x0:x0 + bw] = m
-        if reason == "accepted":
-            score = threshold + 0.02 + 0.01 * (offset % 5)
-        elif reason.startswith("rejected"):
-            score = threshold - 0.02 - 0.01 * (offset % 5)
-        else:
-            score = float("nan")
-        rows.append({
-            "run_id": "inspect-test", "sample_id": f"{name}-{offset:04d}",
-            "stream_offset": offset, "class_id": cid, "class_name": name,
-            "class_frequency": freq, "prompt": f"a photo of a single {name}", "seed": offset,
-            "generator": "procedural@1", "annotator": "builtin@1",
-            "status": "ok" if not reason.startswith("invalid") else reason,
-            "image": image, "mask": mask, "mask_score": 0.9, "area_ratio": float(mask.mean()),
-            "num_components": 1, "truth_failure": tf if truth else "",
-            "truth_class_id": cid if truth else -1, "score": score, "threshold": threshold,
-            "accepted": reason == "accepted", "reason": reason, "step": step, "rank": 0,
-            "cache_norm": 1.0, "batch_id": f"b{step}", "method": "bsgal",
-        })
-    return rows
-
-
-def write_run(out: str, rows: list[dict], storage_options: dict | None = None,
-              max_rows: int = 8) -> None:
-    with ShardWriter(out, max_rows=max_rows, flush_seconds=60,
-                     storage_options=storage_options) as writer:
-        writer.add(rows)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    out = tmp_path_factory.mktemp("inspect") / "run"
-    rows = make_rows()
-    write_run(str(out), rows)
-    return out, rows
-
-
-def _invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
+from pipeline.storage.shards import list_shard_files
+from tests.conftest import free_port, invoke_cli, make_rows, write_run
 
 
 def _json(*args: str) -> dict:
-    code, out = _invoke(*args, "--json")
+    code, out = invoke_cli(*args, "--json")
     assert code == 0, out
     return json.loads(out)
 
@@ -207,19 +119,19 @@ def test_sql_where_filter(run_dir) -> None:
 
 def test_bad_where_is_one_line_with_duckdb_message(run_dir) -> None:
     out, _ = run_dir
-    code, text = _invoke("inspect", str(out), "--where", "scroe > 1")
+    code, text = invoke_cli("inspect", str(out), "--where", "scroe > 1")
     assert code != 0
     assert text.startswith("Error: --where 'scroe > 1': Binder Error")
     assert '"scroe"' in text and len(text.strip().splitlines()) == 1
-    code, text = _invoke("inspect", str(out), "--where", "1=1); DROP VIEW decisions; SELECT (1")
+    code, text = invoke_cli("inspect", str(out), "--where", "1=1); DROP VIEW decisions; SELECT (1")
     assert code != 0 and len(text.strip().splitlines()) == 1
-    code, text = _invoke("inspect", str(out), "--class", "zebra")
+    code, text = invoke_cli("inspect", str(out), "--class", "zebra")
     assert code != 0 and "'zebra'" in text and "cat, dog, yak" in text
 
 
 def test_text_csv_and_rows_output(run_dir) -> None:
     out, rows = run_dir
-    code, text = _invoke("inspect", str(out), "--top", "1")
+    code, text = invoke_cli("inspect", str(out), "--top", "1")
     assert code == 0
     assert "Acceptance by frequency group" in text and "precision" in text
     lines = text.splitlines()
@@ -227,18 +139,18 @@ def test_text_csv_and_rows_output(run_dir) -> None:
     assert lines[header + 2].split()[1] == "cat"  # most accepted
     assert "1 more row" in lines[header + 3]
     assert lines[header + 4].split()[1] == "yak"  # least accepted
-    code, text = _invoke("inspect", str(out), "--csv", "--table", "classes")
+    code, text = invoke_cli("inspect", str(out), "--csv", "--table", "classes")
     assert code == 0
     table = list(csv.DictReader(io.StringIO(text)))
     assert [r["class_name"] for r in table] == ["cat", "dog", "yak"]
     assert float(table[0]["accept_rate"]) == pytest.approx(6 / 9)
-    code, text = _invoke("inspect", str(out), "--csv", "--rows", "--decision", "invalid")
+    code, text = invoke_cli("inspect", str(out), "--csv", "--rows", "--decision", "invalid")
     assert code == 0
     listed = list(csv.DictReader(io.StringIO(text)))
     assert sorted(r["sample_id"] for r in listed) == sorted(
         r["sample_id"] for r in rows if r["reason"].startswith("invalid"))
     assert all(r["score"] == "" for r in listed)  # NaN scores are empty cells
-    code, text = _invoke("inspect", str(out), "--csv")
+    code, text = invoke_cli("inspect", str(out), "--csv")
     assert code != 0 and "--csv prints one table" in text
 
 
@@ -247,7 +159,7 @@ def test_truth_unknown_skips_precision_recall(tmp_path: Path) -> None:
     doc = _json("inspect", str(tmp_path / "run" / "shards"))  # the shards folder works too
     assert "truth" not in doc["tables"] and "truth_failures" not in doc["tables"]
     assert any("precision/recall skipped" in n for n in doc["notes"])
-    code, text = _invoke("inspect", str(tmp_path / "run"))
+    code, text = invoke_cli("inspect", str(tmp_path / "run"))
     assert code == 0 and "note: precision/recall skipped" in text
 
 
@@ -263,10 +175,10 @@ def test_every_table_can_be_chosen(run_dir) -> None:
 
 
 def test_path_without_shards(tmp_path: Path) -> None:
-    code, text = _invoke("inspect", str(tmp_path))
+    code, text = invoke_cli("inspect", str(tmp_path))
     assert code == 1 and "no decision shards found" in text
     assert len(text.strip().splitlines()) == 1
-    code, text = _invoke("inspect", str(tmp_path / "missing"))
+    code, text = invoke_cli("inspect", str(tmp_path / "missing"))
     assert code == 1 and "no such folder" in text
 
 
@@ -275,7 +187,7 @@ def test_other_schema_version(tmp_path: Path) -> None:
     path = list_shard_files(str(tmp_path / "shards"))[0]
     table = pq.read_table(path)
     pq.write_table(table.replace_schema_metadata({b"bsgal.schema_version": b"2"}), path)
-    code, text = _invoke("inspect", str(tmp_path))
+    code, text = invoke_cli("inspect", str(tmp_path))
     assert code == 1 and "shard schema version 2" in text
     assert len(text.strip().splitlines()) == 1
 
@@ -297,23 +209,21 @@ def test_inspect_over_s3(s3_server) -> None:
         {"rejected_score": len(want) - sum(r["accepted"] for r in want)}
         if len(want) > sum(r["accepted"] for r in want) else {})
     # The HTML report can be written to the bucket too.
-    code, text = _invoke("inspect", f"{bucket}/runs/a", "--endpoint-url",
-                         s3_server.endpoint_url, "--html", f"{bucket}/reports/a.html")
+    code, text = invoke_cli("inspect", f"{bucket}/runs/a", "--endpoint-url",
+                            s3_server.endpoint_url, "--html", f"{bucket}/reports/a.html")
     assert code == 0, text
     import s3fs
 
     page = s3fs.S3FileSystem(**s3_server.storage_options).cat(f"{bucket}/reports/a.html")
     assert page.startswith(b"<!DOCTYPE html>") and page.count(b"<img src=\"data:") == 22
     # A missing bucket on a reachable server: one line, non-zero.
-    code, text = _invoke("inspect", "s3://no-such-bucket/run", "--endpoint-url",
-                         s3_server.endpoint_url)
+    code, text = invoke_cli("inspect", "s3://no-such-bucket/run", "--endpoint-url",
+                            s3_server.endpoint_url)
     assert code == 1 and "no-such-bucket" in text and len(text.strip().splitlines()) == 1
 
 
 @pytest.mark.s3
 def test_unreachable_endpoint_fails_fast_with_one_line() -> None:
-    from tests.conftest import free_port
-
     t0 = time.monotonic()
     result = CliRunner(env={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}).invoke(
         main, ["inspect", "s3://nowhere/run", "--endpoint-url",

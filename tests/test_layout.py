@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO_ROOT
+
 PACKAGES = ("pipeline", "generators", "annotators", "trainer", "selector")
 #: Top-level modules of pipeline/ that every room may use.
 SHARED_TOP = {"pipeline.config", "pipeline.paths", "pipeline.errors", "pipeline.demand",
@@ -32,8 +33,8 @@ OUTER = {"generators": set(), "annotators": {"generators.columns", "generators.h
 def _modules() -> dict[str, Path]:
     found = {}
     for package in PACKAGES:
-        for path in sorted((REPO / package).rglob("*.py")):
-            parts = path.relative_to(REPO).with_suffix("").parts
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            parts = path.relative_to(REPO_ROOT).with_suffix("").parts
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             found[name] = path
     return found
@@ -124,8 +125,8 @@ def test_every_cited_document_is_in_the_repo() -> None:
 
     cited = re.compile(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.md)\b")
     sources = [p for folder in (*PACKAGES, "benchmarks", "tests", "configs", "deploy")
-               for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".yaml", ".md")]
-    missing = {f"{p.relative_to(REPO)}: {name}" for p in sources
+               for p in (REPO_ROOT / folder).rglob("*") if p.suffix in (".py", ".yaml", ".md")]
+    missing = {f"{p.relative_to(REPO_ROOT)}: {name}" for p in sources
                for name in cited.findall(p.read_text())
-               if not (REPO / name).is_file() and not (p.parent / name).is_file()}
+               if not (REPO_ROOT / name).is_file() and not (p.parent / name).is_file()}
     assert not missing, sorted(missing)

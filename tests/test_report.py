@@ -24,20 +24,11 @@ from pipeline.cli import main
 from pipeline.inspection.query import DecisionFilter, DecisionQuery
 from pipeline.inspection.report import OUTLINE_INNER, OUTLINE_OUTER, ReportOptions, outlined_thumbnail, \
     write_report
-from tests.test_inspect import PLAN, make_rows, write_run
+from tests.conftest import PLAN, REPO_ROOT, make_rows, write_run
 
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "artifacts"
+ARTIFACTS = REPO_ROOT / "artifacts"
 CHROMIUM = os.environ.get("BSGAL_CHROMIUM", "/usr/bin/chromium")
 PER_CLASS = 2  # thumbnails per class and decision in these tests
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    out = tmp_path_factory.mktemp("report") / "run"
-    rows = make_rows()
-    write_run(str(out), rows)
-    return out, rows
 
 
 def _expected_cards(rows: list[dict], per_class: int) -> dict[tuple[str, str], int]:

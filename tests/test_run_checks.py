@@ -11,7 +11,6 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import REPO_ROOT, free_port
 from pipeline.storage.checkpoints import config_hash, load_trainer_state, save_main, save_rank_state
 from pipeline.cli import main
 from pipeline.demand import check_fits
@@ -22,8 +21,7 @@ from pipeline.storage.redaction import redact, redacted_config
 from pipeline.storage.run_config import resume_config
 from pipeline.storage.run_dir import RunDir
 from pipeline.run.window import WindowStats
-
-DEMO = REPO_ROOT / "configs" / "demo.yaml"
+from tests.conftest import DEMO_CONFIG, free_port
 
 
 def test_unreachable_s3_output_fails_in_seconds_before_ray_starts() -> None:
@@ -32,7 +30,7 @@ def test_unreachable_s3_output_fails_in_seconds_before_ray_starts() -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
     result = CliRunner().invoke(main, [
-        "run", "--config", str(DEMO), "output.dir=s3://bsgal-missing/run",
+        "run", "--config", str(DEMO_CONFIG), "output.dir=s3://bsgal-missing/run",
         f"output.storage_options={{endpoint_url: '{endpoint}', key: AKIAEXAMPLE, "
         "secret: do-not-print-me}"])
     elapsed = time.monotonic() - started
@@ -47,7 +45,7 @@ def test_unreachable_s3_output_fails_in_seconds_before_ray_starts() -> None:
 def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
-    cfg = load_config(DEMO, [f"output.dir={out}"])
+    cfg = load_config(DEMO_CONFIG, [f"output.dir={out}"])
     with pytest.raises(RunExistsError, match="bsgal run --resume"):
         run_job(cfg, progress="off")
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--fresh"])
@@ -56,15 +54,15 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path: Path) -> None:
 
 
 def test_job_that_does_not_fit_the_cluster_names_the_keys() -> None:
-    cfg = load_config(DEMO, ["generation.num_gpus=1", "training.use_gpu=true"])
+    cfg = load_config(DEMO_CONFIG, ["generation.num_gpus=1", "training.use_gpu=true"])
     with pytest.raises(ConfigError, match="no GPU") as info:
         check_fits(cfg, cpus=2, gpus=0)
     assert "generation.concurrency x generation.num_gpus = 1" in str(info.value)
     assert "training.num_workers (training.use_gpu=true) = 1" in str(info.value)
-    cfg = load_config(DEMO, ["generation.concurrency=4", "generation.num_cpus=1"])
+    cfg = load_config(DEMO_CONFIG, ["generation.concurrency=4", "generation.num_cpus=1"])
     with pytest.raises(ConfigError, match=r"needs 5\.\d+ CPUs at once but the Ray cluster has 2"):
         check_fits(cfg, cpus=2, gpus=0)
-    check_fits(load_config(DEMO), cpus=2, gpus=0)  # the demo fits two cores
+    check_fits(load_config(DEMO_CONFIG), cpus=2, gpus=0)  # the demo fits two cores
 
 
 def test_secrets_are_redacted_and_resume_takes_them_from_elsewhere(tmp_path: Path) -> None:
@@ -75,7 +73,7 @@ def test_secrets_are_redacted_and_resume_takes_them_from_elsewhere(tmp_path: Pat
                                "client_kwargs": {"aws_session_token": "<redacted>",
                                                  "region_name": "eu"}}
     out = tmp_path / "run"
-    cfg = load_config(DEMO, [f"output.dir={out}"])
+    cfg = load_config(DEMO_CONFIG, [f"output.dir={out}"])
     cfg.output.storage_options.update(options)
     run = RunDir(str(out))
     run.write_text("config.yaml", yaml.safe_dump(redacted_config(cfg), sort_keys=False))
@@ -170,9 +168,9 @@ def test_window_summary_rates_and_quantiles() -> None:
 
 
 def test_resume_may_move_stages_but_not_change_what_they_decide() -> None:
-    base = config_hash(load_config(DEMO))
-    placed = load_config(DEMO, ["generation.resources={accelerator_type:A100: 0.01}",
-                                "annotation.resources={sam_node: 1}",
-                                "training.resources_per_worker={trainer_node: 1}"])
+    base = config_hash(load_config(DEMO_CONFIG))
+    placed = load_config(DEMO_CONFIG, ["generation.resources={accelerator_type:A100: 0.01}",
+                                       "annotation.resources={sam_node: 1}",
+                                       "training.resources_per_worker={trainer_node: 1}"])
     assert config_hash(placed) == base
-    assert config_hash(load_config(DEMO, ["selection.fixed_threshold=-0.1"])) != base
+    assert config_hash(load_config(DEMO_CONFIG, ["selection.fixed_threshold=-0.1"])) != base

@@ -15,11 +15,7 @@ from selector import (
     gradient_norm,
     parameter_gradients,
 )
-
-
-def make_params() -> list[torch.Tensor]:
-    """Two parameters, shapes (2,) and (2, 1): 4 elements in the flat layout."""
-    return [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, 1))]
+from tests.conftest import make_params
 
 
 def per_param(flat: list[float]) -> list[torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from selector import INVALID_NAN_REAL_GRAD, GradientCache
+from tests.conftest import free_port
 
 WORLD = 2
 SHAPES = [(3, 4), (4,), (5,)]
@@ -58,12 +58,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         }, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_all_reduce_mode_leaves_identical_caches_on_both_ranks(tmp_path):

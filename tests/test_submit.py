@@ -25,10 +25,8 @@ from pipeline.demand import run_requests
 from pipeline.cluster.job_client import JobServerError, exit_code, is_local_address, job_server_url
 from pipeline.cluster.submit import CONFIG_NAME, PACKAGES, build_submission, forwarded_env
 
-from tests.conftest import free_port
+from tests.conftest import DEMO_CONFIG, free_port
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "configs" / "demo.yaml"
 
 
 # ----------------------------------------------------------------------------- addresses
@@ -72,7 +70,7 @@ def test_unreachable_address_fails_fast_with_one_line() -> None:
     port = free_port()  # nothing listens there
     started = time.monotonic()
     result = CliRunner().invoke(main, ["submit", "--address", f"127.0.0.1:{port}",
-                                       "--config", str(DEMO)])
+                                       "--config", str(DEMO_CONFIG)])
     took = time.monotonic() - started
     assert result.exit_code == 1
     assert f"cannot reach the Ray Job server at http://127.0.0.1:{port}" in result.output
@@ -94,7 +92,7 @@ def test_job_commands_fail_fast_when_unreachable() -> None:
 
 
 def test_submission_packages_code_and_resolved_config(tmp_path: Path) -> None:
-    sub, cfg = build_submission(str(DEMO), ["training.steps=7", "output.dir=s3://b/run"],
+    sub, cfg = build_submission(str(DEMO_CONFIG), ["training.steps=7", "output.dir=s3://b/run"],
                                 workdir=tmp_path / "job", local_cluster=False, env=["A=1"])
     assert cfg is not None and cfg.ray.address == "auto"
     for name in PACKAGES:
@@ -113,19 +111,19 @@ def test_submission_packages_code_and_resolved_config(tmp_path: Path) -> None:
 
 
 def test_image_has_code_uploads_the_config_only(tmp_path: Path) -> None:
-    build_submission(str(DEMO), ["output.dir=s3://b/run"], workdir=tmp_path / "job",
+    build_submission(str(DEMO_CONFIG), ["output.dir=s3://b/run"], workdir=tmp_path / "job",
                      local_cluster=False, image_has_code=True)
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == [CONFIG_NAME]
 
 
 def test_remote_cluster_refuses_a_relative_output(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="output.dir: runs/x is a relative path"):
-        build_submission(str(DEMO), ["output.dir=runs/x"], workdir=tmp_path / "job",
+        build_submission(str(DEMO_CONFIG), ["output.dir=runs/x"], workdir=tmp_path / "job",
                          local_cluster=False)
 
 
 def test_local_cluster_resolves_relative_paths(tmp_path: Path) -> None:
-    _, cfg = build_submission(str(DEMO), ["output.dir=runs/x"], workdir=tmp_path / "job",
+    _, cfg = build_submission(str(DEMO_CONFIG), ["output.dir=runs/x"], workdir=tmp_path / "job",
                               local_cluster=True, cwd=tmp_path)
     assert cfg is not None
     assert cfg.output.dir == str(tmp_path / "runs" / "x")
@@ -135,9 +133,9 @@ def test_local_cluster_resolves_relative_paths(tmp_path: Path) -> None:
 def test_prompt_files_travel_with_the_job(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.json"
     prompts.write_text('{"cat": ["a photo of a cat"]}')
-    sub, cfg = build_submission(str(DEMO), [f"generation.extra_prompts={prompts}",
-                                            "output.dir=s3://b/run",
-                                            "annotation.sam_checkpoint=models/sam.pth"],
+    sub, cfg = build_submission(str(DEMO_CONFIG), [f"generation.extra_prompts={prompts}",
+                                                   "output.dir=s3://b/run",
+                                                   "annotation.sam_checkpoint=models/sam.pth"],
                                 workdir=tmp_path / "job", local_cluster=False)
     assert cfg is not None
     shipped = tmp_path / "job" / cfg.generation.extra_prompts
@@ -146,10 +144,10 @@ def test_prompt_files_travel_with_the_job(tmp_path: Path) -> None:
 
 
 def test_credentials_in_config_are_flagged_not_printed(tmp_path: Path) -> None:
-    sub, _ = build_submission(str(DEMO), ["output.dir=s3://b/run",
-                                          "output.storage_options.secret=TOPSECRET",
-                                          "data.storage_options.client_kwargs."
-                                          "aws_secret_access_key=TOPSECRET2"],
+    sub, _ = build_submission(str(DEMO_CONFIG), ["output.dir=s3://b/run",
+                                                 "output.storage_options.secret=TOPSECRET",
+                                                 "data.storage_options.client_kwargs."
+                                                 "aws_secret_access_key=TOPSECRET2"],
                               workdir=tmp_path / "job", local_cluster=False)
     text = "\n".join(sub.notes) + sub.entrypoint
     assert "output.storage_options.secret" in text
@@ -202,7 +200,7 @@ NODES = (NodeShape("gen", {"CPU": 8, "GPU": 1, "bsgal_generate": 1}, 4),
 
 
 def test_run_requests_list_every_pool() -> None:
-    cfg = load_config(DEMO, GPU_CONFIG)
+    cfg = load_config(DEMO_CONFIG, GPU_CONFIG)
     by_part = {r.part: r for r in run_requests(cfg)}
     assert by_part["generation"].unit == {"CPU": 1.0, "GPU": 1.0, "bsgal_generate": 0.01}
     assert by_part["generation"].count == 4
@@ -210,11 +208,11 @@ def test_run_requests_list_every_pool() -> None:
 
 
 def test_pinned_job_fits_matching_node_types() -> None:
-    assert check_capacity(load_config(DEMO, GPU_CONFIG), _cap(*NODES)) == []
+    assert check_capacity(load_config(DEMO_CONFIG, GPU_CONFIG), _cap(*NODES)) == []
 
 
 def test_more_generation_actors_than_pinned_gpus_is_refused() -> None:
-    cfg = load_config(DEMO, [*GPU_CONFIG, "generation.concurrency=5"])
+    cfg = load_config(DEMO_CONFIG, [*GPU_CONFIG, "generation.concurrency=5"])
     with pytest.raises(ConfigError) as err:
         check_capacity(cfg, _cap(*NODES))
     text = str(err.value)
@@ -224,19 +222,19 @@ def test_more_generation_actors_than_pinned_gpus_is_refused() -> None:
 
 
 def test_missing_custom_resource_is_named() -> None:
-    cfg = load_config(DEMO, [*GPU_CONFIG, "training.resources_per_worker={bsgal_tpu: 1}"])
+    cfg = load_config(DEMO_CONFIG, [*GPU_CONFIG, "training.resources_per_worker={bsgal_tpu: 1}"])
     with pytest.raises(ConfigError, match="custom resource bsgal_tpu"):
         check_capacity(cfg, _cap(*NODES))
 
 
 def test_gpus_asked_of_a_cpu_cluster_are_refused() -> None:
-    cfg = load_config(DEMO, ["generation.num_gpus=1"])
+    cfg = load_config(DEMO_CONFIG, ["generation.num_gpus=1"])
     with pytest.raises(ConfigError, match="no GPU"):
         check_capacity(cfg, _cap(NodeShape("cpu", {"CPU": 64})))
 
 
 def test_autoscaling_cluster_only_warns() -> None:
-    cfg = load_config(DEMO, GPU_CONFIG)
+    cfg = load_config(DEMO_CONFIG, GPU_CONFIG)
     warnings = check_capacity(cfg, _cap(NodeShape("head", {"CPU": 4}), bound=False))
     assert warnings and all("the autoscaler may add nodes" in w for w in warnings)
 
@@ -278,7 +276,7 @@ def test_resume_on_a_local_cluster_reads_and_checks_the_run(tmp_path: Path) -> N
 
     out = tmp_path / "runs" / "r1"
     out.mkdir(parents=True)
-    (out / "config.yaml").write_text(dump_config(load_config(DEMO, [f"output.dir={out}"])))
+    (out / "config.yaml").write_text(dump_config(load_config(DEMO_CONFIG, [f"output.dir={out}"])))
     sub, cfg = build_submission(None, ["ray.log_to_driver=true"], workdir=tmp_path / "j",
                                 local_cluster=True, resume_out="runs/r1", cwd=tmp_path)
     assert cfg is not None and cfg.ray.log_to_driver
@@ -334,7 +332,7 @@ def test_s3_output_is_probed_from_here(s3_server, tmp_path: Path) -> None:
     bucket = s3_server.make_bucket("bsgal-submit")
 
     def cfg_for(out: str):
-        return load_config(DEMO, [f"output.dir={out}", f"output.storage_options={options}"])
+        return load_config(DEMO_CONFIG, [f"output.dir={out}", f"output.storage_options={options}"])
 
     with pytest.raises(StorageError) as err:
         check_output(cfg_for("s3://no-such-bucket-here/run"), local_cluster=False,
@@ -347,6 +345,6 @@ def test_s3_output_is_probed_from_here(s3_server, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="already holds a run"):
         check_output(cfg_for(f"{bucket}/old"), local_cluster=False, resume=False)
     # A local path on a remote cluster cannot be seen from here.
-    note = check_output(load_config(DEMO, ["output.dir=/shared/run"]), local_cluster=False,
+    note = check_output(load_config(DEMO_CONFIG, ["output.dir=/shared/run"]), local_cluster=False,
                         resume=False)
     assert note == "output /shared/run: checked on the cluster when the job starts"

@@ -23,15 +23,12 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import main
-from tests.conftest import free_port
+from tests.conftest import DEMO_CONFIG, free_port, invoke_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO = str(DEMO_CONFIG)
 # Fits 2 CPUs: generation/annotation/check actors at 0.25 CPU each, one train worker at 1;
 # generation and training pinned to the head by the custom resources it advertises.
 SMALL = ["generation.num_cpus=0.25", "annotation.num_cpus=0.25", "training.warmup_steps=1",
@@ -118,11 +115,6 @@ def ray_head() -> Iterator[RayHead]:
         _stop_head(head)
 
 
-def _invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
-
-
 def _job_id(output: str) -> str:
     return next(line.split()[-1] for line in output.splitlines()
                 if line.startswith("submitted job "))
@@ -131,11 +123,11 @@ def _job_id(output: str) -> str:
 def test_demo_job_runs_to_the_end_and_leaves_its_shards(
         ray_head: RayHead, builtin_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    code, output = _invoke("submit", "--address", ray_head.address, "--config", DEMO,
-                           "--follow", "--env", "BSGAL_PROBE=hidden-value-123", *SMALL,
-                           f"data.root={builtin_data}",
-                           "generation.num_candidates=16", "training.steps=4",
-                           "training.checkpoint_every=2", f"output.dir={out}")
+    code, output = invoke_cli("submit", "--address", ray_head.address, "--config", DEMO,
+                              "--follow", "--env", "BSGAL_PROBE=hidden-value-123", *SMALL,
+                              f"data.root={builtin_data}",
+                              "generation.num_candidates=16", "training.steps=4",
+                              "training.checkpoint_every=2", f"output.dir={out}")
     assert code == 0, output
     job = _job_id(output)
     assert f"shards:    {out}/shards" in output
@@ -149,21 +141,21 @@ def test_demo_job_runs_to_the_end_and_leaves_its_shards(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_step"] == 4
 
-    code, output = _invoke("job", "status", "--address", ray_head.address, job)
+    code, output = invoke_cli("job", "status", "--address", ray_head.address, job)
     assert code == 0 and f"{job}: SUCCEEDED" in output
     assert f"shards:     {out}/shards" in output
-    code, output = _invoke("job", "logs", "--address", ray_head.address, job)
+    code, output = invoke_cli("job", "logs", "--address", ray_head.address, job)
     assert code == 0 and "candidates made: 16" in output
-    code, output = _invoke("job", "list", "--address", ray_head.address)
+    code, output = invoke_cli("job", "list", "--address", ray_head.address)
     assert f"{job}  SUCCEEDED  {out}" in output
 
 
 def test_job_stop_ends_a_running_job(ray_head: RayHead, builtin_data: Path,
                                      tmp_path: Path) -> None:
     out = tmp_path / "long"
-    code, output = _invoke("submit", "--address", ray_head.address, "--config", DEMO, *SMALL,
-                           f"data.root={builtin_data}", "generation.num_candidates=5000",
-                           "training.steps=100000", f"output.dir={out}")
+    code, output = invoke_cli("submit", "--address", ray_head.address, "--config", DEMO, *SMALL,
+                              f"data.root={builtin_data}", "generation.num_candidates=5000",
+                              "training.steps=100000", f"output.dir={out}")
     assert code == 0, output
     job = _job_id(output)
     from ray.job_submission import JobSubmissionClient
@@ -173,12 +165,12 @@ def test_job_stop_ends_a_running_job(ray_head: RayHead, builtin_data: Path,
     while str(client.get_job_status(job)) != "RUNNING":
         assert time.monotonic() < deadline, client.get_job_logs(job)
         time.sleep(0.5)
-    code, output = _invoke("job", "stop", "--address", ray_head.address, job)
+    code, output = invoke_cli("job", "stop", "--address", ray_head.address, job)
     assert code == 0, output
     assert f"job {job} STOPPED" in output
     assert str(client.get_job_status(job)) == "STOPPED"
     # Following a stopped job ends at once with the STOPPED exit code.
-    code, output = _invoke("job", "logs", "--follow", "--address", ray_head.address, job)
+    code, output = invoke_cli("job", "logs", "--follow", "--address", ray_head.address, job)
     assert code == 2
     assert f"job {job} STOPPED" in output
 
@@ -188,19 +180,19 @@ def test_gpus_the_cluster_lacks_are_refused_before_submitting(
     from ray.job_submission import JobSubmissionClient
 
     before = len(JobSubmissionClient(ray_head.address).list_jobs())
-    code, output = _invoke("submit", "--address", ray_head.address, "--config", DEMO, *SMALL,
-                           "generation.num_gpus=1", f"output.dir={tmp_path / 'gpu'}")
+    code, output = invoke_cli("submit", "--address", ray_head.address, "--config", DEMO, *SMALL,
+                              "generation.num_gpus=1", f"output.dir={tmp_path / 'gpu'}")
     assert code == 1
     assert "the job does not fit the cluster" in output
     assert "generation.concurrency x generation.num_gpus = 1" in output
     assert "no GPU" in output
-    code, output = _invoke("submit", "--address", ray_head.address, "--config", DEMO, *SMALL,
-                           "annotation.resources={bsgal_annotate: 0.01}",
-                           f"output.dir={tmp_path / 'pin'}")
+    code, output = invoke_cli("submit", "--address", ray_head.address, "--config", DEMO, *SMALL,
+                              "annotation.resources={bsgal_annotate: 0.01}",
+                              f"output.dir={tmp_path / 'pin'}")
     assert code == 1
     assert "custom resource bsgal_annotate" in output
     assert len(JobSubmissionClient(ray_head.address).list_jobs()) == before
-    code, output = _invoke("job", "status", "--address", ray_head.address, "no-such-job")
+    code, output = invoke_cli("job", "status", "--address", ray_head.address, "no-such-job")
     assert code == 1 and "no job 'no-such-job'" in output
 
 
@@ -209,11 +201,11 @@ def test_output_that_holds_a_run_or_cannot_be_written_is_refused(
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "config.yaml").write_text("name: x\n")
-    code, output = _invoke("submit", "--address", ray_head.address, "--config", DEMO, *SMALL,
-                           f"output.dir={taken}")
+    code, output = invoke_cli("submit", "--address", ray_head.address, "--config", DEMO, *SMALL,
+                              f"output.dir={taken}")
     assert code == 1 and "already holds a run" in output and "--resume" in output
     blocked = tmp_path / "file"
     blocked.write_text("")
-    code, output = _invoke("submit", "--address", ray_head.address, "--config", DEMO, *SMALL,
-                           f"output.dir={blocked}/run")
+    code, output = invoke_cli("submit", "--address", ray_head.address, "--config", DEMO, *SMALL,
+                              f"output.dir={blocked}/run")
     assert code == 1 and "is not writable" in output

@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.config import SelectionConfig, TrainingConfig, load_config
 from pipeline.run.train_worker import trainer_settings
+from tests.conftest import DEMO_CONFIG
 from trainer.datasets import LvisDataset
 from trainer.defaults import SELECTION_DEFAULTS, TRAINING_DEFAULTS
 from trainer.factory import IGNORED_TRAINING_KEYS, build_trainer, load_initial_weights
 
-
-@pytest.fixture(scope="module")
-def train_set(builtin_data: Path) -> LvisDataset:
-    return LvisDataset(builtin_data, "train.json", max_images=24)
+TRAIN_IMAGES = 24  # the conftest ``train_set`` fixture: the first 24 training images
 
 
 def test_demo_config_sections_build_a_trainer(train_set: LvisDataset) -> None:
-    cfg = load_config("configs/demo.yaml", ["selection.threshold=dynamic",
-                                            "selection.rare_min_accept_rate=0.3",
-                                            "training.ema=0.99"])
+    cfg = load_config(DEMO_CONFIG, ["selection.threshold=dynamic",
+                                    "selection.rare_min_accept_rate=0.3", "training.ema=0.99"])
     # What the Ray Train worker passes: the training section less the pipeline's own keys.
     trainer = build_trainer(train_set, training=trainer_settings(cfg),
                             selection=dataclasses.asdict(cfg.selection), seed=cfg.seed)
