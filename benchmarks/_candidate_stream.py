@@ -25,6 +25,48 @@ STREAM_COLUMNS = ("sample_id", "class_id", "image", "mask", "status", "mask_scor
                   "area_ratio", "truth_failure", "truth_class_id")
 
 
+def real_cutouts(ds: Any, count: int, *, seed: int = 0, prefix: str = "c", size: int = 96,
+                 wrong_fraction: float = 0.0, mask_scores: bool = False
+                 ) -> list[dict[str, Any]]:
+    """Candidates cut from real instances of ``ds`` (an ``LvisDataset``), centred on a white
+    ``size`` px canvas: rows with ``sample_id``, ``class_id``, ``image`` (HxWx3 uint8),
+    ``mask`` (HxW bool), ``status``.
+
+    ``wrong_fraction`` of them get another class than the one drawn (a semantic failure);
+    ``mask_scores`` adds a random ``mask_score`` in [0.2, 1) for field-threshold tests.
+    """
+    rng = np.random.default_rng(seed)
+    cat_ids = [c.id for c in ds.categories]
+    rows: list[dict[str, Any]] = []
+    while len(rows) < count:
+        sample = ds[int(rng.integers(len(ds)))]
+        if not len(sample["labels"]):
+            continue
+        k = int(rng.integers(len(sample["labels"])))
+        ys, xs = np.nonzero(sample["masks"][k])
+        if len(ys) < 30:
+            continue
+        crop = sample["masks"][k][ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        rgb = sample["image"][ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        h, w = crop.shape
+        if h >= size or w >= size:
+            continue
+        image = np.full((size, size, 3), 255, np.uint8)
+        mask = np.zeros((size, size), bool)
+        y0, x0 = (size - h) // 2, (size - w) // 2
+        image[y0:y0 + h, x0:x0 + w][crop] = rgb[crop]
+        mask[y0:y0 + h, x0:x0 + w] = crop
+        class_id = int(sample["category_ids"][k])
+        if wrong_fraction and rng.random() < wrong_fraction:
+            class_id = int(rng.choice([c for c in cat_ids if c != class_id]))
+        row = {"sample_id": f"{prefix}{len(rows)}", "class_id": class_id, "image": image,
+               "mask": mask, "status": "ok"}
+        if mask_scores:
+            row["mask_score"] = np.float32(rng.uniform(0.2, 1.0))
+        rows.append(row)
+    return rows
+
+
 def make_candidate_stream(lvis_json: str | Path, count: int, *, seed: int, run_id: str,
                           failure_rates: Mapping[str, float] | None = None,
                           image_size: int = 128, chunk: int = 256) -> dict[str, np.ndarray]:

@@ -37,34 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def candidate_stream(ds: Any, count: int, wrong_fraction: float, seed: int
-                     ) -> list[dict[str, Any]]:
-    """Real instances cut out onto a white 96 px canvas; ``wrong_fraction`` get a wrong class."""
-    rng = np.random.default_rng(seed)
-    cat_ids = [c.id for c in ds.categories]
-    rows: list[dict[str, Any]] = []
-    while len(rows) < count:
-        sample = ds[int(rng.integers(len(ds)))]
-        if not len(sample["labels"]):
-            continue
-        k = int(rng.integers(len(sample["labels"])))
-        ys, xs = np.nonzero(sample["masks"][k])
-        if len(ys) < 30 or np.ptp(ys) >= 95 or np.ptp(xs) >= 95:
-            continue
-        crop = sample["masks"][k][ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-        rgb = sample["image"][ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-        image = np.full((96, 96, 3), 255, np.uint8)
-        mask = np.zeros((96, 96), bool)
-        y0, x0 = (96 - crop.shape[0]) // 2, (96 - crop.shape[1]) // 2
-        image[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]][crop] = rgb[crop]
-        mask[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
-        class_id = int(sample["category_ids"][k])
-        if rng.random() < wrong_fraction:
-            class_id = int(rng.choice([c for c in cat_ids if c != class_id]))
-        rows.append({"sample_id": f"b{len(rows)}", "class_id": class_id, "image": image,
-                     "mask": mask, "status": "ok"})
-    return rows
+from benchmarks._candidate_stream import real_cutouts
 
 
 def build(ds: Any, method: str, mode: str, args: argparse.Namespace, **selection: Any):
@@ -157,7 +130,7 @@ def main() -> None:
             Path(tmp) / "builtin", seed=0, num_train_images=240, num_val_images=20)
         ds = LvisDataset(root, "train.json")
         count = 12 * args.batch_size * (args.steps + args.agreement_steps)
-        stream = candidate_stream(ds, count, args.wrong_fraction, seed=1)
+        stream = real_cutouts(ds, count, seed=1, prefix="b", wrong_fraction=args.wrong_fraction)
         started = time.perf_counter()
         seconds = measure_cost(ds, stream, args)
         cost_time = time.perf_counter() - started

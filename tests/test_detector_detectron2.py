@@ -23,11 +23,11 @@ from trainer.backends import (  # noqa: E402
     GENERATED,
     REAL_FOREGROUND,
     build_backend,
-    image_tensor,
-    target_tensors,
 )
 from trainer.backends.detectron2_maskrcnn import Detectron2MaskRCNN  # noqa: E402
 from trainer.datasets import LvisDataset  # noqa: E402
+
+from tests.conftest import detector_batch  # noqa: E402
 
 TERMS = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc")
 
@@ -35,18 +35,6 @@ TERMS = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"
 @pytest.fixture(scope="module")
 def train_set(builtin_data: Path) -> LvisDataset:
     return LvisDataset(builtin_data, "train.json", max_images=8)
-
-
-def _batch(ds: LvisDataset, flags: str = "alternate"):
-    samples = [ds[i] for i in range(4)]
-    images = [image_tensor(s["image"]) for s in samples]
-    targets = []
-    for s in samples:
-        n = len(s["labels"])
-        generated = {"alternate": np.arange(n) % 2 == 0, "none": np.zeros(n, bool),
-                     "all": np.ones(n, bool)}[flags]
-        targets.append(target_tensors(s["boxes"], s["labels"], s["masks"], generated))
-    return images, targets
 
 
 def test_loss_pieces_sum_to_the_stock_detectron2_loss(train_set: LvisDataset) -> None:
@@ -57,7 +45,7 @@ def test_loss_pieces_sum_to_the_stock_detectron2_loss(train_set: LvisDataset) ->
     assert list(stock.state_dict()) == list(backend.module.state_dict())
     stock.train()
     backend.module.train()
-    images, targets = _batch(train_set)
+    images, targets = detector_batch(train_set)
     inputs = backend._inputs(images, targets)
     torch.manual_seed(5)
     with EventStorage(0):
@@ -77,9 +65,9 @@ def test_generated_part_is_empty_without_generated_instances(train_set: LvisData
     torch.manual_seed(0)
     backend = build_backend("detectron2", train_set.num_classes, "small", 128)
     backend.module.train()
-    split = backend.losses(*_batch(train_set, flags="none"))
+    split = backend.losses(*detector_batch(train_set, flags="none"))
     assert all(float(split.pieces[GENERATED][t].detach()) == 0.0 for t in TERMS)
-    split = backend.losses(*_batch(train_set, flags="all"))
+    split = backend.losses(*detector_batch(train_set, flags="all"))
     assert float(split.pieces[REAL_FOREGROUND]["loss_cls"].detach()) == 0.0
     assert float(split.pieces[GENERATED]["loss_mask"].detach()) > 0
 
@@ -88,7 +76,7 @@ def test_real_classification_loss_and_predict(train_set: LvisDataset) -> None:
     torch.manual_seed(0)
     backend = build_backend("detectron2", train_set.num_classes, "small", 128)
     backend.module.train()
-    images, targets = _batch(train_set, flags="none")
+    images, targets = detector_batch(train_set, flags="none")
     loss = backend.real_classification_loss(images, targets)
     assert float(loss.detach()) == pytest.approx(np.log(train_set.num_classes + 1), rel=0.3)
     named = dict(backend.module.named_parameters())

@@ -11,10 +11,12 @@ import torch
 import torchvision.models.detection.roi_heads as tv_roi_heads
 import torchvision.models.detection.rpn as tv_rpn
 
-from trainer.backends import GENERATED, GROUPS, REAL_FOREGROUND, image_tensor, target_tensors
+from trainer.backends import GENERATED, GROUPS, REAL_FOREGROUND
 from trainer.backends.torchvision_arch import build_maskrcnn
 from trainer.backends.torchvision_maskrcnn import TorchvisionMaskRCNN
 from trainer.datasets import LvisDataset
+
+from tests.conftest import detector_batch
 
 TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
@@ -22,18 +24,6 @@ TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "los
 @pytest.fixture(scope="module")
 def train_set(builtin_data: Path) -> LvisDataset:
     return LvisDataset(builtin_data, "train.json", max_images=16)
-
-
-def _batch(ds: LvisDataset, flags: str = "alternate", start: int = 0):
-    samples = [ds[i] for i in range(start, start + 4)]
-    images = [image_tensor(s["image"]) for s in samples]
-    targets = []
-    for s in samples:
-        n = len(s["labels"])
-        generated = {"alternate": np.arange(n) % 2 == 0, "none": np.zeros(n, bool),
-                     "all": np.ones(n, bool)}[flags]
-        targets.append(target_tensors(s["boxes"], s["labels"], s["masks"], generated))
-    return images, targets
 
 
 def _stock_and_split(num_classes: int):
@@ -47,7 +37,7 @@ def _stock_and_split(num_classes: int):
 
 def test_loss_pieces_sum_to_the_stock_loss(train_set: LvisDataset) -> None:
     stock, split = _stock_and_split(train_set.num_classes)
-    images, targets = _batch(train_set)
+    images, targets = detector_batch(train_set)
     stock_targets = [{k: v for k, v in t.items() if k != "generated"} for t in targets]
     torch.manual_seed(123)
     expected = stock(images, stock_targets)
@@ -66,12 +56,12 @@ def test_loss_pieces_sum_to_the_stock_loss(train_set: LvisDataset) -> None:
 
 def test_generated_part_is_empty_without_generated_instances(train_set: LvisDataset) -> None:
     _, split = _stock_and_split(train_set.num_classes)
-    images, targets = _batch(train_set, flags="none")
+    images, targets = detector_batch(train_set, flags="none")
     losses = split.losses(images, targets)
     for term in TERMS:
         assert float(losses.pieces[GENERATED][term].detach()) == 0.0
         assert float(losses.pieces["generated_background"][term].detach()) == 0.0
-    images, targets = _batch(train_set, flags="all")
+    images, targets = detector_batch(train_set, flags="all")
     losses = split.losses(images, targets)
     for term in ("loss_classifier", "loss_box_reg", "loss_mask"):
         assert float(losses.pieces[REAL_FOREGROUND][term].detach()) == 0.0
@@ -83,7 +73,7 @@ def test_generated_part_is_empty_without_generated_instances(train_set: LvisData
 def test_generated_classification_gradient_reaches_backbone_not_mask_head(
         train_set: LvisDataset) -> None:
     _, split = _stock_and_split(train_set.num_classes)
-    images, targets = _batch(train_set)
+    images, targets = detector_batch(train_set)
     loss = split.losses(images, targets, score_only=True).generated["loss_classifier"]
     module = split.module
     named = dict(module.named_parameters())
@@ -96,7 +86,7 @@ def test_generated_classification_gradient_reaches_backbone_not_mask_head(
 
 def test_real_classification_loss_uses_ground_truth_boxes_only(train_set: LvisDataset) -> None:
     _, split = _stock_and_split(train_set.num_classes)
-    images, targets = _batch(train_set, flags="none")
+    images, targets = detector_batch(train_set, flags="none")
     loss = split.real_classification_loss(images, targets)
     num_classes = train_set.num_classes
     # An untrained classifier is near-uniform over K+1 classes.
@@ -116,7 +106,7 @@ def test_torchvision_module_globals_untouched(train_set: LvisDataset) -> None:
     before = (tv_roi_heads.fastrcnn_loss, tv_roi_heads.maskrcnn_loss,
               tv_roi_heads.RoIHeads.forward, tv_rpn.RegionProposalNetwork.forward)
     stock, split = _stock_and_split(train_set.num_classes)
-    images, targets = _batch(train_set)
+    images, targets = detector_batch(train_set)
     split.losses(images, targets)
     after = (tv_roi_heads.fastrcnn_loss, tv_roi_heads.maskrcnn_loss,
              tv_roi_heads.RoIHeads.forward, tv_rpn.RegionProposalNetwork.forward)
@@ -133,7 +123,7 @@ def test_state_dict_keys_match_stock_model(train_set: LvisDataset) -> None:
 
 def test_predict_layout(train_set: LvisDataset) -> None:
     _, split = _stock_and_split(train_set.num_classes)
-    images, _ = _batch(train_set)
+    images, _ = detector_batch(train_set)
     out = split.predict(images)
     assert len(out) == 4 and split.module.training  # mode restored
     for det, img in zip(out, images):
@@ -147,7 +137,7 @@ def test_predict_layout(train_set: LvisDataset) -> None:
 
 def test_losses_refuse_eval_mode_and_bad_flags(train_set: LvisDataset) -> None:
     _, split = _stock_and_split(train_set.num_classes)
-    images, targets = _batch(train_set)
+    images, targets = detector_batch(train_set)
     bad = [dict(t, generated=t["generated"][:-1]) if len(t["generated"]) > 1 else t
            for t in targets]
     with pytest.raises(ValueError, match="one flag per box"):
@@ -165,7 +155,7 @@ def test_resnet50_fpn_and_bfloat16_autocast_build_and_split(train_set: LvisDatas
     assert module.transform.min_size == (128,) and module.roi_heads.detections_per_img == 300
     assert isinstance(module.backbone.body.bn1, torch.nn.BatchNorm2d)  # not frozen: no weights
     module.train()
-    images, targets = _batch(train_set)
+    images, targets = detector_batch(train_set)
     losses = backend.losses(images[:1], targets[:1])
     assert set(losses.terms) == set(TERMS)
     for group in GROUPS:

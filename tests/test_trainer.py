@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks._candidate_stream import real_cutouts
 from selector import AcceptAll, BatchSelector, FixedThreshold, build_selector
 from trainer.backends import CLEAR_GROUPS, SplitLosses, image_tensor
 from trainer.backends.torchvision_maskrcnn import TorchvisionMaskRCNN
@@ -26,30 +27,7 @@ from trainer.loop import DetectorTrainer
 def candidates_from_real(ds: LvisDataset, count: int, seed: int = 0, prefix: str = "c",
                          size: int = 96) -> list[dict[str, Any]]:
     """Good candidates: real instances cut out and centred on a white ``size`` canvas."""
-    rng = np.random.default_rng(seed)
-    rows: list[dict[str, Any]] = []
-    while len(rows) < count:
-        sample = ds[int(rng.integers(len(ds)))]
-        if not len(sample["labels"]):
-            continue
-        k = int(rng.integers(len(sample["labels"])))
-        ys, xs = np.nonzero(sample["masks"][k])
-        if len(ys) < 30:
-            continue
-        crop = sample["masks"][k][ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-        rgb = sample["image"][ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-        h, w = crop.shape
-        if h >= size or w >= size:
-            continue
-        image = np.full((size, size, 3), 255, np.uint8)
-        mask = np.zeros((size, size), bool)
-        y0, x0 = (size - h) // 2, (size - w) // 2
-        image[y0:y0 + h, x0:x0 + w][crop] = rgb[crop]
-        mask[y0:y0 + h, x0:x0 + w] = crop
-        rows.append({"sample_id": f"{prefix}{len(rows)}",
-                     "class_id": int(sample["category_ids"][k]), "image": image, "mask": mask,
-                     "status": "ok", "mask_score": np.float32(rng.uniform(0.2, 1.0))})
-    return rows
+    return real_cutouts(ds, count, seed=seed, prefix=prefix, size=size, mask_scores=True)
 
 
 def bad_candidates(good: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
