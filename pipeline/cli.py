@@ -153,8 +153,9 @@ PROGRESS = click.option(
 @click.option("--resume", "resume_out", metavar="OUT", default=None,
               help="Continue the run in OUT (local folder or s3://) from its last checkpoint; "
                    "OVERRIDES may then only change ray.*, storage options and logging keys.")
-@functools.partial(storage_flags, what="output.dir (needed with --resume to read a run's "
-                   "config from such a store)")
+@functools.partial(storage_flags, what="output.dir",
+                   endpoint_note=" Needed with --resume to read a run's config from such "
+                                 "a store.")
 @PROGRESS
 @click.argument("overrides", nargs=-1)
 @user_errors

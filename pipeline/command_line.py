@@ -57,15 +57,17 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def storage_flags(fn: Callable[..., Any], what: str = "s3:// and other remote URIs"
-                  ) -> Callable[..., Any]:
-    """Add ``--endpoint-url`` and ``--storage-option`` (read by :func:`storage_options_from`)."""
+def storage_flags(fn: Callable[..., Any], what: str = "s3:// and other remote URIs",
+                  endpoint_note: str = "") -> Callable[..., Any]:
+    """Add ``--endpoint-url`` and ``--storage-option`` (read by :func:`storage_options_from`);
+    ``what`` names the storage they apply to, ``endpoint_note`` is added to the endpoint's
+    help."""
     fn = click.option("--storage-option", "storage_pairs", multiple=True, metavar="KEY=VALUE",
                       help=f"fsspec option for {what} (e.g. profile=dev); repeat for "
                            "several.")(fn)
     fn = click.option("--endpoint-url", metavar="URL", envvar="AWS_ENDPOINT_URL",
                       help="S3 endpoint (MinIO, Ceph, moto); default: AWS or "
-                           "$AWS_ENDPOINT_URL.")(fn)
+                           f"$AWS_ENDPOINT_URL.{endpoint_note}")(fn)
     return fn
 
 
