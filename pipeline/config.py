@@ -2,8 +2,9 @@
 
 ``RunConfig`` is the whole run. Its sections are plain dataclasses whose fields carry the
 defaults of the reference set-up where one exists (docs/algorithm.md, Reference training
-set-up), so that a YAML file only names what differs. Loading is strict: an unknown key or a value of the wrong type is a
-:class:`ConfigError` that names the key and suggests the closest valid one.
+set-up), so that a YAML file only names what differs. Loading is strict: an unknown key or a
+value of the wrong type is a :class:`ConfigError` that names the key and suggests the closest
+valid one.
 
 Example::
 

@@ -1,8 +1,8 @@
 """``bsgal submit`` and ``bsgal job status|logs|stop|list``: runs as Ray Jobs on a cluster.
 
 Registered on the main group by :mod:`pipeline.cli`. The cluster is reached through its Job
-server (the dashboard's HTTP port); see :mod:`pipeline.cluster.job_client`, :mod:`pipeline.cluster.submit` and
-:mod:`pipeline.cluster.capacity`.
+server (the dashboard's HTTP port); see :mod:`pipeline.cluster.job_client`,
+:mod:`pipeline.cluster.submit` and :mod:`pipeline.cluster.capacity`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 filters; ``summary`` turns a query into tables (counts, acceptance by group and class, score
 quantiles, acceptance over steps, precision/recall against the generator's truth); ``render``
 prints tables as text, JSON or CSV; ``commands`` holds the ``bsgal inspect`` and
-``bsgal export-pool`` commands. The HTML report is :mod:`pipeline.inspection.report`, the instance-pool
-export :mod:`pipeline.inspection.export_pool`.
+``bsgal export-pool`` commands. The HTML report is :mod:`pipeline.inspection.report`, the
+instance-pool export :mod:`pipeline.inspection.export_pool`, the end-of-run summary that
+``bsgal run`` prints :mod:`pipeline.inspection.run_summary`.
 """
 
 from __future__ import annotations

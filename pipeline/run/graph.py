@@ -1,4 +1,6 @@
-"""The Ray Data graph: prompt rows → generate → annotate → quality checks (docs/architecture.md, Data flow).
+"""The Ray Data graph: prompt rows → generate → annotate → quality checks.
+
+See docs/architecture.md, Data flow.
 
 Each stage is a ``map_batches`` over an actor pool whose size, ``num_cpus``/``num_gpus`` and
 batch size come from the config; the model is loaded once per actor. The source is a table of
@@ -95,7 +97,8 @@ def _build_quality_check(**kwargs: Any) -> Any:
 
 
 def stage_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> list[StageSpec]:
-    """The three stages of ``cfg`` (config → constructor arguments; docs/contracts.md, Candidate)."""
+    """The three stages of ``cfg``: config → constructor arguments (docs/contracts.md,
+    Candidate)."""
     from annotators import build_annotator
     from generators import build_generator
 

@@ -16,8 +16,8 @@
    frequency group, the final evaluation and the timings.
 
 Resume: the latest checkpoint says how far each worker got in its candidate stream; shard files
-written after it are removed (:func:`pipeline.storage.shards.drop_after`) and the prompt rows not yet
-decided are generated again. With one worker and ``ray.preserve_order`` the resumed run's
+written after it are removed (:func:`pipeline.storage.shards.drop_after`) and the prompt rows
+not yet decided are generated again. With one worker and ``ray.preserve_order`` the resumed run's
 decisions equal an uninterrupted run's; with N workers the split of the stream between workers
 depends on timing, so a resumed run decides every remaining candidate exactly once but not
 necessarily on the same worker.
