@@ -233,3 +233,18 @@ def test_unreachable_endpoint_fails_fast_with_one_line() -> None:
     line = result.output.strip()
     assert len(line.splitlines()) == 1
     assert line.startswith("Error: cannot read s3://nowhere/run") and "endpoint_url" in line
+
+
+def test_decision_choices_are_the_reason_kinds_and_the_cli_starts_light() -> None:
+    import subprocess
+    import sys
+
+    from generators.columns import DECISION_KINDS
+    from pipeline.inspection import DECISION_CHOICES
+
+    assert DECISION_CHOICES == DECISION_KINDS
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, pipeline.cli; print(' '.join(sorted(m for m in "
+         "('numpy', 'fsspec', 'torch', 'ray', 'duckdb', 'pyarrow') if m in sys.modules)))"],
+        capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == []  # `bsgal --help` imports none of the heavy libraries

@@ -15,3 +15,6 @@ from __future__ import annotations
 # DuckDB).
 TABLE_NAMES = ("counts", "groups", "classes", "scores", "steps", "truth", "truth_failures",
                "rows")
+#: ``generators.columns.DECISION_KINDS`` for ``--decision`` (importing that module would load
+#: numpy for ``bsgal --help``); tests/test_inspect.py checks the two are equal.
+DECISION_CHOICES = ("accepted", "rejected", "invalid")

@@ -11,17 +11,15 @@ from typing import Any, Callable
 
 import click
 
-from generators.columns import DECISION_KINDS
 from pipeline.command_line import CONTEXT, storage_flags, storage_options_from, user_errors
-from pipeline.inspection import TABLE_NAMES
-from pipeline.storage.filesystem import remote_options
+from pipeline.inspection import DECISION_CHOICES, TABLE_NAMES
 
 def _filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--class", "classes", multiple=True, metavar="NAME|ID",
                      help="Only this class (name or id); repeat for several."),
         click.option("--decision", "decisions", multiple=True,
-                     type=click.Choice(DECISION_KINDS),
+                     type=click.Choice(DECISION_CHOICES),
                      help="Only this decision; repeat for several."),
         click.option("--reason", "reasons", multiple=True, metavar="REASON",
                      help="Only this reason (rejected_score, invalid_empty_mask, or a pattern "
@@ -116,6 +114,8 @@ def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ..
     if as_csv and len(names) != 1:
         raise click.UsageError("--csv prints one table: choose it with --table "
                                f"({', '.join(TABLE_NAMES)}) or use --rows alone")
+    from pipeline.storage.filesystem import remote_options
+
     storage = storage_options_from(endpoint_url, storage_pairs)
     with _open_query(uri, classes, decisions, reasons, where, remote_options(uri, storage)) as q:
         if html_path:
@@ -173,6 +173,7 @@ def export_pool_command(uri: str, out: str, classes: tuple[str, ...], where: str
       bsgal export-pool s3://bucket/run pools/run --where "score > 0.05"
     """
     from pipeline.inspection.export_pool import export_pool
+    from pipeline.storage.filesystem import remote_options
 
     storage = storage_options_from(endpoint_url, storage_pairs)
     t0 = time.monotonic()
