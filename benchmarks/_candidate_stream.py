@@ -165,6 +165,17 @@ def add_object_noise(stream: Mapping[str, np.ndarray], sigma: float, *, seed: in
     return out
 
 
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """ROC AUC that a positive scores above a negative (ties count half); NaN if either set is
+    empty."""
+    positive, negative = np.asarray(positive, float), np.asarray(negative, float)
+    if not len(positive) or not len(negative):
+        return float("nan")
+    greater = (positive[:, None] > negative[None, :]).mean()
+    ties = (positive[:, None] == negative[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
 def acceptance_against_truth(decisions: Sequence[Mapping[str, Any]],
                              truth_failure: Mapping[str, str]) -> dict[str, float]:
     """Precision and recall of acceptance, candidate by candidate, against the generator's truth.
@@ -180,10 +191,24 @@ def acceptance_against_truth(decisions: Sequence[Mapping[str, Any]],
         ``recall`` = good accepted / good (NaN if no good candidate), ``good_fraction``.
     """
     accepted = np.array([bool(d["accepted"]) for d in decisions], dtype=bool)
-    good = np.array([truth_failure[str(d["sample_id"])] == GOOD for d in decisions], dtype=bool)
+    kinds = np.array([truth_failure[str(d["sample_id"])] for d in decisions], dtype=object)
+    good = kinds == GOOD
     n, n_acc, n_good = len(decisions), int(accepted.sum()), int(good.sum())
     hit = int((accepted & good).sum())
+    scores = np.array([float(d.get("score", np.nan)) for d in decisions], dtype=float)
+    finite = np.isfinite(scores)
+    by_kind = {}
+    for kind in (GOOD, *FAILURE_RATES):
+        mine = kinds == kind
+        by_kind[kind] = {
+            "candidates": int(mine.sum()),
+            "accepted_fraction": float(accepted[mine].mean()) if mine.any() else float("nan"),
+            # ROC AUC of the decision score, good vs this kind, among candidates with a score
+            "score_auc": (roc_auc(scores[good & finite], scores[mine & finite])
+                          if kind != GOOD else float("nan")),
+        }
     return {
+        "by_kind": by_kind,
         "candidates": n,
         "good": n_good,
         "accepted": n_acc,

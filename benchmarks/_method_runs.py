@@ -49,7 +49,8 @@ class MethodSpec:
     random_rate_from: str | None = None
 
 
-def method_specs(quality_threshold: float, keep_fraction: float) -> list[MethodSpec]:
+def method_specs(quality_threshold: float, keep_fraction: float,
+                 instance_keep: float = 0.7) -> list[MethodSpec]:
     """The compared methods, in table order.
 
     Choices made on the tuning seed (100), where BSGAL with the fixed threshold −0.05 accepted
@@ -59,6 +60,22 @@ def method_specs(quality_threshold: float, keep_fraction: float) -> list[MethodS
     ranking, not a threshold nothing falls below, is what gets tested.
     """
     bsgal = {"method": "bsgal", "score": "cosine", "cache_update": "momentum", "momentum": 0.1}
+    instance = {"granularity": "instance", "keep_fraction": instance_keep,
+                "quality_gates": {"mask_score": quality_threshold}}
+    instance_methods = [
+        MethodSpec("instance_quality_gate",
+                   f"per instance: quality gate (mask_score ≥ {quality_threshold:g})",
+                   {**instance, "method": "quality_gate"}),
+        MethodSpec("instance_loss", f"per instance: detector's own loss (keep "
+                   f"{instance_keep:.0%} per class)", {**instance, "method": "loss"}),
+        MethodSpec("instance_bsgal", f"per instance: BSGAL class-cache contribution (keep "
+                   f"{instance_keep:.0%} per class)", {**instance, "method": "bsgal"}),
+        MethodSpec("instance_composite", f"per instance: composite, quality gate then BSGAL "
+                   f"contribution (keep {instance_keep:.0%} per class)",
+                   {**instance, "method": "composite"}),
+        MethodSpec("instance_random", "per instance: random at the composite's rate",
+                   {**instance, "method": "random"}, random_rate_from="instance_composite"),
+    ]
     return [
         MethodSpec("none", "no generated data", {"method": "none"}),
         MethodSpec("accept_all", "accept-all (copy-paste, X-Paste style)",
@@ -81,6 +98,7 @@ def method_specs(quality_threshold: float, keep_fraction: float) -> list[MethodS
                     "keep_fraction": keep_fraction}),
         MethodSpec("lookahead", "exact look-ahead (loss change ≥ 0)",
                    {"method": "lookahead", "mode": "faithful"}),
+        *instance_methods,
         MethodSpec("oracle_good_only", "reference: accept-all on good candidates only (oracle)",
                    {"method": "accept_all"}, stream="good"),
     ]
@@ -143,7 +161,13 @@ def pretrain(job: RunJob) -> dict[str, Any]:
 
     from trainer.factory import build_trainer
 
+    import json
+
     one_thread()
+    summary = f"{job.checkpoint}.json"
+    if os.path.exists(job.checkpoint) and os.path.exists(summary):  # --work-dir reuse
+        with open(summary) as f:
+            return json.load(f)
     train, val = _datasets(job.data_root)
     s = job.sizes
     trainer = build_trainer(
@@ -158,8 +182,11 @@ def pretrain(job: RunJob) -> dict[str, Any]:
     tmp = f"{job.checkpoint}.tmp"
     torch.save({"model": trainer.backend.module.state_dict()}, tmp)
     os.replace(tmp, job.checkpoint)
-    return {"seed": job.seed, "method": "pretrained", "metrics": metrics, "wall_s": seconds,
-            "steps": s.pretrain_steps}
+    result = {"seed": job.seed, "method": "pretrained", "metrics": metrics, "wall_s": seconds,
+              "steps": s.pretrain_steps}
+    with open(summary, "w") as f:
+        json.dump(result, f)
+    return result
 
 
 def build_finetune_trainer(job: RunJob, selection: Mapping[str, Any]):
@@ -218,6 +245,19 @@ def run_candidate_steps(trainer: Any, stream: Mapping[str, np.ndarray], steps: i
         started = time.perf_counter()
         pasted = trainer.paste_next(pool)
         outcome, _ = trainer.train_pasted(pasted)
+        if trainer.granularity == "instance":
+            step_rows.append({"step": trainer.step - 1, "accepted": outcome.num_accepted > 0,
+                              "reason": "instance", "score": math.nan, "threshold": math.nan,
+                              "num_candidates": len(pasted.candidates),
+                              "num_accepted": outcome.num_accepted,
+                              "seconds": time.perf_counter() - started})
+            for c in pasted.candidates:
+                d = outcome.decisions[c.position]
+                decisions.append({"sample_id": c.sample_id, "accepted": d.accepted,
+                                  "reason": d.reason,
+                                  "score": math.nan if d.score is None else d.score,
+                                  "step": trainer.step - 1})
+            continue
         step_rows.append({"step": trainer.step - 1, "accepted": outcome.accepted,
                           "reason": outcome.reason, "score": outcome.score,
                           "threshold": outcome.threshold,
@@ -262,6 +302,9 @@ def finetune(job: RunJob) -> dict[str, Any]:
         truth = dict(zip(stream["sample_id"].tolist(), stream["truth_failure"].tolist()))
         result["selection"] = acceptance_against_truth(decisions, truth)
         scored = [r for r in step_rows if r["reason"] in ("accepted", "rejected_score")]
+        if trainer.granularity == "instance":  # the rate random-at-the-same-rate copies
+            scored = [d for d in decisions if d["reason"] == "accepted"
+                      or d["reason"].startswith("rejected_")]
         result["batches"] = {
             "steps": len(step_rows),
             "scored": len(scored),

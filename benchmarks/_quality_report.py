@@ -48,6 +48,10 @@ def aggregate_methods(runs: Sequence[Mapping[str, Any]], specs: Sequence[MethodS
             entry["candidates_per_step"] = mean_std(
                 [r["batches"]["candidates_per_step"] for r in mine])
             entry["invalid_steps"] = int(sum(r["batches"]["invalid"] for r in mine))
+            entry["by_kind"] = {
+                kind: {stat: mean_std([r["selection"]["by_kind"][kind][stat] for r in mine])
+                       for stat in ("accepted_fraction", "score_auc")}
+                for kind in mine[0]["selection"]["by_kind"]}
         if any("random_p" in r for r in mine):
             entry["random_p"] = [r.get("random_p") for r in mine]
         out[spec.name] = entry
@@ -92,6 +96,28 @@ def methods_markdown(summary: Mapping[str, Mapping[str, Any]]) -> str:
                  _pm(entry.get("recall"), 100, 0) + ("" if "recall" not in entry else " %"),
                  _pm(entry["s_per_step"], 1, 3), _pm(entry["wall_s"], 1, 0)]
         lines.append(f"| {entry['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def kinds_markdown(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """Acceptance per failure kind of the generator, and the ROC AUC of each method's decision
+    score between good candidates and each kind (candidates that got a score)."""
+    entries = [e for e in summary.values() if "by_kind" in e]
+    if not entries:
+        return ""
+    kinds = list(entries[0]["by_kind"])
+    failed = [k for k in kinds if k != "none"]
+    lines = ["| method | " + " | ".join(f"{k} accepted" for k in kinds) + " | "
+             + " | ".join(f"AUC good vs {k}" for k in failed) + " |",
+             "|---|" + "---|" * (len(kinds) + len(failed))]
+    for e in entries:
+        acc = [_pm(e["by_kind"][k]["accepted_fraction"], 100, 0) + " %" for k in kinds]
+        aucs = []
+        for k in failed:
+            stat = e["by_kind"][k]["score_auc"]
+            aucs.append("–" if not math.isfinite(stat["mean"]) else
+                        f"{stat['mean']:.2f} ± {stat['std']:.2f}")
+        lines.append(f"| {e['label']} | " + " | ".join(acc + aucs) + " |")
     return "\n".join(lines)
 
 

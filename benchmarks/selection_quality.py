@@ -63,6 +63,7 @@ from benchmarks._method_runs import RunJob, Sizes, finetune, method_specs, one_t
 from benchmarks._quality_report import (
     aggregate_methods,
     fidelity_markdown,
+    kinds_markdown,
     methods_markdown,
     noise_markdown,
     plot_noise,
@@ -88,6 +89,7 @@ TUNING = {
     "seed": TUNING_SEED,
     "quality_threshold": 0.8,
     "keep_fraction": 0.5,
+    "instance_keep": 0.7,
     "notes": [
         "sizes (800 pretraining + 300 fine-tuning steps, 40 % failures): on seed 100 accept-all "
         "on good candidates only beat no generated data by +18.9 segm APr and accept-all with "
@@ -207,6 +209,7 @@ def build_tasks(paths: dict[str, Any], sizes: Sizes, seeds: list[int], methods: 
                 work: Path, probes: bool) -> list[Task]:
     tasks: list[Task] = []
     cost = {"lookahead": 2.3, "bsgal_faithful_fixed": 2.2, "bsgal_faithful_dynamic": 2.1,
+            "instance_composite": 1.4, "instance_bsgal": 1.3,
             "bsgal_efficient": 1.1}
     for seed in seeds:
         files = paths["seeds"][seed]
@@ -267,6 +270,8 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float)
     parser.add_argument("--quality-threshold", type=float, default=TUNING["quality_threshold"])
     parser.add_argument("--keep-fraction", type=float, default=TUNING["keep_fraction"])
+    parser.add_argument("--instance-keep", type=float, default=TUNING["instance_keep"],
+                        help="per-class keep fraction of the instance-level methods")
     parser.add_argument("--out", help="output folder (default benchmarks/results; --quick: a "
                         "temporary folder)")
     parser.add_argument("--work-dir", help="keep data, streams and checkpoints here (reused "
@@ -280,7 +285,7 @@ def main() -> None:
                                    ("finetune_lr", args.finetune_lr)) if v is not None}
     sizes = with_candidates(dataclasses.replace(sizes, **overrides))
     seeds = list(args.seeds) if args.seeds else ([0] if args.quick else list(SEEDS))
-    specs = method_specs(args.quality_threshold, args.keep_fraction)
+    specs = method_specs(args.quality_threshold, args.keep_fraction, args.instance_keep)
     if args.methods:
         unknown = sorted(set(args.methods) - {s.name for s in specs})
         if unknown:
@@ -334,6 +339,13 @@ def main() -> None:
               f"{kind} AP {start(kind, 'AP'):.1f} / APr {start(kind, 'APr'):.1f}"
               for kind in ("segm", "bbox")) + ".", "", "## Methods", "",
           methods_markdown(summary)]
+    kinds = kinds_markdown(summary)
+    if kinds:
+        md += ["", "## Acceptance by failure kind", "",
+               "Candidates accepted per kind of the generator's truth, and ROC AUC of each "
+               "method's decision score between good candidates and each failure kind (among "
+               "candidates that got a score; the composite's gated-out candidates have none). "
+               "Mean ± std over seeds.", "", kinds]
     if noise:
         md += ["", "## Noise experiment (paper §5.1.1)", "",
                "Same good objects, Gaussian noise of σ × 255 added to the object's pixels; "
@@ -351,6 +363,7 @@ def main() -> None:
         "command": command, "machine": info, "wall_s": wall, "sizes": dataclasses.asdict(sizes),
         "seeds": seeds, "tuning": TUNING, "failure_rates": FAILURE_RATES,
         "quality_threshold": args.quality_threshold, "keep_fraction": args.keep_fraction,
+        "instance_keep": args.instance_keep,
         "methods": summary, "runs": runs, "pretrained": pretrained,
         "noise": {m: {lv: {k: v for k, v in d.items()} for lv, d in per.items()}
                   for m, per in noise.items()},

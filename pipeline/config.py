@@ -133,11 +133,14 @@ class AnnotationConfig:
 
 @dataclass
 class SelectionConfig:
-    """How each batch of generated instances is judged (selector/)."""
+    """How generated instances are judged (selector/)."""
 
-    method: Literal["bsgal", "accept_all", "random", "field_threshold", "lookahead", "none"] = (
-        "bsgal"
-    )
+    # batch: one decision per step's pasted batch (the paper); instance: one per candidate.
+    granularity: Literal["batch", "instance"] = "batch"
+    # batch: bsgal | accept_all | random | field_threshold | lookahead | none;
+    # instance: composite | bsgal | quality_gate | loss | accept_all | random | none.
+    method: Literal["bsgal", "accept_all", "random", "field_threshold", "lookahead", "none",
+                    "composite", "quality_gate", "loss"] = "bsgal"
     # faithful: the reference's three passes; efficient: one forward on the pasted batch.
     mode: Literal["faithful", "efficient"] = "faithful"
     score: Literal["cosine", "dot"] = "cosine"
@@ -158,8 +161,17 @@ class SelectionConfig:
     random_p: float = 0.5
     quality_field: str = "mask_score"
     quality_threshold: float = 0.5
-    # Real "test" images per worker batch (reference: 4).
+    # Real "test" images per worker batch (reference: 4; instance granularity draws at least
+    # one per candidate class).
     real_batch_size: int = 4
+    # Instance granularity: hard minimums on candidate fields (quality_gate, composite).
+    quality_gates: dict = field(default_factory=lambda: {"mask_score": 0.8})
+    # Instance granularity: contribution gradients over the box head + predictor ("heads") or
+    # all trainable parameters ("all"); class caches' update rule; the threshold is always the
+    # percentile keeping keep_fraction of the last `window` scores, per class or pooled.
+    score_parameters: Literal["heads", "all"] = "heads"
+    class_cache_update: Literal["momentum", "average"] = "average"
+    per_class_threshold: bool = True
 
 
 @dataclass
@@ -482,6 +494,7 @@ def validate(cfg: RunConfig) -> None:
     for key in ("momentum", "keep_fraction", "keep_fraction_start", "keep_fraction_end",
                 "rare_min_accept_rate", "random_p"):
         fraction(getattr(cfg.selection, key), f"selection.{key}")
+    _check_granularity(cfg.selection)
     fraction(cfg.training.ema, "training.ema")
     fraction(cfg.ray.data_cpu_fraction, "ray.data_cpu_fraction")
     a = cfg.annotation
@@ -515,3 +528,28 @@ def validate(cfg: RunConfig) -> None:
             "annotation.sam_checkpoint: required when annotation.backend=sam; download e.g. "
             "sam_vit_h_4b8939.pth and pass annotation.sam_checkpoint=/path/to/it"
         )
+
+
+#: The methods of each selection granularity.
+BATCH_METHODS = ("bsgal", "accept_all", "random", "field_threshold", "lookahead", "none")
+INSTANCE_METHODS = ("composite", "bsgal", "quality_gate", "loss", "accept_all", "random", "none")
+
+
+def _check_granularity(sel: SelectionConfig) -> None:
+    """The method must exist at the granularity; instance-level options must be well formed."""
+    allowed = INSTANCE_METHODS if sel.granularity == "instance" else BATCH_METHODS
+    if sel.method not in allowed:
+        raise ConfigError(f"selection.method: {sel.method!r} is not a {sel.granularity}-level "
+                          f"method; use one of {allowed} (or set selection.granularity)")
+    if sel.granularity == "instance":
+        if sel.mode != "faithful":
+            raise ConfigError("selection.mode: efficient mode is batch-level only; instance "
+                              "granularity scores over selection.score_parameters instead")
+    if not isinstance(sel.quality_gates, dict):
+        raise ConfigError("selection.quality_gates: must be a mapping of field name to minimum, "
+                          f"e.g. {{mask_score: 0.8}}; got {sel.quality_gates!r}")
+    for name, minimum in sel.quality_gates.items():
+        if not isinstance(minimum, (int, float)) or isinstance(minimum, bool) \
+                or minimum != minimum:
+            raise ConfigError(f"selection.quality_gates.{name}: must be a number, got "
+                              f"{minimum!r}")

@@ -26,6 +26,12 @@ Reasons
       loss change) was NaN or infinite.
     - ``invalid_missing_field``: a field-threshold baseline found no value for its field.
     - ``invalid_nan_field``: the field value was NaN or infinite.
+    - ``invalid_not_visible`` (instance granularity): the candidate was pasted but nothing of it
+      survived (covered by later pastes, or too small once resized): nothing to judge.
+
+``rejected_quality`` (instance granularity)
+    A hard quality gate (e.g. ``mask_score`` below its minimum) rejected the candidate before
+    any score was computed.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ INVALID_EMPTY_CACHE = "invalid_empty_cache"
 INVALID_NAN_SCORE = "invalid_nan_score"
 INVALID_MISSING_FIELD = "invalid_missing_field"
 INVALID_NAN_FIELD = "invalid_nan_field"
+INVALID_NOT_VISIBLE = "invalid_not_visible"
+REJECTED_QUALITY = "rejected_quality"
 
 #: The reasons for a batch that could not be judged.
 INVALID_REASONS: tuple[str, ...] = (
@@ -54,8 +62,9 @@ INVALID_REASONS: tuple[str, ...] = (
     INVALID_NAN_SCORE,
     INVALID_MISSING_FIELD,
     INVALID_NAN_FIELD,
+    INVALID_NOT_VISIBLE,
 )
-REASONS: tuple[str, ...] = (ACCEPTED, REJECTED_SCORE, *INVALID_REASONS)
+REASONS: tuple[str, ...] = (ACCEPTED, REJECTED_SCORE, REJECTED_QUALITY, *INVALID_REASONS)
 
 
 def is_invalid(reason: str) -> bool:

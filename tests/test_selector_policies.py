@@ -58,21 +58,31 @@ def test_fixed_threshold_per_class_uses_the_most_lenient_class():
     assert decision.accepted and decision.threshold == -0.5
 
 
-def test_dynamic_threshold_is_the_percentile_of_the_window_before_the_score():
+def test_dynamic_threshold_is_the_percentile_of_the_window_including_the_score():
     scores = [0.3, -0.2, 0.1, 0.5, -0.4, 0.05, 0.2]
     policy = DynamicPercentileThreshold(keep_fraction=0.3, window=4)
     for i, score in enumerate(scores):
-        window = scores[max(0, i - 4):i]
-        expected = 0.0 if not window else float(np.percentile(window, 70))
+        window = scores[max(0, i - 3):i + 1]
+        expected = float(np.percentile(window, 70))
         decision = policy.decide(score, step=i)
         assert decision.threshold == pytest.approx(expected)
         assert decision.accepted == (score >= expected)
     assert list(policy.scores) == scores[-4:]
-    # Hand check of the first steps (keep 0.3 → 70th percentile): empty → 0.0 accepts 0.3;
-    # window [0.3] → 0.3 rejects -0.2.
+    # Hand check of the first steps (keep 0.3 → 70th percentile): [0.3] → 0.3 accepts 0.3;
+    # [0.3, -0.2] → 0.15 rejects -0.2.
     fresh = DynamicPercentileThreshold(keep_fraction=0.3, window=4)
     assert fresh.decide(0.3, step=0).accepted
-    assert fresh.decide(-0.2, step=1).threshold == pytest.approx(0.3)
+    assert fresh.decide(-0.2, step=1).threshold == pytest.approx(0.15)
+
+
+def test_dynamic_threshold_keeps_the_fraction_from_the_first_steps():
+    """A short run (the window never fills) whose scores are all positive still keeps about r:
+    the reference's initial 0.0 threshold would accept them all until the window holds some."""
+    generator = torch.Generator().manual_seed(1)
+    scores = (torch.rand(60, generator=generator) * 0.5 + 0.1).tolist()
+    policy = DynamicPercentileThreshold(keep_fraction=0.5, window=1000)
+    rate = sum(policy.decide(s, step=i).accepted for i, s in enumerate(scores)) / len(scores)
+    assert 0.4 <= rate <= 0.62, rate
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.7])

@@ -25,7 +25,7 @@ masks N x H x W bool; generated N bool.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,19 @@ class ClassSizeStatistics:
         return self.per_label.get(int(label), self.overall)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """One candidate as drawn onto an image: ``rgb`` h x w x 3 uint8 and ``mask`` h x w bool
+    after resizing and flipping, top-left corner (``y``, ``x``) in pixels."""
+
+    position: int
+    label: int
+    rgb: np.ndarray
+    mask: np.ndarray
+    y: int
+    x: int
+
+
 @dataclass
 class PastedImage:
     """A real image with candidates pasted on it, and the untouched original.
@@ -94,6 +107,10 @@ class PastedImage:
             survived later pastes), in paste order.
         original: the real sample as it came from the dataset (``image``, ``boxes``,
             ``labels``, ``masks``), untouched: the faithful reject path trains on it.
+        source_positions: N int64, per instance the batch position of the candidate it came
+            from (-1 for a real instance).
+        placements: how each pasted candidate was drawn (`CopyPaste.rerender` composes a
+            subset of them again).
     """
 
     image: np.ndarray
@@ -103,6 +120,8 @@ class PastedImage:
     generated: np.ndarray
     pasted_positions: list[int] = field(default_factory=list)
     original: dict[str, Any] = field(default_factory=dict)
+    source_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    placements: list[Placement] = field(default_factory=list)
 
     @property
     def num_generated(self) -> int:
@@ -195,42 +214,60 @@ class CopyPaste:
             return None
         return rgb, mask
 
+    def place(self, candidate: Candidate, height: int, width: int) -> Placement | None:
+        """Draw where and how ``candidate`` goes on an image of ``height`` x ``width`` (size,
+        aspect, flip, position); None when it is too small once resized (not pasted)."""
+        resized = self._resized(candidate, height, width)
+        if resized is None:
+            return None
+        rgb, local = resized
+        h, w = local.shape
+        y = int(self.rng.integers(0, height - h + 1))
+        x = int(self.rng.integers(0, width - w + 1))
+        return Placement(candidate.position, candidate.label, rgb, local, y, x)
+
     def paste(self, sample: dict[str, Any], candidates: Sequence[Candidate]) -> PastedImage:
         """Paste ``candidates`` (in order, later on top) onto a real ``sample``.
 
         ``sample`` has ``image``, ``boxes``, ``labels``, ``masks`` (see module docstring); it is
         not modified and is kept as ``original``.
         """
+        height, width = sample["image"].shape[:2]
+        placements = []
+        for candidate in candidates:
+            placed = self.place(candidate, height, width)
+            if placed is not None:
+                placements.append(placed)
+        return self.render(sample, placements, [c.position for c in candidates])
+
+    def render(self, sample: dict[str, Any], placements: Sequence[Placement],
+               positions: Sequence[int] | None = None) -> PastedImage:
+        """Compose ``placements`` (in order, later on top) onto ``sample``; draws no random
+        numbers, so the same placements always give the same image."""
         image = sample["image"].copy()
         height, width = image.shape[:2]
         masks = [m.copy() for m in sample["masks"]]
         boxes = [b.astype(np.float32) for b in sample["boxes"]]
         labels = [int(x) for x in sample["labels"]]
-        generated = [False] * len(labels)
+        sources = [-1] * len(labels)
         area_before = [int(m.sum()) for m in masks]
         changed = [False] * len(labels)
-        positions = []
-        for candidate in candidates:
-            positions.append(candidate.position)
-            resized = self._resized(candidate, height, width)
-            if resized is None:
-                continue
-            rgb, local = resized
+        for placed in placements:
+            local = placed.mask
             h, w = local.shape
-            y = int(self.rng.integers(0, height - h + 1))
-            x = int(self.rng.integers(0, width - w + 1))
+            y, x = placed.y, placed.x
             full = np.zeros((height, width), dtype=bool)
             full[y:y + h, x:x + w] = local
             region = image[y:y + h, x:x + w]
-            region[local] = rgb[local]
+            region[local] = placed.rgb[local]
             for i, m in enumerate(masks):
                 if changed[i] or (m & full).any():
                     m &= ~full
                     changed[i] = True
             masks.append(full)
             boxes.append(_box_of(full))
-            labels.append(candidate.label)
-            generated.append(True)
+            labels.append(placed.label)
+            sources.append(placed.position)
             area_before.append(int(full.sum()))
             changed.append(False)
         keep = []
@@ -242,15 +279,27 @@ class CopyPaste:
             if visible >= self.min_pixels and visible >= self.min_visible_fraction * area_before[i]:
                 boxes[i] = _box_of(m)
                 keep.append(i)
+        source = np.array([sources[i] for i in keep], dtype=np.int64)
         return PastedImage(
             image=image,
             boxes=np.array([boxes[i] for i in keep], dtype=np.float32).reshape(-1, 4),
             labels=np.array([labels[i] for i in keep], dtype=np.int64),
             masks=np.array([masks[i] for i in keep], dtype=bool).reshape(-1, height, width),
-            generated=np.array([generated[i] for i in keep], dtype=bool),
-            pasted_positions=positions,
+            generated=source >= 0,
+            pasted_positions=list(positions if positions is not None
+                                  else [p.position for p in placements]),
             original=sample,
+            source_positions=source,
+            placements=list(placements),
         )
+
+    def rerender(self, pasted: PastedImage, keep: Collection[int]) -> PastedImage:
+        """``pasted`` with only the candidates whose positions are in ``keep``: the others are
+        absent, pixel for pixel as if they had never been drawn (the kept ones keep their size,
+        flip and place; occlusion is recomputed among what remains)."""
+        kept = [p for p in pasted.placements if p.position in keep]
+        return self.render(pasted.original, kept,
+                           [q for q in pasted.pasted_positions if q in keep])
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": generator_state(self.rng)}

@@ -36,6 +36,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 
 #: ``selection`` keys and their defaults (all of them are read).
 SELECTION_DEFAULTS: dict[str, Any] = {
+    "granularity": "batch",
     "method": "bsgal",
     "mode": "faithful",
     "score": "cosine",
@@ -54,4 +55,8 @@ SELECTION_DEFAULTS: dict[str, Any] = {
     "quality_field": "mask_score",
     "quality_threshold": 0.5,
     "real_batch_size": 4,
+    "quality_gates": {"mask_score": 0.8},
+    "score_parameters": "heads",
+    "class_cache_update": "average",
+    "per_class_threshold": True,
 }

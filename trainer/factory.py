@@ -20,6 +20,12 @@ from typing import Any
 import torch
 
 from selector import build_selector
+from selector.instance_selector import (
+    ClassGradientCaches,
+    InstanceSelector,
+    PerClassPercentileThreshold,
+    QualityGates,
+)
 from trainer.backends import build_backend
 from trainer.backends.base import DetectorBackend
 from trainer.datasets.lvis_format import LvisDataset
@@ -111,6 +117,9 @@ def build_trainer(train_set: LvisDataset, val_set: LvisDataset | None = None, *,
     steps = int(t["steps"])
     rare_rate = float(s["rare_min_accept_rate"])
     mode = s["mode"]
+    if s["granularity"] == "instance":
+        return _trainer(detector, train_set, val_set, t, s, steps, max_eval_images, seed, rank,
+                        build_instance_selector(detector, s, seed * 1000 + rank))
     # Faithful BSGAL scores over every trainable parameter (the reference); efficient mode over
     # the box classifier, whose gradients a short backward gives (see trainer.bsgal_step).
     score_params = (detector.classifier_parameters() if mode == "efficient"
@@ -137,8 +146,38 @@ def build_trainer(train_set: LvisDataset, val_set: LvisDataset | None = None, *,
         field=s["quality_field"],
         field_threshold=s["quality_threshold"],
     )
+    return _trainer(detector, train_set, val_set, t, s, steps, max_eval_images, seed, rank,
+                    selector)
+
+
+def build_instance_selector(detector: DetectorBackend, s: Mapping[str, Any],
+                            seed: int) -> InstanceSelector | None:
+    """The instance-level selector of ``selection`` settings ``s`` (None for ``none``)."""
+    method = s["method"]
+    if method == "none":
+        return None
+    caches = threshold = gates = None
+    if method in ("composite", "bsgal"):
+        params = (detector.classifier_parameters() if s["score_parameters"] == "heads"
+                  else detector.trainable_parameters())
+        caches = ClassGradientCaches(params, mode=s["class_cache_update"],
+                                     momentum=s["momentum"])
+    if method in ("composite", "bsgal", "loss"):
+        threshold = PerClassPercentileThreshold(s["keep_fraction"], window=s["window"],
+                                                per_class=s["per_class_threshold"])
+    if method in ("composite", "quality_gate"):
+        gates = QualityGates(s["quality_gates"])
+    return InstanceSelector(method, gates=gates, threshold=threshold, caches=caches,
+                            random_p=s["random_p"], seed=seed)
+
+
+def _trainer(detector: DetectorBackend, train_set: LvisDataset, val_set: LvisDataset | None,
+             t: Mapping[str, Any], s: Mapping[str, Any], steps: int,
+             max_eval_images: int | None, seed: int, rank: int,
+             selector: Any) -> DetectorTrainer:
     return DetectorTrainer(
-        detector, train_set, selector=selector, mode=mode, batch_size=t["batch_size"],
+        detector, train_set, selector=selector, mode=s["mode"],
+        score_parameters=s["score_parameters"], batch_size=t["batch_size"],
         real_batch_size=s["real_batch_size"], max_pastes_per_image=t["max_pastes_per_image"],
         optimizer=t["optimizer"], lr=t["lr"], weight_decay=t["weight_decay"],
         momentum=t["momentum"], warmup_steps=t["warmup_steps"], total_steps=steps,

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from selector import BatchSelector
+from selector.instance_selector import InstanceSelector
 from trainer.backends.base import DetectorBackend, image_tensor
 from trainer.bsgal_step import BsgalStep, NonFiniteLossError, StepOutcome
 from trainer.candidates import Candidate, batch_rows, check_candidate, cut_out, decision_record
@@ -51,6 +52,7 @@ from trainer.datasets.lvis_format import LvisDataset
 from trainer.defaults import SELECTION_DEFAULTS as _S
 from trainer.defaults import TRAINING_DEFAULTS as _T
 from trainer.evaluation import LvisEvaluator
+from trainer.instance_step import InstanceOutcome, InstanceStep
 from trainer.optim import ModelEma, build_optimizer, build_scheduler
 from trainer.real_data import RealImages
 from trainer.sampling import ClassAwareSampler, RepeatFactorSampler
@@ -150,7 +152,8 @@ class DetectorTrainer:
     """
 
     def __init__(self, backend: DetectorBackend, train_set: LvisDataset, *,
-                 selector: BatchSelector | None = None, mode: str = _S["mode"],
+                 selector: BatchSelector | InstanceSelector | None = None,
+                 mode: str = _S["mode"], score_parameters: str = _S["score_parameters"],
                  batch_size: int = _T["batch_size"],
                  real_batch_size: int = _S["real_batch_size"],
                  max_pastes_per_image: int = _T["max_pastes_per_image"],
@@ -173,7 +176,11 @@ class DetectorTrainer:
             _check_same_categories(train_set, val_set)
         self.selector = selector
         self.method = "none" if selector is None else selector.method
-        self.step_fn = BsgalStep(backend, selector, mode)
+        self.granularity = "instance" if isinstance(selector, InstanceSelector) else "batch"
+        self.instance_step = (InstanceStep(backend, selector, score_parameters)
+                              if isinstance(selector, InstanceSelector) else None)
+        self.step_fn = BsgalStep(backend, selector if self.instance_step is None else None,
+                                 mode)
         self.mode = mode
         self.batch_size = int(batch_size)
         self.real_batch_size = int(real_batch_size)
@@ -290,6 +297,15 @@ class DetectorTrainer:
         batch = self.paste_next(pool.waiting)
         outcome, log = self.train_pasted(batch)
         log["seconds"] = time.perf_counter() - started  # pasting included
+        if isinstance(outcome, InstanceOutcome):
+            for c in batch.candidates:
+                d = outcome.decisions[c.position]
+                pool.records[c.position] = decision_record(
+                    c.sample_id, reason=d.reason, accepted=d.accepted, step=log["step"],
+                    rank=self.rank, method=self.method,
+                    stream_offset=pool.first_offset + c.position, batch_id=log["batch_id"],
+                    score=d.score, threshold=d.threshold, cache_norm=d.cache_norm)
+            return log
         for c in batch.candidates:
             pool.records[c.position] = decision_record(
                 c.sample_id, reason=outcome.reason, accepted=outcome.accepted, step=log["step"],
@@ -299,12 +315,16 @@ class DetectorTrainer:
         return log
 
     def _cache_norm(self) -> float | None:
-        cache = None if self.selector is None else self.selector.cache
+        if self.selector is None or self.instance_step is not None:
+            return None
+        cache = self.selector.cache
         return None if cache is None else cache.norm()
 
     def _needs_real_test(self) -> bool:
         """Faithful BSGAL and the exact look-ahead score against a real "test" batch."""
         assert self.selector is not None
+        if isinstance(self.selector, InstanceSelector):
+            return self.selector.needs_contribution
         if self.selector.needs_gradients:
             return self.mode == "faithful"
         return self.selector.uses_lookahead
@@ -319,17 +339,31 @@ class DetectorTrainer:
         class_ids = [c.class_id for c in used]
         real_test = None
         if self._needs_real_test():
-            real_test = [self.real[i]
-                         for i in self.test_sampler.sample(class_ids, self.real_batch_size)]
+            count = self.real_batch_size
+            if self.instance_step is not None:  # one real image per candidate class at least
+                count = max(count, len(set(class_ids)))
+            real_test = [self.real[i] for i in self.test_sampler.sample(class_ids, count)]
         names = sorted(set.intersection(*(set(c.fields) for c in used))) if used else []
         fields = {name: [c.fields[name] for c in used] for name in names}
         return PastedBatch(pasted, used, class_ids, real_test, fields)
 
-    def train_pasted(self, batch: PastedBatch) -> tuple[StepOutcome, dict[str, Any]]:
-        """One optimizer step on a pasted batch (decision included); returns the outcome and
-        the step's log."""
+    def train_pasted(self, batch: PastedBatch
+                     ) -> tuple[StepOutcome | InstanceOutcome, dict[str, Any]]:
+        """One optimizer step on a pasted batch (decisions included); returns the outcome (a
+        `StepOutcome`, or an `InstanceOutcome` at instance granularity) and the step's log."""
         started = time.perf_counter()
         step = self.step
+        if self.instance_step is not None:
+            instance_step = self.instance_step
+            result, norm = self._optimizer_step(lambda: instance_step.run(
+                step, batch.pasted, batch.candidates, batch.real_test, self.paster.rerender))
+            log = self._log(started, norm, result.losses, kind="candidates",
+                            batch_id=f"rank{self.rank}-step{step}",
+                            accepted=result.num_accepted > 0, trained_on=result.trained_on,
+                            num_candidates=len(batch.candidates),
+                            num_accepted=result.num_accepted,
+                            num_generated=result.num_generated)
+            return result, log
         lr = self.optimizer.param_groups[0]["lr"]
         outcome: StepOutcome
         outcome, norm = self._optimizer_step(lambda: self.step_fn.run(

@@ -71,6 +71,17 @@ class DetectorBackend(Protocol):
                                  targets: list[dict[str, Tensor]]) -> Tensor:
         """Classification loss on the ground-truth boxes as RoIs (0-dim, attached)."""
 
+    def gt_box_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> Tensor:
+        """The same loss per ground-truth box: N (targets' boxes concatenated in order)."""
+
+    def gt_box_head_inputs(self, images: list[Tensor], targets: list[dict[str, Tensor]]
+                           ) -> Tensor:
+        """The box head's pooled input at each ground-truth box (N x ...), without gradient."""
+
+    def head_losses(self, pooled: Tensor, labels: Tensor) -> Tensor:
+        """N box-classifier cross-entropies from `gt_box_head_inputs`' output (attached to
+        `classifier_parameters` only)."""
+
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections per image (eval mode is set and restored by the caller or here)."""
 

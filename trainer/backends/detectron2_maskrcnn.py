@@ -270,12 +270,15 @@ class SplitStandardROIHeads(StandardROIHeads):
         return out
 
     def gt_box_classification_loss(self, features: dict[str, Tensor],
-                                    targets: list[Instances]) -> Tensor:
-        """Softmax cross-entropy of the box classifier on the ground-truth boxes as RoIs."""
+                                    targets: list[Instances], reduction: str = "mean") -> Tensor:
+        """Softmax cross-entropy of the box classifier on the ground-truth boxes as RoIs (mean;
+        ``reduction="none"``: one per box, in order)."""
         feats = [features[f] for f in self.box_in_features]
         scores, _ = self.box_predictor(self.box_head(self.box_pooler(
             feats, [t.gt_boxes for t in targets])))
         classes = cat([t.gt_classes for t in targets], dim=0)
+        if reduction == "none":
+            return F.cross_entropy(scores, classes, reduction="none")
         if classes.numel() == 0:
             return scores.sum() * 0
         return F.cross_entropy(scores, classes)
@@ -367,13 +370,42 @@ class Detectron2MaskRCNN(ModuleBackend):
     def real_classification_loss(self, images: list[Tensor],
                                  targets: list[dict[str, Tensor]]) -> Tensor:
         """Box-classifier cross-entropy on the ground-truth boxes (the reference's real loss)."""
+        return self._gt_box_loss(images, targets, "mean")
+
+    def gt_box_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> Tensor:
+        """N per-box cross-entropies on the ground-truth boxes, in order (attached)."""
+        return self._gt_box_loss(images, targets, "none")
+
+    @torch.no_grad()
+    def gt_box_head_inputs(self, images: list[Tensor], targets: list[dict[str, Tensor]]
+                           ) -> Tensor:
+        """N x C x 7 x 7: the box head's pooled input at each ground-truth box, without grad."""
+        model = self.module
+        inputs = self._inputs(images, targets)
+        with self._autocast():
+            batch = model.preprocess_image(inputs)
+            features = model.backbone(batch.tensor)
+            heads = model.roi_heads
+            pooled = heads.box_pooler([features[f] for f in heads.box_in_features],
+                                      [x["instances"].to(self.device).gt_boxes for x in inputs])
+        return pooled.float()
+
+    def head_losses(self, pooled: Tensor, labels: Tensor) -> Tensor:
+        """N cross-entropies of box head + class predictor for training ``labels`` (1..K;
+        detectron2's classes are 0-based with the background last)."""
+        heads = self.module.roi_heads
+        scores, _ = heads.box_predictor(heads.box_head(pooled))
+        return F.cross_entropy(scores.float(), labels - 1, reduction="none")
+
+    def _gt_box_loss(self, images: list[Tensor], targets: list[dict[str, Tensor]],
+                     reduction: str) -> Tensor:
         model = self.module
         inputs = self._inputs(images, targets)
         with self._autocast():
             batch = model.preprocess_image(inputs)
             features = model.backbone(batch.tensor)
             loss = model.roi_heads.gt_box_classification_loss(
-                features, [x["instances"].to(self.device) for x in inputs])
+                features, [x["instances"].to(self.device) for x in inputs], reduction)
         return loss.float()
 
     @torch.no_grad()

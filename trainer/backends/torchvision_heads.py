@@ -193,16 +193,21 @@ class SplitRoIHeads(RoIHeads):
 
     def gt_box_classification_loss(self, features: dict[str, Tensor],
                                    image_shapes: list[tuple[int, int]],
-                                   targets: list[dict[str, Tensor]]) -> Tensor:
+                                   targets: list[dict[str, Tensor]],
+                                   reduction: str = "mean") -> Tensor:
         """Cross-entropy of the box classifier on the ground-truth boxes as RoIs.
 
         The reference's real "test" loss: no proposals, no background RoIs, classification
-        only. Mean over all ground-truth boxes of the batch; 0 (attached) when there are none.
+        only. ``reduction="mean"``: mean over all ground-truth boxes of the batch, 0 (attached)
+        when there are none; ``"none"``: N per-box losses, the targets' boxes concatenated in
+        order.
         """
         boxes = [t["boxes"].to(next(iter(features.values())).dtype) for t in targets]
         labels = torch.cat([t["labels"] for t in targets])
         box_features = self.box_head(self.box_roi_pool(features, boxes, image_shapes))
         class_logits, _ = self.box_predictor(box_features)
+        if reduction == "none":
+            return F.cross_entropy(class_logits, labels, reduction="none")
         if labels.numel() == 0:
             return class_logits.sum() * 0
         return F.cross_entropy(class_logits, labels)

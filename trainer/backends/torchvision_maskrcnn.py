@@ -66,12 +66,42 @@ class TorchvisionMaskRCNN(ModuleBackend):
         Runs transform → backbone/FPN → box RoI pool → box head → box predictor on the
         (resized) ground-truth boxes; RPN and mask head are not run and get no gradient.
         """
+        return self._gt_box_loss(images, targets, "mean")
+
+    def gt_box_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> Tensor:
+        """N per-box cross-entropies of the box classifier on the ground-truth boxes (the
+        targets' boxes concatenated in order; attached), through the same graph as
+        `real_classification_loss`."""
+        return self._gt_box_loss(images, targets, "none")
+
+    @torch.no_grad()
+    def gt_box_head_inputs(self, images: list[Tensor], targets: list[dict[str, Tensor]]
+                           ) -> Tensor:
+        """N x C x 7 x 7: the box head's RoI-pooled input at each ground-truth box (targets'
+        boxes concatenated in order), computed without gradient (the backbone is not scored)."""
+        model = self.module
+        with self._autocast():
+            batch, resized = model.transform(images, targets)
+            features = model.backbone(batch.tensors)
+            boxes = [t["boxes"].to(next(iter(features.values())).dtype) for t in resized]
+            pooled = model.roi_heads.box_roi_pool(features, boxes, batch.image_sizes)
+        return pooled.float()
+
+    def head_losses(self, pooled: Tensor, labels: Tensor) -> Tensor:
+        """N cross-entropies of box head + class predictor on `gt_box_head_inputs`' output for
+        training ``labels`` (N, 1..K); attached to the box head's and predictor's parameters."""
+        heads = self.module.roi_heads
+        logits, _ = heads.box_predictor(heads.box_head(pooled))
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+
+    def _gt_box_loss(self, images: list[Tensor], targets: list[dict[str, Tensor]],
+                     reduction: str) -> Tensor:
         model = self.module
         with self._autocast():
             batch, resized = model.transform(images, targets)
             features = model.backbone(batch.tensors)
             loss = model.roi_heads.gt_box_classification_loss(features, batch.image_sizes,
-                                                              resized)
+                                                              resized, reduction)
         return loss.float()
 
     @torch.no_grad()

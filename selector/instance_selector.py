@@ -1,0 +1,311 @@
+"""Instance-level selection: one decision per generated candidate (``granularity: instance``).
+
+The batch selector decides once for all the candidates pasted into a step; a batch of 8 mixes
+good and failed candidates, and its score cannot tell them apart (docs/algorithm.md, Instance
+granularity). Here each candidate k of a step is judged on its own:
+
+1. hard quality gates (`QualityGates`, e.g. ``mask_score >= 0.8``): a candidate below a gate is
+   ``rejected_quality`` and gets no score (methods ``quality_gate`` and ``composite``);
+2. a score: the BSGAL contribution cosine ⟨c_y, ∇ℓ_k⟩ / (‖c_y‖‖∇ℓ_k‖) of the candidate's own
+   loss gradient with the real-data gradient cache of its class y (`ClassGradientCaches`;
+   methods ``bsgal`` and ``composite``), or minus the detector's own loss on it (``loss``);
+3. a threshold per class (`PerClassPercentileThreshold`): the scale of the score differs by
+   class, so each class keeps its own fraction r of its candidates.
+
+``accept_all`` and ``random`` (each candidate with probability p) are the baselines at the
+same granularity. The trainer computes the gradients and losses (trainer/instance_step.py);
+this module only holds the caches and thresholds and decides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from selector.decision import (
+    ACCEPTED,
+    INVALID_EMPTY_CACHE,
+    INVALID_MISSING_FIELD,
+    INVALID_NAN_FIELD,
+    INVALID_NAN_SCORE,
+    REJECTED_QUALITY,
+    REJECTED_SCORE,
+    Decision,
+    invalid_decision,
+    threshold_decision,
+)
+from selector.flat_gradient import GradientLike
+from selector.gradient_cache import GradientCache
+from selector.score import contribution_score
+
+INSTANCE_METHODS = ("bsgal", "composite", "quality_gate", "loss", "accept_all", "random")
+#: Methods that score with the contribution cosine (need the class gradient caches).
+CONTRIBUTION_METHODS = ("bsgal", "composite")
+#: Methods whose candidates pass the quality gates first.
+GATED_METHODS = ("composite", "quality_gate")
+
+
+class QualityGates:
+    """Hard minimums on candidate fields: ``{"mask_score": 0.8, "clip_score": 0.2}``.
+
+    A field the gate names but the candidate lacks is ``invalid_missing_field`` (say so rather
+    than let it through); a NaN value is ``invalid_nan_field``.
+    """
+
+    def __init__(self, minimums: Mapping[str, float]) -> None:
+        self.minimums = {str(k): float(v) for k, v in minimums.items()}
+        bad = {k: v for k, v in self.minimums.items() if not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"quality gate minimum(s) {bad} are not finite numbers")
+
+    def check(self, fields: Mapping[str, Any]) -> str | None:
+        """None when the candidate passes every gate, else the reason of its decision."""
+        for name, minimum in self.minimums.items():
+            if name not in fields:
+                return INVALID_MISSING_FIELD
+            value = float(fields[name])
+            if not math.isfinite(value):
+                return INVALID_NAN_FIELD
+            if value < minimum:
+                return REJECTED_QUALITY
+        return None
+
+
+class ClassGradientCaches:
+    """One `GradientCache` per class, created when the class first gets a real gradient.
+
+    Memory: one float32 copy of the scored parameters per class seen (the box head and predictor
+    by default: about 3.4 M numbers = 13 MB on the small CPU model; over all parameters of a
+    ResNet-50 Mask R-CNN, 176 MB per class, which is why that is not the default).
+    """
+
+    def __init__(self, params: Iterable[Tensor], *, mode: str = "average",
+                 momentum: float = 0.1) -> None:
+        self.params = list(params)
+        self.mode = mode
+        self.momentum = float(momentum)
+        GradientCache(self.params[:1], mode=mode, momentum=momentum)  # validate the settings
+        self.caches: dict[int, GradientCache] = {}
+
+    def update(self, class_id: int, real_grad: GradientLike) -> str | None:
+        """Fold a real gradient of class ``class_id`` into its cache (None, or
+        ``invalid_nan_real_grad`` when it was not finite and nothing changed)."""
+        cache = self.caches.get(int(class_id))
+        if cache is None:
+            cache = GradientCache(self.params, mode=self.mode, momentum=self.momentum)
+            reason = cache.update(real_grad)
+            if reason is None:
+                self.caches[int(class_id)] = cache
+            return reason
+        return cache.update(real_grad)
+
+    def get(self, class_id: int) -> GradientCache | None:
+        return self.caches.get(int(class_id))
+
+    def state_dict(self) -> dict[str, Any]:
+        classes = sorted(self.caches)
+        return {"class_ids": classes, "caches": [self.caches[c].state_dict() for c in classes]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.caches = {}
+        for class_id, cache_state in zip(state["class_ids"], state["caches"]):
+            cache = GradientCache(self.params, mode=self.mode, momentum=self.momentum)
+            cache.load_state_dict(cache_state)
+            self.caches[int(class_id)] = cache
+
+
+class PerClassPercentileThreshold:
+    """Keep about a fraction r of each class's scores, from the first step on.
+
+    Each class remembers its last ``window`` valid scores. A step's scores of a class are added
+    to its window *before* the threshold is read, so the threshold is the (1 − r) quantile
+    (linear interpolation) of what has been seen including them: no initial constant, no
+    window that must fill first. ``per_class=False`` pools all classes in one window.
+    """
+
+    name = "per_class_percentile"
+
+    def __init__(self, keep_fraction: float = 0.7, *, window: int = 200,
+                 per_class: bool = True) -> None:
+        if not 0.0 < keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1]: the fraction of "
+                             "candidates to accept")
+        if window < 1:
+            raise ValueError(f"window={window} must be at least 1")
+        self.keep_fraction = float(keep_fraction)
+        self.window = int(window)
+        self.per_class = bool(per_class)
+        self.scores: dict[int, deque[float]] = {}
+        if not per_class:
+            self.name = "percentile"
+
+    def _key(self, class_id: int) -> int:
+        return int(class_id) if self.per_class else -1
+
+    def decide_all(self, scores: Sequence[float], class_ids: Sequence[int], *, step: int
+                   ) -> list[Decision]:
+        """Decisions for one step's finite ``scores`` (one per candidate, with its class)."""
+        for score, class_id in zip(scores, class_ids):
+            self.scores.setdefault(self._key(class_id), deque(maxlen=self.window)).append(
+                float(score))
+        thresholds: dict[int, float] = {}
+        out = []
+        for score, class_id in zip(scores, class_ids):
+            key = self._key(class_id)
+            if key not in thresholds:
+                values = np.fromiter(self.scores[key], dtype=np.float64)
+                thresholds[key] = float(np.quantile(values, 1.0 - self.keep_fraction))
+            out.append(threshold_decision(float(score), thresholds[key], step=step,
+                                          policy=self.name))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = sorted(self.scores)
+        return {"window": self.window, "keys": keys, "scores": [list(self.scores[k])
+                                                               for k in keys]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state["window"]) != self.window:
+            raise ValueError(f"checkpointed score window has size {state['window']}; this run "
+                             f"uses window={self.window}")
+        self.scores = {int(k): deque((float(s) for s in v), maxlen=self.window)
+                       for k, v in zip(state["keys"], state["scores"])}
+
+
+class InstanceSelector:
+    """Decides on each generated candidate of a step (module docstring).
+
+    Args:
+        method: one of `INSTANCE_METHODS`.
+        gates: the quality gates (``quality_gate`` and ``composite``; required there).
+        threshold: the per-class threshold (``bsgal``, ``composite``, ``loss``).
+        caches: the class gradient caches (``bsgal``, ``composite``).
+        random_p, seed: acceptance probability and seed of ``random``.
+    """
+
+    def __init__(self, method: str, *, gates: QualityGates | None = None,
+                 threshold: PerClassPercentileThreshold | None = None,
+                 caches: ClassGradientCaches | None = None, random_p: float = 0.5,
+                 seed: int = 0) -> None:
+        if method not in INSTANCE_METHODS:
+            raise ValueError(f"instance-level method {method!r} is unknown; use one of "
+                             f"{INSTANCE_METHODS}")
+        if method in GATED_METHODS and gates is None:
+            raise ValueError(f"method {method!r} needs quality gates (selection.quality_gates, "
+                             "e.g. {mask_score: 0.8})")
+        if method in CONTRIBUTION_METHODS and caches is None:
+            raise ValueError(f"method {method!r} needs the class gradient caches")
+        if method in (*CONTRIBUTION_METHODS, "loss") and threshold is None:
+            raise ValueError(f"method {method!r} needs a threshold")
+        if not 0.0 <= random_p <= 1.0:
+            raise ValueError(f"random_p={random_p} must be in [0, 1]")
+        self.method = method
+        self.gates = gates
+        self.threshold = threshold
+        self.caches = caches
+        self.random_p = float(random_p)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    @property
+    def needs_contribution(self) -> bool:
+        return self.method in CONTRIBUTION_METHODS
+
+    @property
+    def needs_loss(self) -> bool:
+        return self.method == "loss"
+
+    @property
+    def policy_name(self) -> str:
+        if self.threshold is not None:
+            return self.threshold.name
+        return {"accept_all": "accept_all", "random": "random",
+                "quality_gate": "quality_gate"}[self.method]
+
+    def gate(self, fields: Mapping[str, Any]) -> str | None:
+        """The gate's reason for a candidate, or None when it passes (or the method has none)."""
+        if self.method not in GATED_METHODS:
+            return None
+        assert self.gates is not None
+        return self.gates.check(fields)
+
+    def contribution(self, class_id: int, grad: GradientLike) -> tuple[float | None, float | None]:
+        """(cosine score, cache norm) of a candidate gradient against its class's cache;
+        (None, None) when the class has no cache yet."""
+        assert self.caches is not None
+        cache = self.caches.get(class_id)
+        if cache is None:
+            return None, None
+        scored = contribution_score(cache, grad, "cosine")
+        return scored.value, cache.norm()
+
+    def decide(self, *, step: int, class_ids: Sequence[int],
+               fields: Sequence[Mapping[str, Any]],
+               scores: Sequence[float | None] | None = None,
+               cache_norms: Sequence[float | None] | None = None) -> list[Decision]:
+        """One decision per candidate.
+
+        Args:
+            class_ids, fields: per candidate.
+            scores: per candidate, the contribution cosine or minus its loss (methods that
+                score); None where no cache existed, NaN where the score was not finite.
+            cache_norms: per candidate, the norm of the cache it was scored against.
+        """
+        n = len(class_ids)
+        scores = list(scores) if scores is not None else [None] * n
+        norms = list(cache_norms) if cache_norms is not None else [None] * n
+        decisions: list[Decision | None] = [None] * n
+        if self.method == "accept_all":
+            return [Decision(True, ACCEPTED, step, policy="accept_all") for _ in range(n)]
+        if self.method == "random":
+            draws = torch.rand((n,), generator=self.generator, dtype=torch.float64).tolist()
+            return [Decision(u < self.random_p, ACCEPTED if u < self.random_p
+                             else REJECTED_SCORE, step, policy="random") for u in draws]
+        to_score = []
+        for k in range(n):
+            reason = self.gate(fields[k])
+            if reason == REJECTED_QUALITY:
+                decisions[k] = Decision(False, REJECTED_QUALITY, step, policy="quality_gate")
+            elif reason is not None:
+                decisions[k] = invalid_decision(reason, step=step, policy="quality_gate")
+            elif self.method == "quality_gate":
+                decisions[k] = Decision(True, ACCEPTED, step, policy="quality_gate")
+            elif scores[k] is None:
+                decisions[k] = invalid_decision(INVALID_EMPTY_CACHE, step=step,
+                                                policy=self.policy_name)
+            elif not math.isfinite(float(scores[k])):  # type: ignore[arg-type]
+                decisions[k] = invalid_decision(INVALID_NAN_SCORE, step=step,
+                                                policy=self.policy_name, cache_norm=norms[k])
+            else:
+                to_score.append(k)
+        if to_score:
+            assert self.threshold is not None
+            judged = self.threshold.decide_all([float(scores[k]) for k in to_score],
+                                               [class_ids[k] for k in to_score], step=step)
+            for k, d in zip(to_score, judged):
+                decisions[k] = d.with_cache_norm(norms[k])
+        return [d for d in decisions if d is not None]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors, ints, floats, strings and lists: loads with ``weights_only=True``."""
+        return {
+            "method": self.method,
+            "generator_state": self.generator.get_state(),
+            "threshold": None if self.threshold is None else self.threshold.state_dict(),
+            "caches": None if self.caches is None else self.caches.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state["method"] != self.method:
+            raise ValueError(f"checkpointed instance selector used method {state['method']!r}; "
+                             f"this run uses {self.method!r}")
+        self.generator.set_state(state["generator_state"])
+        if self.threshold is not None:
+            self.threshold.load_state_dict(state["threshold"])
+        if self.caches is not None:
+            self.caches.load_state_dict(state["caches"])
