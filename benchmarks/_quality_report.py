@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._method_runs import METRICS, MethodSpec
+from benchmarks._score_probes import MODES
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -123,7 +124,7 @@ def kinds_markdown(summary: Mapping[str, Mapping[str, Any]]) -> str:
 
 def noise_markdown(noise: Mapping[str, Any]) -> str:
     """Score and acceptance per noise level, for each mode."""
-    modes = [m for m in ("faithful", "efficient") if m in noise]
+    modes = [m for m in MODES if m in noise]
     lines = ["| mode | noise σ (×255) | batches | median score [10 %, 90 %] | paired change vs "
              "σ = 0 (mean) | batches scored lower than at σ = 0 | accepted, fixed −0.05 | "
              "accepted, dynamic |", "|---|---|---|---|---|---|---|---|"]
@@ -146,18 +147,18 @@ def fidelity_markdown(fidelity: Mapping[str, Any]) -> str:
              "|---|---|---|---|---|---|"]
     for alpha in fidelity["alphas"]:
         block = pooled[str(alpha)]
-        for mode in ("faithful", "efficient"):
+        for mode in MODES:
             v = block[mode]
             lines.append(f"| {mode} | {alpha:g} | {v['spearman']:+.2f} | "
                          f"{100 * v['sign_agreement']:.0f} % | "
                          f"{100 * v['fixed_decision_agreement']:.0f} % | "
                          f"{100 * block['gain_positive']:.0f} % |")
-    lines += ["", f"Share of these batches accepted at −0.05: faithful "
-              f"{100 * pooled['faithful_accept_fixed']:.0f} %, efficient "
-              f"{100 * pooled['efficient_accept_fixed']:.0f} %. Spearman ρ with the batch's "
-              "fraction of good candidates (does the number see the generator's failures?): "
-              + ", ".join([f"faithful score {pooled['faithful_vs_good_fraction']:+.2f}",
-                           f"efficient score {pooled['efficient_vs_good_fraction']:+.2f}"]
+    lines += ["", "Share of these batches accepted at −0.05: " + ", ".join(
+              f"{mode} {100 * pooled[f'{mode}_accept_fixed']:.0f} %" for mode in MODES)
+              + ". Spearman ρ with the batch's fraction of good candidates (does the number see "
+              "the generator's failures?): "
+              + ", ".join([f"{mode} score {pooled[f'{mode}_vs_good_fraction']:+.2f}"
+                           for mode in MODES]
                           + [f"exact gain (α={a:g}) {pooled[str(a)]['gain_vs_good_fraction']:+.2f}"
                              for a in fidelity["alphas"]]) + "."]
     return "\n".join(lines)
@@ -170,7 +171,7 @@ def plot_noise(noise: Mapping[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [m for m in ("faithful", "efficient") if m in noise]
+    modes = [m for m in MODES if m in noise]
     fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.4), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         levels = list(noise[mode])

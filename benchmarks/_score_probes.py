@@ -22,6 +22,8 @@ from benchmarks._method_runs import RunJob, build_finetune_trainer, one_thread
 BSGAL_FIXED = {"method": "bsgal", "score": "cosine", "cache_update": "momentum", "momentum": 0.1,
                "threshold": "fixed", "fixed_threshold": -0.05}
 FIXED_THRESHOLD = -0.05
+#: The batch-level scores probed (efficient mode was removed: see trainer.bsgal_step).
+MODES = ("faithful",)
 
 
 def _candidates(trainer: Any, batch: Mapping[str, np.ndarray]) -> list[Any]:
@@ -50,7 +52,7 @@ def noise_probe(job: RunJob) -> dict[str, Any]:
     """Score the same candidate batches at increasing object-noise levels (paper §5.1.1).
 
     ``job.extra["probe_stream"]``: a stream of good candidates (the generator without failures).
-    For each of ``sizes.probe_batches`` batches and each mode (faithful, efficient), the state is
+    For each of ``sizes.probe_batches`` batches and each mode (`MODES`), the state is
     snapshotted, then every noise level is scored from that snapshot (highest level first); the
     clean level's scoring is kept, so the gradient cache moves on from batch to batch as in a run
     (with no training in between).
@@ -63,7 +65,7 @@ def noise_probe(job: RunJob) -> dict[str, Any]:
     stream = load_stream(job.extra["probe_stream"])
     levels = sorted(sizes.noise_levels)
     trainers = {mode: build_finetune_trainer(job, {**BSGAL_FIXED, "mode": mode})
-                for mode in ("faithful", "efficient")}
+                for mode in MODES}
     rows: list[dict[str, Any]] = []
     for j, batch in enumerate(batches(stream, sizes.candidate_batch)):
         if j >= sizes.probe_batches:
@@ -82,23 +84,22 @@ def noise_probe(job: RunJob) -> dict[str, Any]:
 
 
 def fidelity_probe(job: RunJob) -> dict[str, Any]:
-    """First-order scores (faithful, efficient) against the exact look-ahead loss change.
+    """The first-order batch score (faithful) against the exact look-ahead loss change.
 
     ``job.extra["fidelity_stream"]``: a stream with the generator's failures. For each of
     ``sizes.fidelity_batches`` pasted batches, at the pretrained weights: the faithful score
-    (cosine to the cache fed by the real "test" batch), the efficient score (its own cache, fed
-    by the pasted batch's real part), and ``selector.exact_lookahead_gain`` on the same pasted
+    (cosine to the cache fed by the real "test" batch) and ``selector.exact_lookahead_gain`` on
+    the same pasted
     batch and the same real "test" batch for each step size in ``job.extra["alphas"]``. The
     torch generator is re-seeded identically before each, so RoI sampling matches.
 
     Returns:
-        ``{"alphas": [...], "rows": [{batch, faithful, efficient, gain: {alpha: φ}, bad_fraction,
+        ``{"alphas": [...], "rows": [{batch, faithful, gain: {alpha: φ}, bad_fraction,
         num_candidates}]}``.
     """
     import torch
 
-    from selector import build_selector, exact_lookahead_gain
-    from trainer.bsgal_step import BsgalStep
+    from selector import exact_lookahead_gain
     from trainer.real_data import pasted_inputs, real_inputs
 
     one_thread()
@@ -109,9 +110,6 @@ def fidelity_probe(job: RunJob) -> dict[str, Any]:
     trainer = build_finetune_trainer(job, {**BSGAL_FIXED, "mode": "faithful"})
     backend = trainer.backend
     module = backend.module
-    efficient = BsgalStep(backend, build_selector(backend.classifier_parameters(),
-                                                  **{k: v for k, v in BSGAL_FIXED.items()}),
-                          "efficient")
     params = backend.trainable_parameters()
     rows: list[dict[str, Any]] = []
     for j, batch in enumerate(batches(stream, sizes.candidate_batch)):
@@ -134,9 +132,6 @@ def fidelity_probe(job: RunJob) -> dict[str, Any]:
         faithful = trainer.step_fn.run(trainer.step, pasted.pasted, pasted.real_test,
                                        class_ids=pasted.class_ids)
         restore()
-        torch.manual_seed(rng_seed)
-        eff = efficient.run(trainer.step, pasted.pasted, class_ids=pasted.class_ids)
-        restore()
         pasted_batch = pasted_inputs(pasted.pasted, backend.device)
         real_batch = real_inputs(pasted.real_test, backend.device)
         gains = {}
@@ -152,7 +147,7 @@ def fidelity_probe(job: RunJob) -> dict[str, Any]:
         restore()
         bad = [truth[c.sample_id] != GOOD for c in pasted.candidates]
         rows.append({"batch": j, "faithful": faithful.score, "faithful_reason": faithful.reason,
-                     "efficient": eff.score, "efficient_reason": eff.reason, "gain": gains,
+                     "gain": gains,
                      "bad_fraction": float(np.mean(bad)), "num_candidates": len(bad)})
     return {"seed": job.seed, "alphas": alphas, "rows": rows}
 
@@ -230,7 +225,7 @@ def summarise_fidelity(probes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     fraction of failed candidates. Seeds pooled (the per-seed numbers are kept too)."""
     alphas = probes[0]["alphas"] if probes else []
     rows = [r for p in probes for r in p["rows"]
-            if math.isfinite(r["faithful"]) and math.isfinite(r["efficient"])
+            if all(math.isfinite(r[mode]) for mode in MODES)
             and all(math.isfinite(g) for g in r["gain"].values())]
 
     def block(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -239,7 +234,7 @@ def summarise_fidelity(probes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for alpha in alphas:
             gain = [r["gain"][str(alpha)] for r in rows]
             per_mode = {}
-            for mode in ("faithful", "efficient"):
+            for mode in MODES:
                 score = [r[mode] for r in rows]
                 per_mode[mode] = {
                     "spearman": _spearman(score, gain),
@@ -253,7 +248,7 @@ def summarise_fidelity(probes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             result[str(alpha)] = {**per_mode, "gain_positive": float(np.mean(
                 [g >= 0 for g in gain])) if rows else float("nan"),
                 "gain_vs_good_fraction": _spearman(gain, bad)}
-        for mode in ("faithful", "efficient"):
+        for mode in MODES:
             result[f"{mode}_vs_good_fraction"] = _spearman([r[mode] for r in rows], bad)
             result[f"{mode}_accept_fixed"] = float(np.mean(
                 [r[mode] >= FIXED_THRESHOLD for r in rows])) if rows else float("nan")

@@ -10,24 +10,29 @@ generator's truth is known:
    accept-all, random acceptance at the rate BSGAL faithful/dynamic measured on that seed, a
    quality filter on the annotator's ``mask_score`` (a CLIP score cannot be computed here: no
    weights can be downloaded), BSGAL faithful with the fixed threshold (−0.05) and with the
-   dynamic one, BSGAL efficient (dynamic threshold), and the exact look-ahead; plus, as a
-   reference that is not a method, accept-all on the good candidates only (an oracle).
+   dynamic one, and the exact look-ahead, all deciding once per step's pasted batch; then the
+   instance-level methods (one decision per candidate, names ``instance_*``): the quality gate
+   alone (mask_score), the detector's own loss, the BSGAL contribution with class caches, the
+   composite (gate, then contribution) and random at the composite's rate; plus, as a reference
+   that is not a method, accept-all on the good candidates only (an oracle).
    Reported: LVIS AP/APr/APc/APf (segm, bbox) as mean ± std over seeds, paired differences,
    acceptance rate, precision and recall of acceptance against the generator's truth, time per
-   step.
+   step; per failure kind of the generator, the share accepted and the ROC AUC of the
+   decision score (good vs that kind).
 2. **Noise** (paper §5.1.1): the same good objects with Gaussian pixel noise of increasing σ on
    the object, scored at the pretrained weights with identical state for every level: score
    distribution per level (PNG) and acceptance under the fixed and the dynamic threshold.
-3. **Fidelity**: for pasted batches with the generator's failures, the first-order score
-   (faithful, efficient) against the exact look-ahead loss change: Spearman ρ, sign agreement.
+3. **Fidelity**: for pasted batches with the generator's failures, the first-order batch score
+   against the exact look-ahead loss change: Spearman ρ, sign agreement. (The per-instance
+   estimators are checked in benchmarks/instance_scores.py.)
 
 The candidate stream is the embedded pipeline's own (rare-boost prompts → procedural generator
 with 40 % failures: 10 % each wrong_class, broken, clutter, noise → built-in annotator →
-X-Paste quality checks). Decisions are per step (one pasted batch: the candidates pasted onto
-the step's ``batch_size`` real images), as in the reference.
+X-Paste quality checks). Batch-level decisions are per step (one pasted batch: the candidates
+pasted onto the step's ``batch_size`` real images), as in the reference.
 
 Tuning: the sizes, the quality-filter threshold, which BSGAL rate random acceptance copies and
-efficient mode's threshold were chosen on seed 100 only (see ``TUNING``); the reported seeds are
+the instance keep fraction were chosen on seed 100 only (see ``TUNING``); the reported seeds are
 0, 1, 2, fixed before any of their results was seen.
 
     PYTHONPATH=. python benchmarks/selection_quality.py            # ~60 min on 2 cores
@@ -218,8 +223,7 @@ def build_tasks(paths: dict[str, Any], sizes: Sizes, seeds: list[int], methods: 
                 work: Path, probes: bool) -> list[Task]:
     tasks: list[Task] = []
     cost = {"lookahead": 2.3, "bsgal_faithful_fixed": 2.2, "bsgal_faithful_dynamic": 2.1,
-            "instance_composite": 1.4, "instance_bsgal": 1.3,
-            "bsgal_efficient": 1.1}
+            "instance_composite": 1.4, "instance_bsgal": 1.3}
     for seed in seeds:
         files = paths["seeds"][seed]
         base = RunJob(data_root=paths["data_root"], seed=seed, sizes=sizes,

@@ -141,7 +141,8 @@ class SelectionConfig:
     # instance: composite | bsgal | quality_gate | loss | accept_all | random | none.
     method: Literal["bsgal", "accept_all", "random", "field_threshold", "lookahead", "none",
                     "composite", "quality_gate", "loss"] = "bsgal"
-    # faithful: the reference's three passes; efficient: one forward on the pasted batch.
+    # faithful: the reference's three passes (batch level). "efficient" was removed (its score
+    # ranked no better than chance); it is still parsed so that the error can say so.
     mode: Literal["faithful", "efficient"] = "faithful"
     score: Literal["cosine", "dot"] = "cosine"
     cache_update: Literal["momentum", "average"] = "momentum"
@@ -541,10 +542,11 @@ def _check_granularity(sel: SelectionConfig) -> None:
     if sel.method not in allowed:
         raise ConfigError(f"selection.method: {sel.method!r} is not a {sel.granularity}-level "
                           f"method; use one of {allowed} (or set selection.granularity)")
-    if sel.granularity == "instance":
-        if sel.mode != "faithful":
-            raise ConfigError("selection.mode: efficient mode is batch-level only; instance "
-                              "granularity scores over selection.score_parameters instead")
+    if sel.mode == "efficient":
+        raise ConfigError("selection.mode: efficient mode was removed (its head-only batch score "
+                          "ranked batches no better than chance: Spearman -0.11 with the exact "
+                          "look-ahead); use selection.granularity=instance with method "
+                          "composite, or mode=faithful")
     if not isinstance(sel.quality_gates, dict):
         raise ConfigError("selection.quality_gates: must be a mapping of field name to minimum, "
                           f"e.g. {{mask_score: 0.8}}; got {sel.quality_gates!r}")

@@ -129,9 +129,9 @@ class FlatGradient:
     """A reusable flat buffer holding the gradient of a loss w.r.t. fixed parameters.
 
     ``compute`` overwrites and returns the same (numel,) tensor on every call: consume it (update
-    the cache, score it) before the next call. One instance serves both the faithful step (real
-    loss, then generated loss, from two graphs) and the efficient one (two losses from one graph:
-    ``compute(real_loss, retain_graph=True)``, then ``compute(generated_loss)``).
+    the cache, score it) before the next call. One instance serves two losses from two graphs
+    (the faithful step: real loss, then generated loss) or from one graph
+    (``compute(first, retain_graph=True)``, then ``compute(second)``).
 
     Args:
         params: trainable parameters, in the same order as the `GradientCache`'s.

@@ -94,13 +94,15 @@ def test_real_classification_loss_and_predict(train_set: LvisDataset) -> None:
                 train_set.num_classes
 
 
-@pytest.mark.parametrize("mode", ["faithful", "efficient"])
-def test_trainer_runs_bsgal_on_the_detectron2_backend(train_set: LvisDataset, mode: str) -> None:
+@pytest.mark.parametrize("granularity", ["batch", "instance"])
+def test_trainer_runs_bsgal_on_the_detectron2_backend(train_set: LvisDataset,
+                                                      granularity: str) -> None:
     from trainer.factory import build_trainer
 
     trainer = build_trainer(train_set, training={"backend": "detectron2", "arch": "small",
                                                  "batch_size": 2, "device": "cpu"},
-                            selection={"method": "bsgal", "mode": mode, "real_batch_size": 2})
+                            selection={"method": "bsgal", "granularity": granularity,
+                                       "real_batch_size": 2})
     sample = train_set[0]
     k = int(np.argmax(sample["masks"].sum(axis=(1, 2))))
     rows = [{"sample_id": f"d{i}", "class_id": int(sample["category_ids"][k]),
@@ -108,4 +110,6 @@ def test_trainer_runs_bsgal_on_the_detectron2_backend(train_set: LvisDataset, mo
             for i in range(3)]
     result = trainer.train_on_candidates(rows)
     assert len(result.decisions) == 3 and trainer.step >= 1
-    assert {d["reason"] for d in result.decisions} <= {"accepted", "rejected_score"}
+    assert {d["reason"] for d in result.decisions} <= {"accepted", "rejected_score",
+                                                       "invalid_not_visible"}
+    assert any(d["reason"] in ("accepted", "rejected_score") for d in result.decisions)

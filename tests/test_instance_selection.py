@@ -265,7 +265,7 @@ def test_config_rejects_a_method_of_the_other_granularity() -> None:
     with pytest.raises(ConfigError, match="not a instance-level method"):
         load_config(CONFIGS / "demo.yaml", ["selection.granularity=instance",
                                             "selection.method=lookahead"])
-    with pytest.raises(ConfigError, match="efficient mode is batch-level only"):
+    with pytest.raises(ConfigError, match="efficient mode was removed"):
         load_config(CONFIGS / "demo.yaml", ["selection.granularity=instance",
                                             "selection.method=composite",
                                             "selection.mode=efficient"])

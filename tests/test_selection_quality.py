@@ -32,6 +32,7 @@ from benchmarks._method_runs import (
 )
 from benchmarks._quality_report import (
     aggregate_methods,
+    kinds_markdown,
     mean_std,
     methods_markdown,
     noise_markdown,
@@ -195,13 +196,11 @@ def test_dynamic_acceptance_keeps_about_the_fraction() -> None:
 
 
 def test_fidelity_summary_measures_rank_and_sign() -> None:
-    rows = [{"faithful": s, "efficient": -s, "gain": {"0.1": 2 * s}, "bad_fraction": 0.5 - s}
+    rows = [{"faithful": s, "gain": {"0.1": 2 * s}, "bad_fraction": 0.5 - s}
             for s in (-0.3, -0.1, 0.2, 0.4)]
     summary = summarise_fidelity([{"seed": 0, "alphas": [0.1], "rows": rows}])["pooled"]
     assert summary["0.1"]["faithful"]["spearman"] == pytest.approx(1.0)
     assert summary["0.1"]["faithful"]["sign_agreement"] == 1.0
-    assert summary["0.1"]["efficient"]["spearman"] == pytest.approx(-1.0)
-    assert summary["0.1"]["efficient"]["sign_agreement"] == 0.0
     assert summary["0.1"]["gain_positive"] == 0.5
     assert summary["faithful_vs_good_fraction"] == pytest.approx(1.0)
 
@@ -215,8 +214,12 @@ def test_aggregation_pairs_seeds_and_renders() -> None:
         r = {"method": method, "seed": seed, "metrics": metrics, "wall_s": 10.0,
              "s_per_step": 0.1}
         if method != "none":
+            kinds = {"none": (1.0, math.nan), "wrong_class": (0.25 * (1 + seed), 0.9)}
             r["selection"] = {"precision": 0.6, "recall": 1.0, "accepted_fraction": 1.0,
-                              "good_fraction": 0.6}
+                              "good_fraction": 0.6,
+                              "by_kind": {k: {"candidates": 10, "accepted_fraction": a,
+                                              "score_auc": auc}
+                                          for k, (a, auc) in kinds.items()}}
             r["batches"] = {"acceptance_rate": 1.0, "candidates_per_step": 5.0, "invalid": 0}
         return r
 
@@ -230,6 +233,9 @@ def test_aggregation_pairs_seeds_and_renders() -> None:
     assert bsgal["segm_AP"]["mean"] == pytest.approx(np.mean([0.22, 0.42]))
     table = methods_markdown(summary)
     assert "| BSGAL faithful, fixed threshold −0.05 | 32.0 ± 14.1 |" in table
+    kinds = kinds_markdown(summary)
+    assert ("| BSGAL faithful, fixed threshold −0.05 | 100 ± 0 % | 38 ± 18 % | 0.90 ± 0.00 |"
+            in kinds)
     assert mean_std([1.0, float("nan"), 3.0]) == {"mean": 2.0, "std": pytest.approx(2 ** 0.5),
                                                   "n": 2}
 

@@ -205,7 +205,7 @@ def test_build_selector_names_bad_settings(settings, message):
         build_selector(make_params(), **settings)
 
 
-def test_efficient_step_flat_and_per_parameter_paths_agree():
+def test_one_graph_two_losses_flat_and_per_parameter_paths_agree():
     """One graph, two losses (real part, generated part): the flat buffer and the per-parameter
     lists give the same decisions, and the graph still trains afterwards."""
     torch.manual_seed(0)

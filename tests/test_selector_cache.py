@@ -210,7 +210,7 @@ def test_flat_gradient_matches_autograd_and_reuses_its_buffer():
     expected_a, expected_b = autograd_flat(loss_a, params), autograd_flat(loss_b, params)
     offsets = flat.layout.offsets  # body: [0, 4), head_a: [4, 6), head_b: [6, 8)
 
-    got_a = flat.compute(loss_a, retain_graph=True)  # efficient mode: same graph, two calls
+    got_a = flat.compute(loss_a, retain_graph=True)  # same graph, two calls
     torch.testing.assert_close(got_a, expected_a)
     assert torch.count_nonzero(got_a[offsets[4]:offsets[6]]) == 0  # head_b unused → zeros
     assert torch.count_nonzero(got_a[offsets[2]:offsets[4]]) > 0

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks._candidate_stream import real_cutouts
 from selector import AcceptAll, BatchSelector, FixedThreshold, build_selector
-from trainer.backends import CLEAR_GROUPS, SplitLosses, image_tensor
+from trainer.backends import SplitLosses, image_tensor
 from trainer.backends.torchvision_maskrcnn import TorchvisionMaskRCNN
 from trainer.bsgal_step import BsgalStep, NonFiniteLossError
 from trainer.candidates import cut_out
@@ -78,8 +78,7 @@ def make_trainer(ds: LvisDataset, *, method: str = "bsgal", mode: str = "faithfu
     backend = backend or TorchvisionMaskRCNN.build(ds.num_classes, "small", 128)
     if selector is None and method != "none":
         rare = [c.id for c in ds.categories if c.frequency == "r"]
-        params = (backend.classifier_parameters() if mode == "efficient"
-                  else backend.trainable_parameters())
+        params = backend.trainable_parameters()
         selector = build_selector(params, method=method,
                                   **({"rare_class_ids": rare} if method == "bsgal" else {}),
                                   **kwargs.pop("selection", {}))
@@ -104,9 +103,8 @@ def good_rows(train_set: LvisDataset) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["faithful", "efficient"])
-def test_every_candidate_gets_exactly_one_decision(train_set, good_rows, mode) -> None:
-    trainer = make_trainer(train_set, mode=mode)
+def test_every_candidate_gets_exactly_one_decision(train_set, good_rows) -> None:
+    trainer = make_trainer(train_set)
     bad = bad_candidates(good_rows[0])
     rows = good_rows[:5] + [b for b, _ in bad] + good_rows[5:7]
     result = trainer.train_on_candidates(rows)
@@ -191,40 +189,6 @@ def test_faithful_trains_on_pasted_if_accepted_else_on_original_pixels(
             assert not torch.equal(img, image_tensor(p.image))
     grads = [p.grad for p in backend.trainable_parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-
-
-@pytest.mark.parametrize("threshold", [1.5, -1.5])
-def test_efficient_mode_gradient_is_real_part_or_everything(train_set, good_rows,
-                                                            threshold) -> None:
-    from trainer.real_data import pasted_inputs
-
-    torch.manual_seed(0)
-    backend = TorchvisionMaskRCNN.build(train_set.num_classes)
-    selector = build_selector(backend.classifier_parameters(), method="bsgal",
-                              fixed_threshold=threshold)
-    trainer = make_trainer(train_set, backend=backend, selector=selector, mode="efficient")
-    pasted, _ = _pasted_batch(trainer, good_rows[:2])
-    params = backend.trainable_parameters()
-    torch.manual_seed(7)
-    outcome = BsgalStep(backend, selector, "efficient").run(0, pasted)
-    got = [p.grad.clone() for p in params]
-    # Recompute from the same random draws: the rejected batch trains on the real part only
-    # (no generated instance, no background on pasted objects); the accepted one on all of it.
-    torch.manual_seed(7)
-    split = backend.losses(*pasted_inputs(pasted, "cpu"))
-    loss = split.total() if outcome.accepted else split.total(CLEAR_GROUPS)
-    expected = torch.autograd.grad(loss, params, allow_unused=True)
-    assert outcome.accepted is (threshold < 0)
-    assert outcome.trained_on == ("pasted" if outcome.accepted else "pasted_without_generated")
-    for g, e in zip(got, expected):
-        e = torch.zeros_like(g) if e is None else e
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
-    if not outcome.accepted:
-        torch.manual_seed(7)
-        total = torch.autograd.grad(backend.losses(*pasted_inputs(pasted, "cpu")).total(),
-                                    params, allow_unused=True)
-        assert any(t is not None and not torch.allclose(t, g, atol=1e-6)
-                   for t, g in zip(total, got))
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,11 +317,10 @@ def test_fifty_steps_lower_the_loss(builtin_data) -> None:
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
 
 
-@pytest.mark.parametrize("mode", ["faithful", "efficient"])
-def test_checkpoint_resume_gives_the_same_next_decisions(train_set, good_rows, tmp_path,
-                                                         mode) -> None:
+def test_checkpoint_resume_gives_the_same_next_decisions(train_set, good_rows, tmp_path
+                                                         ) -> None:
     batches = [good_rows[i:i + 4] for i in range(0, 16, 4)]
-    settings = dict(mode=mode, ema=0.5, selection={"threshold": "dynamic",
+    settings = dict(ema=0.5, selection={"threshold": "dynamic",
                                                    "keep_fraction": 0.5})
     straight = make_trainer(train_set, **settings)
     expected = [straight.train_on_candidates(b).decisions for b in batches]
@@ -384,12 +347,17 @@ def test_checkpoint_resume_gives_the_same_next_decisions(train_set, good_rows, t
 
 
 def test_checkpoint_from_another_setup_is_refused(train_set, tmp_path) -> None:
-    trainer = make_trainer(train_set, mode="faithful")
+    trainer = make_trainer(train_set)
     path = tmp_path / "ckpt.pt"
     torch.save(trainer.state_dict(), path)
-    with pytest.raises(ValueError, match="mode='efficient'"):
-        make_trainer(train_set, mode="efficient").load_state_dict(
+    with pytest.raises(ValueError, match="method='accept_all'"):
+        make_trainer(train_set, method="accept_all").load_state_dict(
             torch.load(path, weights_only=True))
+
+
+def test_the_removed_efficient_mode_says_why_and_what_to_use() -> None:
+    with pytest.raises(ValueError, match="efficient mode was removed.*granularity=instance"):
+        BsgalStep(None, None, "efficient")  # type: ignore[arg-type]
 
 
 def test_real_warmup_steps_then_candidate_batches_step_by_step(train_set, good_rows) -> None:

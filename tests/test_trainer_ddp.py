@@ -29,18 +29,22 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
         from trainer.factory import build_trainer
 
         ds = LvisDataset(data, "train.json", max_images=32)
-        for mode in ("faithful", "efficient"):
+        for mode in ("batch", "instance"):
+            selection = {"granularity": mode, "real_batch_size": 2}
+            if mode == "instance":
+                selection.update(method="composite", quality_gates={"mask_score": 0.3})
             trainer = build_trainer(ds, training={"batch_size": 2, "device": "cpu"},
-                                    selection={"mode": mode, "real_batch_size": 2}, seed=0,
-                                    rank=rank)
+                                    selection=selection, seed=0, rank=rank)
             trainer.backend.wrap(lambda m: torch.nn.parallel.DistributedDataParallel(m))
             rows = candidates_from_real(ds, 6, seed=10 + rank, prefix=f"r{rank}_")
             result = trainer.train_on_candidates(rows)
             trainer.train_real_step()
             flat = torch.cat([p.detach().reshape(-1)
                               for p in trainer.backend.trainable_parameters()])
-            torch.save({"params": flat, "decisions": result.decisions,
-                        "cache": trainer.selector.cache.buffer.clone()},
+            selector = trainer.selector
+            cache = (selector.cache.buffer.clone() if mode == "batch" else torch.cat(
+                [c.buffer for _, c in sorted(selector.caches.caches.items())]))
+            torch.save({"params": flat, "decisions": result.decisions, "cache": cache},
                        os.path.join(out, f"{mode}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -50,7 +54,7 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
 def test_ranks_stay_in_sync_and_decide_per_worker(builtin_data: Path, tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, free_port(), str(builtin_data), str(tmp_path)), nprocs=2,
              join=True)
-    for mode in ("faithful", "efficient"):
+    for mode in ("batch", "instance"):
         r0 = torch.load(tmp_path / f"{mode}_rank0.pt", weights_only=True)
         r1 = torch.load(tmp_path / f"{mode}_rank1.pt", weights_only=True)
         assert torch.equal(r0["params"], r1["params"]), mode  # DDP kept replicas identical

@@ -49,7 +49,8 @@ def test_trainer_defaults_are_the_config_defaults() -> None:
     from trainer.sampling import RepeatFactorSampler
 
     training = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}
-    selection = {f.name: f.default for f in dataclasses.fields(SelectionConfig)}
+    selection = {f.name: f.default if f.default_factory is dataclasses.MISSING
+                 else f.default_factory() for f in dataclasses.fields(SelectionConfig)}
     # The one table in trainer/ holds the config's values, for every key the trainer reads;
     # the other keys the worker passes are accepted and left to the pipeline.
     assert TRAINING_DEFAULTS == {k: training[k] for k in TRAINING_DEFAULTS}
@@ -83,12 +84,22 @@ def test_trainer_defaults_are_the_config_defaults() -> None:
             ("build_selector", "momentum")} <= compared
 
 
-def test_efficient_mode_caches_the_box_classifier_gradient(train_set: LvisDataset) -> None:
-    trainer = build_trainer(train_set, selection={"mode": "efficient"})
+def test_instance_composite_caches_the_box_classifier_gradient_per_class(
+        train_set: LvisDataset) -> None:
+    trainer = build_trainer(train_set, selection={"granularity": "instance",
+                                                  "method": "composite"})
+    caches = trainer.selector.caches
     head = trainer.backend.classifier_parameters()
-    assert trainer.selector.cache.numel == sum(p.numel() for p in head)
-    assert trainer.selector.cache.numel < sum(
+    assert sum(p.numel() for p in caches.params) == sum(p.numel() for p in head)
+    assert sum(p.numel() for p in head) < sum(
         p.numel() for p in trainer.backend.trainable_parameters()) / 2
+    assert trainer.selector.gates.minimums == {"mask_score": 0.8}
+    everything = build_trainer(train_set, selection={"granularity": "instance",
+                                                     "method": "bsgal",
+                                                     "score_parameters": "all"})
+    assert len(everything.selector.caches.params) == len(
+        everything.backend.trainable_parameters())
+    assert everything.selector.gates is None
 
 
 def test_unknown_settings_are_named(train_set: LvisDataset) -> None:

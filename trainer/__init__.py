@@ -9,7 +9,7 @@ Read in this order (each module has one job; nothing here imports Ray):
 `trainer.copy_paste`        pasting candidates onto real images (size statistics, occlusion)
 `trainer.backends`          detector contract, `SplitLosses`; torchvision (default) and
                             detectron2 Mask R-CNN with real/generated loss split
-`trainer.bsgal_step`        one step: cache update, score, decision, gradients (faithful/efficient)
+`trainer.bsgal_step`        one step: cache update, score, decision, gradients (batch level)
 `trainer.optim`             AdamW/SGD, warmup + cosine, weight EMA
 `trainer.loop`              `DetectorTrainer`: steps, evaluation, state dict for checkpoints
 `trainer.defaults`          the run config's training/selection defaults, as trainer/ applies them

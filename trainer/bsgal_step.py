@@ -25,31 +25,15 @@ A batch whose pasted instances were all lost (occluded away, or too small after 
 The torchvision backend's classifier is a softmax cross-entropy (the reference's CenterNet2 uses
 sigmoid BCE over its cascade stages); each backend uses its own classification loss.
 
-Efficient mode (option): one forward on the pasted batch, through the training graph:
-
-- the *real part* for the cache: classification loss of the sampled RoIs matched to real
-  instances (``real_foreground``; they include the ground-truth boxes themselves, which
-  torchvision adds to the proposals, so this is the closest in-graph analogue of the faithful
-  ground-truth-box loss);
-- the *generated part* for the score: classification loss of the RoIs matched to pasted
-  instances (as in faithful mode);
-- accepted: train on the whole pasted-batch loss; rejected: on ``real_foreground +
-  real_background`` only, i.e. without the generated instances and without treating their
-  regions as background (background RoIs/anchors whose best match is a pasted object are left
-  out). The pixels stay pasted.
-
-Gradients are taken over the parameters of the selector's gradient cache. Faithful mode uses
-all trainable parameters (the reference); `trainer.factory` gives efficient mode the box head
-and box predictor only (``backend.classifier_parameters()``), whose gradients come from a short
-backward that stops at RoIAlign. The step then costs one forward, two small backwards and the
-training backward, against three full forward+backward passes for faithful mode. A cache over
-all parameters works too, at the cost of two more full backwards. ``benchmarks/step_cost.py``
-measures the cost and how often the modes agree (and how often faithful mode agrees with
-itself when only its real "test" batch is re-drawn, the noise floor of any comparison).
+Gradients are taken over all trainable parameters (the reference). The batch-level efficient
+mode (one forward, head-only gradients from the pasted batch's real part) was removed: its score
+ranked batches no better than chance against the exact look-ahead (Spearman −0.11,
+benchmarks/results/selection_quality_batch.md); instance granularity
+(`trainer.instance_step`) is the cheap mode that selects.
 
 The scoring gradients are taken with ``torch.autograd.grad``, which never fires the gradient
-hooks of a DDP wrapper; faithful scoring forwards go through the bare module, efficient mode's
-single forward through the wrapper so that its training backward is synchronised as usual.
+hooks of a DDP wrapper; scoring forwards go through the bare module, the training forward
+through the wrapper so that its backward is synchronised as usual.
 """
 
 from __future__ import annotations
@@ -64,16 +48,19 @@ from torch import Tensor
 
 from selector import BatchSelector, parameter_gradients
 from trainer.backends.base import DetectorBackend
-from trainer.backends.split_losses import REAL_FOREGROUND, SplitLosses
 from trainer.candidates import INVALID_NAN_LOSS, nan_if_none
 from trainer.copy_paste import PastedImage
 from trainer.real_data import original_inputs, pasted_inputs, real_inputs
 
-MODES = ("faithful", "efficient")
+MODES = ("faithful",)
+#: Why a mode that existed is gone (shown when someone asks for it).
+REMOVED_MODES = {"efficient": "the batch-level efficient mode was removed: its head-only score "
+                              "ranked batches no better than chance (Spearman -0.11 with the "
+                              "exact look-ahead); use selection.granularity=instance, whose "
+                              "per-candidate scoring costs ~1.3x a plain step"}
 
 TRAINED_ON_PASTED = "pasted"
 TRAINED_ON_ORIGINAL = "original"
-TRAINED_ON_PASTED_WITHOUT_GENERATED = "pasted_without_generated"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -95,7 +82,7 @@ class StepOutcome:
         accepted / reason / score / threshold / cache_norm / policy: the decision on the pasted
             batch (``reason`` from `selector.REASONS` or ``invalid_nan_loss``; NaN numbers
             where nothing was scored).
-        trained_on: ``"pasted"``, ``"original"`` or ``"pasted_without_generated"``.
+        trained_on: ``"pasted"`` or ``"original"``.
         losses: the trained loss terms (floats), ``"<term>"`` summed over the groups used.
         num_generated: generated instances present in the pasted batch's targets.
     """
@@ -129,12 +116,13 @@ class BsgalStep:
             gradient cache; baselines (accept-all, random, field threshold) decide without
             gradients; a selector whose ``uses_lookahead`` is set (``method="lookahead"``) gets
             the exact look-ahead gain.
-        mode: ``"faithful"`` (default) or ``"efficient"``. Only BSGAL has an efficient mode;
-            baselines decide without gradients and train like faithful mode in either mode.
+        mode: ``"faithful"`` (the only mode left; see `REMOVED_MODES`).
     """
 
     def __init__(self, backend: DetectorBackend, selector: BatchSelector | None,
                  mode: str = "faithful") -> None:
+        if mode in REMOVED_MODES:
+            raise ValueError(f"selection mode {mode!r}: {REMOVED_MODES[mode]}")
         if mode not in MODES:
             raise ValueError(f"selection mode {mode!r} is unknown; use one of {MODES}")
         self.backend = backend
@@ -183,8 +171,6 @@ class BsgalStep:
         if self.selector is None:
             raise ValueError("no selector (method 'none'): train on real images only with "
                              "train_real(); generated candidates cannot be judged")
-        if self.mode == "efficient" and self.selector.needs_gradients:
-            return self._efficient(step, pasted, num_generated, class_ids)
         return self._faithful(step, pasted, real_test, num_generated, class_ids, fields,
                               lookahead_lr)
 
@@ -262,32 +248,3 @@ class BsgalStep:
         assert self.selector is not None
         return self.selector.decide(step=step, num_generated=num_generated, score=result.gain,
                                     class_ids=class_ids)
-
-    def _efficient(self, step: int, pasted: Sequence[PastedImage], num_generated: int,
-                   class_ids: Sequence[int]) -> StepOutcome:
-        selector = self.selector
-        assert selector is not None and selector.cache is not None
-        params = self.score_params
-        split: SplitLosses = self.backend.losses(*pasted_inputs(pasted, self.backend.device))
-        generated_loss = split.generated[self.backend.classification_term]
-        generated_ok = math.isfinite(float(generated_loss.detach()))
-        decision: Any = None
-        if num_generated > 0 and generated_ok:
-            generated_grads = parameter_gradients(generated_loss, params, retain_graph=True)
-        else:
-            generated_grads = None
-        real_loss = split.pieces[REAL_FOREGROUND][self.backend.classification_term]
-        selector.update_cache(parameter_gradients(real_loss, params, retain_graph=True),
-                              step=step)
-        if num_generated == 0 or generated_ok:
-            decision = selector.decide(step=step, num_generated=num_generated,
-                                       candidate_grad=generated_grads, class_ids=class_ids)
-        accepted = decision is not None and decision.accepted
-        trained = split.stock if accepted else split.without_generated
-        check_finite(trained, step, "pasted" if accepted else "pasted (real part)")
-        torch.stack(list(trained.values())).sum().backward()
-        losses = {k: float(v.detach()) for k, v in trained.items()}
-        trained_on = TRAINED_ON_PASTED if accepted else TRAINED_ON_PASTED_WITHOUT_GENERATED
-        if decision is None:
-            return self._nan_loss_outcome(trained_on, losses, num_generated)
-        return self._outcome(decision, trained_on, losses, num_generated)

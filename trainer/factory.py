@@ -116,16 +116,12 @@ def build_trainer(train_set: LvisDataset, val_set: LvisDataset | None = None, *,
             init_checkpoint=t["init_checkpoint"])
     steps = int(t["steps"])
     rare_rate = float(s["rare_min_accept_rate"])
-    mode = s["mode"]
     if s["granularity"] == "instance":
         return _trainer(detector, train_set, val_set, t, s, steps, max_eval_images, seed, rank,
                         build_instance_selector(detector, s, seed * 1000 + rank))
-    # Faithful BSGAL scores over every trainable parameter (the reference); efficient mode over
-    # the box classifier, whose gradients a short backward gives (see trainer.bsgal_step).
-    score_params = (detector.classifier_parameters() if mode == "efficient"
-                    else detector.trainable_parameters())
+    # Batch-level BSGAL scores over every trainable parameter (the reference).
     selector = build_selector(
-        score_params,
+        detector.trainable_parameters(),
         method=s["method"],
         score=s["score"],
         cache_update=s["cache_update"],

@@ -131,8 +131,11 @@ class DetectorTrainer:
     Args:
         backend: the detector (`trainer.backends.base.DetectorBackend`), on its device.
         train_set: the real training split.
-        selector: `selector.BatchSelector` (BSGAL or a baseline); None trains on real data only.
-        mode: BSGAL mode, ``"faithful"`` (default) or ``"efficient"``.
+        selector: `selector.BatchSelector` (one decision per step's batch: BSGAL or a
+            baseline), or `selector.instance_selector.InstanceSelector` (one decision per
+            candidate, `trainer.instance_step`); None trains on real data only.
+        mode: BSGAL mode, ``"faithful"`` (the only one left).
+        score_parameters: instance level: ``"heads"`` or ``"all"`` (`trainer.instance_step`).
         batch_size: real images per step (each may receive pastes).
         real_batch_size: images of the real "test" batch (faithful BSGAL; reference 4).
         max_pastes_per_image: candidates pasted per image are drawn in 0..this.

@@ -114,7 +114,8 @@ class ModuleBackend:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def classifier_parameters(self) -> list[nn.Parameter]:
-        """Box head and box predictor parameters (what efficient-mode BSGAL scores over)."""
+        """Box head and box predictor parameters (what instance-level BSGAL scores over by
+        default, ``selection.score_parameters: heads``)."""
         heads = self.module.roi_heads
         return [p for m in (heads.box_head, heads.box_predictor) for p in m.parameters()
                 if p.requires_grad]

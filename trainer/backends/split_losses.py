@@ -18,8 +18,8 @@ positive RoIs), so the pieces of a term sum to the stock torchvision/detectron2 
 
 The *generated part* is the ``generated`` group; the *real part* is the rest (both background
 groups included), so ``real + generated`` is the stock loss. Training "without the generated
-instances and without treating their regions as background" (the efficient mode's reject path)
-uses `SplitLosses.without_generated`: ``real_foreground + real_background`` per term.
+instances and without treating their regions as background" uses
+`SplitLosses.without_generated`: ``real_foreground + real_background`` per term.
 """
 
 from __future__ import annotations
@@ -99,5 +99,5 @@ class SplitLosses:
     @property
     def without_generated(self) -> dict[str, Tensor]:
         """Every term without the generated instances and without their regions as background
-        (``real_foreground + real_background``: efficient mode's reject path)."""
+        (``real_foreground + real_background``)."""
         return self.by_term(CLEAR_GROUPS)
