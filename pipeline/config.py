@@ -542,6 +542,10 @@ def _check_granularity(sel: SelectionConfig) -> None:
     if sel.method not in allowed:
         raise ConfigError(f"selection.method: {sel.method!r} is not a {sel.granularity}-level "
                           f"method; use one of {allowed} (or set selection.granularity)")
+    if sel.granularity == "instance" and sel.rare_min_accept_rate > 0:
+        raise ConfigError("selection.rare_min_accept_rate: a batch-level floor; at instance "
+                          "granularity the per-class threshold already keeps keep_fraction of "
+                          "every class's candidates (set it to 0)")
     if sel.mode == "efficient":
         raise ConfigError("selection.mode: efficient mode was removed (its head-only batch score "
                           "ranked batches no better than chance: Spearman -0.11 with the exact "

@@ -18,8 +18,18 @@ from trainer.factory import IGNORED_TRAINING_KEYS, build_trainer, load_initial_w
 TRAIN_IMAGES = 24  # the conftest ``train_set`` fixture: the first 24 training images
 
 
-def test_demo_config_sections_build_a_trainer(train_set: LvisDataset) -> None:
-    cfg = load_config(DEMO_CONFIG, ["selection.threshold=dynamic",
+def test_demo_config_builds_the_instance_composite_trainer(train_set: LvisDataset) -> None:
+    cfg = load_config(DEMO_CONFIG)
+    trainer = build_trainer(train_set, training=trainer_settings(cfg),
+                            selection=dataclasses.asdict(cfg.selection), seed=cfg.seed)
+    assert trainer.granularity == "instance" and trainer.method == "composite"
+    assert trainer.selector.threshold.keep_fraction == cfg.selection.keep_fraction
+    assert trainer.selector.threshold.per_class and trainer.selector.caches.mode == "average"
+
+
+def test_batch_config_sections_build_a_trainer(train_set: LvisDataset) -> None:
+    cfg = load_config(DEMO_CONFIG, ["selection.granularity=batch", "selection.method=bsgal",
+                                    "selection.threshold=dynamic",
                                     "selection.rare_min_accept_rate=0.3", "training.ema=0.99"])
     # What the Ray Train worker passes: the training section less the pipeline's own keys.
     trainer = build_trainer(train_set, training=trainer_settings(cfg),
