@@ -68,6 +68,9 @@ def method_specs(quality_threshold: float, keep_fraction: float,
                    {**instance, "method": "quality_gate"}),
         MethodSpec("instance_loss", f"per instance: detector's own loss (keep "
                    f"{instance_keep:.0%} per class)", {**instance, "method": "loss"}),
+        MethodSpec("instance_gated_loss", f"per instance: quality gate then the detector's own "
+                   f"loss (keep {instance_keep:.0%} per class)",
+                   {**instance, "method": "gated_loss"}),
         MethodSpec("instance_bsgal", f"per instance: BSGAL class-cache contribution (keep "
                    f"{instance_keep:.0%} per class)", {**instance, "method": "bsgal"}),
         MethodSpec("instance_composite", f"per instance: composite, quality gate then BSGAL "

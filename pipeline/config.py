@@ -138,9 +138,9 @@ class SelectionConfig:
     # batch: one decision per step's pasted batch (the paper); instance: one per candidate.
     granularity: Literal["batch", "instance"] = "batch"
     # batch: bsgal | accept_all | random | field_threshold | lookahead | none;
-    # instance: composite | bsgal | quality_gate | loss | accept_all | random | none.
+    # instance: composite | bsgal | quality_gate | loss | gated_loss | accept_all | random | none.
     method: Literal["bsgal", "accept_all", "random", "field_threshold", "lookahead", "none",
-                    "composite", "quality_gate", "loss"] = "bsgal"
+                    "composite", "quality_gate", "loss", "gated_loss"] = "bsgal"
     # faithful: the reference's three passes (batch level). "efficient" was removed (its score
     # ranked no better than chance); it is still parsed so that the error can say so.
     mode: Literal["faithful", "efficient"] = "faithful"
@@ -533,7 +533,8 @@ def validate(cfg: RunConfig) -> None:
 
 #: The methods of each selection granularity.
 BATCH_METHODS = ("bsgal", "accept_all", "random", "field_threshold", "lookahead", "none")
-INSTANCE_METHODS = ("composite", "bsgal", "quality_gate", "loss", "accept_all", "random", "none")
+INSTANCE_METHODS = ("composite", "bsgal", "quality_gate", "loss", "gated_loss", "accept_all",
+                    "random", "none")
 
 
 def _check_granularity(sel: SelectionConfig) -> None:

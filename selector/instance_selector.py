@@ -8,7 +8,8 @@ granularity). Here each candidate k of a step is judged on its own:
    ``rejected_quality`` and gets no score (methods ``quality_gate`` and ``composite``);
 2. a score: the BSGAL contribution cosine ⟨c_y, ∇ℓ_k⟩ / (‖c_y‖‖∇ℓ_k‖) of the candidate's own
    loss gradient with the real-data gradient cache of its class y (`ClassGradientCaches`;
-   methods ``bsgal`` and ``composite``), or minus the detector's own loss on it (``loss``);
+   methods ``bsgal`` and ``composite``), or minus the detector's own loss on it (``loss``, and
+   ``gated_loss`` behind the gates: the composite with the loss in place of the gradient);
 3. a threshold per class (`PerClassPercentileThreshold`): the scale of the score differs by
    class, so each class keeps its own fraction r of its candidates.
 
@@ -44,11 +45,14 @@ from selector.flat_gradient import GradientLike
 from selector.gradient_cache import GradientCache
 from selector.score import contribution_score
 
-INSTANCE_METHODS = ("bsgal", "composite", "quality_gate", "loss", "accept_all", "random")
+INSTANCE_METHODS = ("bsgal", "composite", "quality_gate", "loss", "gated_loss", "accept_all",
+                    "random")
 #: Methods that score with the contribution cosine (need the class gradient caches).
 CONTRIBUTION_METHODS = ("bsgal", "composite")
 #: Methods whose candidates pass the quality gates first.
-GATED_METHODS = ("composite", "quality_gate")
+GATED_METHODS = ("composite", "quality_gate", "gated_loss")
+#: Methods that score with minus the detector's own loss on the candidate.
+LOSS_METHODS = ("loss", "gated_loss")
 
 
 class QualityGates:
@@ -201,7 +205,7 @@ class InstanceSelector:
                              "e.g. {mask_score: 0.8})")
         if method in CONTRIBUTION_METHODS and caches is None:
             raise ValueError(f"method {method!r} needs the class gradient caches")
-        if method in (*CONTRIBUTION_METHODS, "loss") and threshold is None:
+        if method in (*CONTRIBUTION_METHODS, *LOSS_METHODS) and threshold is None:
             raise ValueError(f"method {method!r} needs a threshold")
         if not 0.0 <= random_p <= 1.0:
             raise ValueError(f"random_p={random_p} must be in [0, 1]")
@@ -218,7 +222,7 @@ class InstanceSelector:
 
     @property
     def needs_loss(self) -> bool:
-        return self.method == "loss"
+        return self.method in LOSS_METHODS
 
     @property
     def policy_name(self) -> str:

@@ -213,7 +213,7 @@ def _trainer(ds: LvisDataset, **selection: Any):
                          selection={"granularity": "instance", **selection}, seed=0)
 
 
-@pytest.mark.parametrize("method", ["composite", "loss", "random"])
+@pytest.mark.parametrize("method", ["composite", "gated_loss", "loss", "random"])
 def test_instance_trainer_decides_each_candidate_and_trains_only_on_the_accepted(
         train_set: LvisDataset, method: str) -> None:
     trainer = _trainer(train_set, method=method, keep_fraction=0.5,
@@ -232,9 +232,10 @@ def test_instance_trainer_decides_each_candidate_and_trains_only_on_the_accepted
     reasons = Counter(d["reason"] for d in result.decisions)
     assert reasons["accepted"] > 0 and sum(reasons.values()) == len(rows)
     assert reasons["accepted"] < len(rows) - reasons["invalid_not_visible"]
-    if method == "composite":
+    if method in ("composite", "gated_loss"):
         low = [d for d, r in zip(result.decisions, rows) if r["mask_score"] < 0.5]
         assert low and all(d["reason"] == REJECTED_QUALITY for d in low)
+    if method == "composite":
         scored = [d for d in result.decisions if d["reason"] in ("accepted", "rejected_score")]
         assert all(-1.0 <= d["score"] <= 1.0 and d["cache_norm"] > 0 for d in scored)
         assert len({round(d["score"], 6) for d in scored}) > 1  # each has its own score

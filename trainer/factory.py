@@ -158,10 +158,10 @@ def build_instance_selector(detector: DetectorBackend, s: Mapping[str, Any],
                   else detector.trainable_parameters())
         caches = ClassGradientCaches(params, mode=s["class_cache_update"],
                                      momentum=s["momentum"])
-    if method in ("composite", "bsgal", "loss"):
+    if method in ("composite", "bsgal", "loss", "gated_loss"):
         threshold = PerClassPercentileThreshold(s["keep_fraction"], window=s["window"],
                                                 per_class=s["per_class_threshold"])
-    if method in ("composite", "quality_gate"):
+    if method in ("composite", "quality_gate", "gated_loss"):
         gates = QualityGates(s["quality_gates"])
     return InstanceSelector(method, gates=gates, threshold=threshold, caches=caches,
                             random_p=s["random_p"], seed=seed)
