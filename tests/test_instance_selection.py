@@ -244,6 +244,22 @@ def test_instance_trainer_decides_each_candidate_and_trains_only_on_the_accepted
     assert [n for _, n in seen] == [accepted_per_step.get(s, 0) for s, _ in seen]
 
 
+def test_a_poisoned_real_gradient_never_becomes_a_cache_and_its_candidates_say_so(
+        train_set: LvisDataset) -> None:
+    trainer = _trainer(train_set, method="composite", keep_fraction=0.5,
+                       quality_gates={"mask_score": 0.5})
+    caches = trainer.selector.caches
+    real_update = caches.update
+    caches.update = lambda class_id, grad: real_update(class_id, grad * float("nan"))
+    rows = real_cutouts(train_set, 8, seed=6, mask_scores=True)
+    result = trainer.train_on_candidates(rows)
+    reasons = Counter(d["reason"] for d in result.decisions)
+    assert reasons["invalid_nan_real_grad"] > 0
+    assert set(reasons) <= {"invalid_nan_real_grad", REJECTED_QUALITY, "invalid_not_visible"}
+    assert caches.caches == {}
+    assert all(torch.isfinite(p).all() for p in trainer.backend.trainable_parameters())
+
+
 def test_instance_trainer_resumes_bit_for_bit(train_set: LvisDataset, tmp_path) -> None:
     rows = real_cutouts(train_set, 24, seed=4, mask_scores=True)
     a = _trainer(train_set, method="composite", keep_fraction=0.5,

@@ -1,5 +1,9 @@
 """One training step with a decision per generated candidate (``selection.granularity: instance``).
 
+Rows that cannot be judged say why: a real gradient of the candidate's class that is not finite
+leaves that class's cache untouched and makes its candidates ``invalid_nan_real_grad``; a
+candidate loss that is not finite gives ``invalid_nan_score``.
+
 1. Candidates pasted but not visible any more (covered by later pastes, or too small once
    resized) are ``invalid_not_visible``: there is nothing of them to judge or to train on.
 2. The selector's quality gates reject candidates before any scoring (``rejected_quality``).
@@ -32,7 +36,12 @@ from typing import Any
 
 import torch
 
-from selector.decision import INVALID_NOT_VISIBLE, Decision, invalid_decision
+from selector.decision import (
+    INVALID_NAN_REAL_GRAD,
+    INVALID_NOT_VISIBLE,
+    Decision,
+    invalid_decision,
+)
 from selector.instance_selector import InstanceSelector
 from trainer.backends.base import DetectorBackend
 from trainer.bsgal_step import TRAINED_ON_ORIGINAL, TRAINED_ON_PASTED, check_finite
@@ -110,7 +119,12 @@ class InstanceStep:
             if passing and self.selector.needs_contribution:
                 if not real_test:
                     raise ValueError("contribution scores need the real 'test' batch")
-                self._update_caches(real_test, {c.class_id: c.label for c in passing}, step)
+                poisoned = self._update_caches(real_test, {c.class_id: c.label for c in passing})
+                for c in [c for c in passing if c.class_id in poisoned]:
+                    decisions[c.position] = invalid_decision(INVALID_NAN_REAL_GRAD, step=step,
+                                                             policy=self.selector.policy_name)
+                passing = [c for c in passing if c.class_id not in poisoned]
+                visible = [c for c in visible if c.position not in decisions]
                 grads = self._instance_gradients(images, targets,
                                                  [row_of[c.position] for c in passing],
                                                  [c.label for c in passing])
@@ -118,10 +132,10 @@ class InstanceStep:
                     by_position[c.position] = self.selector.contribution(c.class_id, g)
             elif passing:  # loss
                 with torch.no_grad():
-                    losses = self._instance_losses(images, targets,
-                                                   [row_of[c.position] for c in passing],
-                                                   [c.label for c in passing])
-                for c, loss in zip(passing, losses.tolist()):
+                    own_losses = self._instance_losses(images, targets,
+                                                       [row_of[c.position] for c in passing],
+                                                       [c.label for c in passing])
+                for c, loss in zip(passing, own_losses.tolist()):
                     by_position[c.position] = (-loss, None)
             scores = [by_position.get(c.position, (math.nan, None))[0] for c in visible]
             norms = [by_position.get(c.position, (None, None))[1] for c in visible]
@@ -159,10 +173,12 @@ class InstanceStep:
             return exact_gradients(self._instance_losses(images, targets, rows, labels),
                                    self.params)
 
-    def _update_caches(self, real_test: Sequence[dict[str, Any]], labels: dict[int, int],
-                       step: int) -> None:
+    def _update_caches(self, real_test: Sequence[dict[str, Any]], labels: dict[int, int]
+                       ) -> set[int]:
         """Fold each candidate class's real gradient (its boxes in the real "test" batch) into
-        that class's cache; a class without a real box this step keeps its cache as it is."""
+        that class's cache; a class without a real box this step keeps its cache as it is.
+        Returns the classes whose real gradient was not finite (their caches are untouched;
+        their candidates are ``invalid_nan_real_grad``)."""
         caches = self.selector.caches
         assert caches is not None
         images, targets = real_inputs(real_test, self.backend.device)
@@ -173,13 +189,16 @@ class InstanceStep:
             losses = self.backend.head_losses(pooled, real_labels.to(pooled.device))
         else:
             losses = self.backend.gt_box_losses(images, targets)
+        poisoned = set()
         for class_id, label in sorted(labels.items()):
             picked = (real_labels == label).to(losses.device)
             if not bool(picked.any()):
                 continue
             grads = torch.autograd.grad(losses[picked].mean(), params, retain_graph=True,
                                         allow_unused=True)
-            caches.update(class_id, flat(grads, params))
+            if caches.update(class_id, flat(grads, params)) is not None:
+                poisoned.add(class_id)
+        return poisoned
 
     # -- training --------------------------------------------------------------------------
 
