@@ -157,7 +157,7 @@ def build_instance_selector(detector: DetectorBackend, s: Mapping[str, Any],
         params = (detector.classifier_parameters() if s["score_parameters"] == "heads"
                   else detector.trainable_parameters())
         caches = ClassGradientCaches(params, mode=s["class_cache_update"],
-                                     momentum=s["momentum"])
+                                     momentum=s["momentum"], dtype=s["cache_dtype"])
     if method in ("composite", "bsgal", "loss", "gated_loss"):
         threshold = PerClassPercentileThreshold(s["keep_fraction"], window=s["window"],
                                                 per_class=s["per_class_threshold"])
