@@ -55,7 +55,7 @@ class ModelNotFoundError(FileNotFoundError):
     """The model folder or hub id could not be loaded; the message says how to provide it."""
 
 
-def _looks_like_path(model: str) -> bool:
+def looks_like_path(model: str) -> bool:
     return (
         model.startswith(("/", "./", "../", "~"))
         or os.path.exists(os.path.expanduser(model))
@@ -63,9 +63,9 @@ def _looks_like_path(model: str) -> bool:
     )
 
 
-def _missing_model_message(model: str, offline: bool, cause: BaseException | None) -> str:
+def missing_model_message(model: str, offline: bool, cause: BaseException | None) -> str:
     why = f" ({short_error(cause, 200)})" if cause is not None else ""
-    if _looks_like_path(model):
+    if looks_like_path(model):
         return (
             f"Stable Diffusion model folder {model!r} cannot be loaded{why}. Pass "
             "generation.model=<a folder written by a diffusers pipeline's save_pretrained "
@@ -181,16 +181,16 @@ class StableDiffusionGenerator:
         from diffusers import AutoPipelineForText2Image
 
         model = os.path.expanduser(self.model)
-        if _looks_like_path(self.model) and not os.path.isdir(model):
+        if looks_like_path(self.model) and not os.path.isdir(model):
             raise ModelNotFoundError(
-                _missing_model_message(self.model, self.offline, None)
+                missing_model_message(self.model, self.offline, None)
                 + f" (no folder at {os.path.abspath(model)})"
             )
         try:
             # model_index.json says which components the pipeline has (SDXL has no checker).
             index = AutoPipelineForText2Image.load_config(model, local_files_only=self.offline)
         except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(_missing_model_message(self.model, self.offline, exc)) from exc
+            raise ModelNotFoundError(missing_model_message(self.model, self.offline, exc)) from exc
         kwargs: dict = {"local_files_only": self.offline, _dtype_keyword(): self.dtype}
         if importlib.util.find_spec("accelerate") is None:
             kwargs["low_cpu_mem_usage"] = False  # the default would only warn and fall back
@@ -200,7 +200,7 @@ class StableDiffusionGenerator:
         try:
             return AutoPipelineForText2Image.from_pretrained(model, **kwargs)
         except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(_missing_model_message(self.model, self.offline, exc)) from exc
+            raise ModelNotFoundError(missing_model_message(self.model, self.offline, exc)) from exc
 
     def generate(self, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, list[bool]]:
         """Images for ``prompts`` (uint8 N x R x R x 3) and the safety checker's NSFW flags.

@@ -50,7 +50,7 @@ def config_show(config_path: str | None, overrides: tuple[str, ...]) -> None:
 
     \b
     Example:
-      bsgal config show --config configs/demo.yaml selection.threshold=dynamic training.steps=50
+      bsgal config show --config configs/demo.yaml selection.threshold=dynamic training.steps=400
     """
     click.echo(dump_config(load_config(config_path, overrides)), nl=False)
 
@@ -166,7 +166,7 @@ def run(config_path: str | None, resume_out: str | None, endpoint_url: str | Non
 
     \b
     Examples:
-      bsgal run --config configs/demo.yaml training.steps=100 output.dir=runs/short
+      bsgal run --config configs/demo.yaml training.steps=400 output.dir=runs/short
       bsgal run --config configs/lvis_sd_sam.yaml ray.address=auto
       bsgal run --resume runs/short
     """
@@ -194,6 +194,65 @@ def run(config_path: str | None, resume_out: str | None, endpoint_url: str | Non
 
 
 @main.command(context_settings=CONTEXT)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config file (see configs/).")
+@click.option("--resume", "resume_out", metavar="OUT", default=None,
+              help="Check the resume of the run in OUT instead (its own config.yaml).")
+@functools.partial(storage_flags, what="output.dir")
+@click.option("--connect/--no-connect", default=True, show_default=True,
+              help="With ray.address set: connect to the cluster and check that the job fits "
+                   "it (otherwise only that the address answers).")
+@click.argument("overrides", nargs=-1)
+@user_errors
+def check(config_path: str | None, resume_out: str | None, endpoint_url: str | None,
+          storage_pairs: tuple[str, ...], connect: bool, overrides: tuple[str, ...]) -> None:
+    """Check everything a run needs, before anything starts, and list every problem at once.
+
+    \b
+    Checks: the config; output.dir (written, read back, deleted; holds no other run); Ray
+    (ray.address answers within seconds; the job fits the cluster or this machine); model
+    weights (the Stable Diffusion folder or Hugging Face cache, the SAM checkpoint, CLIP where
+    used, training.init_checkpoint); the data (annotation JSONs, every validation image and
+    a sample of training images decoded). `bsgal run` runs the same checks first. Exits 1 when
+    anything is wrong.
+
+    \b
+    Examples:
+      bsgal check --config configs/lvis_sd_sam.yaml data.root=/datasets/lvis
+      bsgal check --config configs/demo.yaml ray.address=10.0.0.5:6379
+    """
+    import dataclasses
+
+    from pipeline.paths import absolute_paths
+    from pipeline.run.preflight import preflight
+    from pipeline.storage.run_config import resume_config
+
+    from pathlib import Path
+
+    storage = storage_options_from(endpoint_url, storage_pairs)
+    if resume_out is not None:
+        cfg = resume_config(resume_out, overrides, storage)
+    else:
+        if config_path is None:
+            raise click.UsageError("give --config FILE (e.g. configs/demo.yaml) or --resume OUT")
+        cfg = load_config(config_path, overrides)
+        if storage:
+            cfg = dataclasses.replace(cfg, output=dataclasses.replace(
+                cfg.output, storage_options={**cfg.output.storage_options, **storage}))
+    cfg = absolute_paths(cfg, Path.cwd())
+    report = preflight(cfg, resume=resume_out is not None, connect=connect)
+    for line in report.passed:
+        click.echo(f"ok       {line}")
+    for line in report.warnings:
+        click.echo(f"warning  {line}")
+    for problem in report.problems:
+        click.echo(f"PROBLEM  {problem.line()}", err=True)
+    if report.problems:
+        raise SystemExit(1)
+    click.echo("all checks passed")
+
+
+@main.command(context_settings=CONTEXT)
 @click.option("--out", default=None, help="Run folder (default: output.dir of the demo "
               "config, runs/demo).")
 @click.option("--fresh", is_flag=True, help="Delete OUT first if it holds an earlier run.")
@@ -210,7 +269,7 @@ def demo(out: str | None, fresh: bool, progress: str, overrides: tuple[str, ...]
     \b
     Examples:
       bsgal demo
-      bsgal demo --out runs/demo2 training.steps=200
+      bsgal demo --out runs/demo2 training.steps=400
     """
     from pipeline.run.demo import demo_config, remove_run
     from pipeline.run.job import run_job

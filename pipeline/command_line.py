@@ -52,6 +52,10 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             line = user_error_line(exc)
             if line is None:
                 raise
+            code = getattr(exc, "exit_code", 1)  # e.g. 130 after an interrupt, as shells do
+            if code != 1:
+                click.echo(line, err=True)
+                raise SystemExit(code) from None
             raise click.ClickException(line) from None
 
     return wrapper

@@ -8,7 +8,7 @@ valid one.
 
 Example::
 
-    cfg = load_config("configs/demo.yaml", ["selection.threshold=dynamic", "training.steps=50"])
+    cfg = load_config("configs/demo.yaml", ["selection.threshold=dynamic", "training.steps=400"])
     print(dump_config(cfg))
 """
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,6 +60,11 @@ class DataConfig:
     synth_train_images: int = 600
     synth_val_images: int = 150
     synth_image_size: int = 128
+    # An image that does not decode (truncated, not an image, wrong size): "skip" leaves it out
+    # of training and evaluation and names it in the summary, so that one bad file among
+    # LVIS's 100k does not end a run hours in; "error" stops the run (before it starts when
+    # the up-front check finds it: the whole validation split and a sample of training images).
+    bad_images: Literal["error", "skip"] = "skip"
     # Storage options passed to fsspec for s3:// roots (e.g. {"endpoint_url": ...}).
     storage_options: dict = field(default_factory=dict)
 
@@ -325,6 +332,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -410,14 +419,25 @@ def read_yaml(path: str | Path) -> dict:
     import fsspec
 
     try:
-        with fsspec.open(str(path), "r") as fh:
-            data = yaml.safe_load(fh)
+        with fsspec.open(str(path), "rb") as fh:
+            raw = fh.read()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; give a YAML file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not a text (UTF-8) YAML file: byte "
+                          f"{exc.start} is {raw[exc.start]:#04x}; give a YAML file such as "
+                          "configs/demo.yaml") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if data is None:
-        return {}
+        raise ConfigError(f"config file {path} is empty; give at least one section (see "
+                          "configs/demo.yaml), or leave out --config for the defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping of sections")
     return data
@@ -454,6 +474,7 @@ def validate(cfg: RunConfig) -> None:
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: must be within [0, 1], got {value}")
 
+    _check_output_dir(cfg.output.dir)
     positive(cfg.training.steps, "training.steps")
     positive(cfg.training.batch_size, "training.batch_size")
     positive(cfg.training.lr, "training.lr")
@@ -474,6 +495,11 @@ def validate(cfg: RunConfig) -> None:
                 "checkpoint_every", "eval_every"):
         if getattr(cfg.training, key) < 0:
             raise ConfigError(f"training.{key}: must be >= 0, got {getattr(cfg.training, key)}")
+    if cfg.training.warmup_real_steps > cfg.training.steps:
+        raise ConfigError(f"training.warmup_real_steps: {cfg.training.warmup_real_steps} real-only "
+                          f"steps exceed training.steps ({cfg.training.steps}): every step would be "
+                          "real-only and the candidates would only be used in extra steps after "
+                          "them; lower training.warmup_real_steps or raise training.steps")
     for key, resources in (("generation.resources", cfg.generation.resources),
                            ("annotation.resources", cfg.annotation.resources),
                            ("training.resources_per_worker", cfg.training.resources_per_worker)):
@@ -529,6 +555,24 @@ def validate(cfg: RunConfig) -> None:
             "annotation.sam_checkpoint: required when annotation.backend=sam; download e.g. "
             "sam_vit_h_4b8939.pth and pass annotation.sam_checkpoint=/path/to/it"
         )
+
+
+def _check_output_dir(out: str) -> None:
+    """``output.dir`` must name a folder of its own: empty, a filesystem root or a bare
+    ``s3://`` would scatter the run's files over the current folder or the root."""
+    value = out.strip() if isinstance(out, str) else out
+    if not value:
+        raise ConfigError("output.dir: empty; name the run folder, e.g. output.dir=runs/my-run "
+                          "or output.dir=s3://BUCKET/bsgal/run1")
+    protocol, sep, rest = value.partition("://")
+    if sep:
+        if not rest.strip("/"):
+            raise ConfigError(f"output.dir: {out!r} names no bucket; use {protocol}://BUCKET/"
+                              "PREFIX")
+        return
+    if os.path.abspath(os.path.expanduser(value)) == os.path.abspath(os.sep):
+        raise ConfigError(f"output.dir: {out!r} is the filesystem root; name a folder of its "
+                          "own, e.g. output.dir=runs/my-run")
 
 
 #: The methods of each selection granularity.

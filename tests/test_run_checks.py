@@ -85,8 +85,9 @@ def test_secrets_are_redacted_and_resume_takes_them_from_elsewhere(tmp_path: Pat
     assert resumed.output.storage_options == {"endpoint_url": "http://127.0.0.1:9000",
                                               "key": "K2", "client_kwargs": {"region_name": "eu"}}
     assert config_hash(resumed) == config_hash(cfg)
+    run.write_bytes("checkpoints/step-000000004.pt", b"x")  # decisions are kept from here on
     with pytest.raises(ConfigError, match="selection.threshold, training.steps cannot change"):
-        resume_config(str(out), ["training.steps=5", "selection.threshold=dynamic"])
+        resume_config(str(out), ["training.steps=400", "selection.threshold=dynamic"])
 
 
 def _trainer_state(rank: int) -> dict:

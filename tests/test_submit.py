@@ -92,7 +92,8 @@ def test_job_commands_fail_fast_when_unreachable() -> None:
 
 
 def test_submission_packages_code_and_resolved_config(tmp_path: Path) -> None:
-    sub, cfg = build_submission(str(DEMO_CONFIG), ["training.steps=7", "output.dir=s3://b/run"],
+    sub, cfg = build_submission(str(DEMO_CONFIG), ["training.steps=7", "training.warmup_real_steps=0",
+                                                      "output.dir=s3://b/run"],
                                 workdir=tmp_path / "job", local_cluster=False, env=["A=1"])
     assert cfg is not None and cfg.ray.address == "auto"
     for name in PACKAGES:
@@ -286,8 +287,11 @@ def test_resume_on_a_local_cluster_reads_and_checks_the_run(tmp_path: Path) -> N
     (out / "summary.json").write_text("{}")
     with pytest.raises(ConfigError, match="already finished"):
         check_output(cfg, local_cluster=True, resume=True)
+    (out / "summary.json").unlink()
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "step-000000004.pt").write_bytes(b"x")
     with pytest.raises(ConfigError, match="decision_keys|cannot change when resuming"):
-        build_submission(None, ["training.steps=5"], workdir=tmp_path / "k",
+        build_submission(None, ["training.steps=400"], workdir=tmp_path / "k",
                          local_cluster=True, resume_out=str(out))
 
 

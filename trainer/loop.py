@@ -397,14 +397,25 @@ class DetectorTrainer:
         evaluator = LvisEvaluator(dataset.subset(ids), self.category_of)
         module = self.backend.module
         context = self.ema.applied(module) if self.ema is not None else contextlib.nullcontext()
+        skipped = []
         with context:
             for start in range(0, count, self.batch_size):
-                samples = [dataset[i] for i in range(start, min(start + self.batch_size, count))]
+                samples = []
+                for i in range(start, min(start + self.batch_size, count)):
+                    sample = dataset.load_or_skip(i)  # None: bad_images=skip left it out
+                    if sample is None:
+                        skipped.append(ids[i])
+                    else:
+                        samples.append(sample)
+                if not samples:
+                    continue
                 images = [image_tensor(s["image"], self.backend.device) for s in samples]
                 for sample, det in zip(samples, self.backend.predict(images)):
                     evaluator.process(sample["image_id"], det["boxes"].cpu().numpy(),
                                       det["scores"].cpu().numpy(), det["labels"].cpu().numpy(),
                                       det["masks"].cpu().numpy())
+        if skipped:
+            evaluator.gt = dataset.subset(set(ids) - set(skipped))
         return evaluator.evaluate()
 
     # -- checkpoints ------------------------------------------------------------------------

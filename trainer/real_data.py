@@ -11,7 +11,7 @@ from torch import Tensor
 
 from trainer.backends.base import image_tensor, target_tensors
 from trainer.copy_paste import PastedImage
-from trainer.datasets.lvis_format import LvisDataset
+from trainer.datasets.lvis_format import DatasetFormatError, LvisDataset
 
 
 class RealImages:
@@ -31,6 +31,7 @@ class RealImages:
         self.dataset = dataset
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._bad: set[int] = set()
         self.category_ids_per_image = dataset.category_ids_per_image()
 
     def __len__(self) -> int:
@@ -41,12 +42,28 @@ class RealImages:
         if cached is not None:
             self._cache.move_to_end(index)
             return cached
-        sample = self.dataset[index]
+        sample = self._load(index)
         if self.cache_size > 0:
             self._cache[index] = sample
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return sample
+
+
+    def _load(self, index: int) -> dict[str, Any]:
+        """Sample ``index``; under ``bad_images=skip`` one that does not load is recorded and
+        the next one that does stands in for it (deterministic: the next index, cyclically)."""
+        n = len(self.dataset)
+        for k in range(n):
+            i = (index + k) % n
+            if i in self._bad:
+                continue
+            sample = self.dataset.load_or_skip(i)
+            if sample is not None:
+                return sample
+            self._bad.add(i)
+        raise DatasetFormatError(f"{self.dataset.json_uri}: none of its {n} images loads "
+                                 f"({len(self.dataset.skipped)} skipped)")
 
 
 def real_inputs(samples: Sequence[dict[str, Any]], device: torch.device | str

@@ -24,6 +24,17 @@ def _worker_totals(run: RunDir, workers: int) -> list[dict[str, Any]]:
     return totals
 
 
+def _skipped_images(run: RunDir, workers: int) -> dict[str, str]:
+    """``file → reason`` of every image the workers left out (``data.bad_images=skip``)."""
+    found: dict[str, str] = {}
+    for rank in range(workers):
+        name = "metrics.jsonl" if rank == 0 else f"metrics-r{rank:03d}.jsonl"
+        for record in read_metrics(run, name):
+            if record.get("kind") == "skipped_images":
+                found.update(record.get("files") or {})
+    return dict(sorted(found.items()))
+
+
 def summarize_run(cfg: RunConfig) -> dict[str, Any]:
     """Counts by decision/reason/frequency group/generator truth, evaluation and timings of the
     finished run in ``cfg.output.dir``."""
@@ -58,6 +69,7 @@ def summarize_run(cfg: RunConfig) -> dict[str, Any]:
     summary["eval"] = run.read_json("eval.json") if run.exists("eval.json") else None
     totals = _worker_totals(run, cfg.training.num_workers)
     summary["workers"] = totals
+    summary["skipped_images"] = _skipped_images(run, cfg.training.num_workers)
     summary["final_step"] = max((t["step"] for t in totals), default=None)
     return summary
 
@@ -92,6 +104,12 @@ def summary_text(summary: dict[str, Any]) -> str:
             if m:
                 lines.append(f"{iou:<4} AP {100 * m['AP']:.1f}  APr {100 * m['APr']:.1f}  "
                              f"APc {100 * m['APc']:.1f}  APf {100 * m['APf']:.1f}")
+    skipped = summary.get("skipped_images") or {}
+    if skipped:
+        names = ", ".join(list(skipped)[:5]) + (f" and {len(skipped) - 5} more"
+                                                 if len(skipped) > 5 else "")
+        lines.append(f"skipped {len(skipped)} images that do not load (data.bad_images=skip; "
+                     f"reasons in summary.json): {names}")
     lines.append(f"decision shards: {summary['shards']}")
     out = summary["out"]
     lines.append(f"next: bsgal inspect {out}")

@@ -44,9 +44,10 @@ def open_splits(data: DataConfig) -> tuple[Any, Any]:
     """The training split and the validation split (``max_val_images`` applied)."""
     from trainer.datasets.lvis_format import LvisDataset
 
-    train = LvisDataset(data.root, data.train_json, data.image_dir, data.storage_options)
+    train = LvisDataset(data.root, data.train_json, data.image_dir, data.storage_options,
+                        bad_images=data.bad_images)
     val = LvisDataset(data.root, data.val_json, data.image_dir, data.storage_options,
-                      max_images=data.max_val_images)
+                      max_images=data.max_val_images, bad_images=data.bad_images)
     return train, val
 
 

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -53,6 +55,55 @@ class TrainingFailed(UserError, RuntimeError):
 
 class RunExistsError(ConfigError):
     """``output.dir`` already holds a run and ``--resume`` was not asked for."""
+
+
+class Interrupted(UserError):
+    """SIGINT/SIGTERM stopped the run after its checkpoint was written.
+
+    Attributes:
+        signum: the signal; ``exit_code`` is 128 + signum, as a shell reports it.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class StopOnSignal:
+    """Context manager: the first SIGINT/SIGTERM asks the trainer ranks (through the progress
+    board) to finish their candidate batch, checkpoint and end; a second one exits at once.
+
+    Only the main thread can install signal handlers; elsewhere it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, board: Any, echo: Callable[[str], None]) -> None:
+        self.board = board
+        self.echo = echo
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            self.echo("second interrupt: exiting now (resume from the last checkpoint)")
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.board.request_stop.remote(signal.Signals(signum).name)
+        self.echo(f"\n{signal.Signals(signum).name}: finishing the current candidate batch, "
+                  "then writing a checkpoint and the pending decision rows (again to exit at "
+                  "once)")
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,12 +207,38 @@ def plan_resume(cfg: RunConfig, sampler: Any) -> ResumePoint:
 # ------------------------------------------------------------------------------ the run
 
 
-def _check_fresh_output(run: RunDir) -> None:
+def check_fresh_output(run: RunDir) -> None:
+    """Refuse an ``output.dir`` that holds a run; a run that stopped before its first
+    checkpoint (nothing decided is kept) is named as such, with the retry that fixes it."""
     for marker in ("config.yaml", "checkpoints", "shards"):
         if run.exists(marker):
+            if run.latest_checkpoint() is None and not run.exists("summary.json"):
+                raise RunExistsError(
+                    f"output.dir: {run.out} holds a run that stopped before its first "
+                    f"checkpoint ({marker}); unless it is still running, retry it with "
+                    f"`bsgal run --resume {run.out} [key=value ...]` (with no checkpoint yet any "
+                    "key may change) or choose another output.dir")
             raise RunExistsError(
                 f"output.dir: {run.out} already holds a run ({marker}); continue it with "
                 f"`bsgal run --resume {run.out}` or choose another output.dir")
+
+
+def remove_failed_start(run: RunDir) -> bool:
+    """Delete what a fresh run wrote when it ends before its first checkpoint, so that the
+    same command can simply be run again; a run with a checkpoint is kept for ``--resume``.
+    Returns whether anything was removed."""
+    run.fs.invalidate_cache()
+    if run.latest_checkpoint() is not None or run.exists("summary.json"):
+        return False
+    removed = False
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "shards", "checkpoints"):
+        if run.exists(name):
+            run.fs.rm(run.path_of(name), recursive=True)
+            removed = True
+    for path in run.fs.glob(run.path_of("metrics-r*.jsonl")):
+        run.fs.rm(path)
+        removed = True
+    return removed
 
 
 def _worker_error_line(exc: BaseException) -> str:
@@ -184,7 +261,7 @@ def run_job(cfg: RunConfig, *, resume: bool = False, progress: str = "auto",
         ConfigError: a bad config, a job that does not fit the cluster, an existing run.
         TrainingFailed: a worker failed (one line naming its error).
     """
-    from pipeline.run.datasets import ensure_builtin_data, train_categories
+    from pipeline.run.preflight import preflight
 
     started = time.monotonic()
     faults = faults or Faults()
@@ -195,10 +272,26 @@ def run_job(cfg: RunConfig, *, resume: bool = False, progress: str = "auto",
     if cfg.selection.method == "none" and cfg.generation.num_candidates > 0:
         raise ConfigError("selection.method=none trains on real data only; set "
                           "generation.num_candidates=0 (or choose a selection method)")
-    preflight_writable(out, fast_fail_options(out, opts))
+    report = preflight(cfg, resume=resume)
+    for warning in report.warnings:
+        echo(f"warning: {warning}")
+    report.raise_if_problems()
     run = RunDir(out, opts)
-    if not resume:
-        _check_fresh_output(run)
+    try:
+        return _checked_run(cfg, run, resume, started, progress, faults, echo)
+    except BaseException:
+        if not resume and remove_failed_start(run):
+            echo(f"the run stopped before its first checkpoint: nothing of it was kept in {out}; "
+                 "fix the problem and run the same command again")
+        raise
+
+
+def _checked_run(cfg: RunConfig, run: RunDir, resume: bool, started: float, progress: str,
+                 faults: Faults, echo: Callable[[str], None]) -> JobResult:
+    """:func:`run_job` once its checks passed."""
+    from pipeline.run.datasets import ensure_builtin_data, train_categories
+
+    out = run.out
     if ensure_builtin_data(cfg.data):
         echo(f"wrote the built-in data set to {cfg.data.root}")
     categories = train_categories(cfg.data)
@@ -265,7 +358,7 @@ def _run_on_ray(cfg: RunConfig, prompts: dict[str, np.ndarray], categories: list
                                   steps=cfg.training.steps, mode=progress,
                                   done_before=(point.decided, point.step))
         t_fit = time.monotonic()
-        with display:
+        with display, StopOnSignal(board, echo) as stopper:
             try:
                 trainer.fit()
             except Exception as exc:  # Ray Train wraps worker errors; give one clear line
@@ -274,6 +367,14 @@ def _run_on_ray(cfg: RunConfig, prompts: dict[str, np.ndarray], categories: list
                 raise TrainingFailed(f"training failed: {_worker_error_line(exc)} (worker logs: "
                                      "set ray.log_to_driver=true to see them here)") from None
         fit_seconds = time.monotonic() - t_fit
+        if stopper.signum is not None:
+            run = RunDir(cfg.output.dir, cfg.output.storage_options)
+            run.fs.invalidate_cache()
+            latest = run.latest_checkpoint()
+            step = read_info(run, latest)["step"] if latest else 0
+            raise Interrupted(f"interrupted at step {step} ({signal.Signals(stopper.signum).name}"
+                              f"); resume with bsgal run --resume {cfg.output.dir}",
+                              stopper.signum)
         summary = summarize_run(cfg)
         summary["timings"] = {"ray_connect_seconds": ray_seconds, "fit_seconds": fit_seconds}
         summary["resumed_from"] = point.checkpoint
@@ -319,4 +420,6 @@ def resume_job(out: str, overrides: Sequence[str] = (), *, progress: str = "auto
     if run.exists("summary.json"):
         raise ConfigError(f"--resume {out}: that run already finished (summary.json); start "
                           "a new run in another output.dir")
+    if run.latest_checkpoint() is None:
+        write_run_config(run, cfg)  # a retry may have changed any key
     return run_job(cfg, resume=True, progress=progress, faults=faults, echo=echo)

@@ -28,6 +28,14 @@ class ProgressBoard:
         self.stages: dict[str, list[float]] = {s: [0, 0.0] for s in STAGES}
         self.ranks: dict[int, dict[str, Any]] = {}
         self.started = time.time()
+        self.stop: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """The driver was interrupted: trainer ranks finish their batch, checkpoint and end."""
+        self.stop = self.stop or reason
+
+    def stop_requested(self) -> str | None:
+        return self.stop
 
     def stage_done(self, stage: str, rows: int, seconds: float) -> None:
         entry = self.stages.setdefault(stage, [0, 0.0])

@@ -163,6 +163,8 @@ class TrainWorker:
         self.batch: dict[str, Any] | None = None  # its columns
         self.phase = "warmup"
         self._last_report = 0.0
+        self._stop_ref: Any = None
+        self.stopping = False
 
     # -- resume ----------------------------------------------------------------------------
 
@@ -188,11 +190,18 @@ class TrainWorker:
         block = cfg.training.late_candidates == "wait"
         try:
             while True:
+                stop = self._poll_stop()
                 warmup = trainer.step < cfg.training.warmup_real_steps
-                if not warmup and self.pool is None and not self._checkpoint_due():
+                if not warmup and self.pool is None and not self._checkpoint_due() \
+                        and not stop:
                     self._refill(feed, block)
-                any_pool, any_more = self.sync.any_of(self.pool is not None,
-                                                      not feed.exhausted)
+                any_pool, any_more, stop = self.sync.any_of(self.pool is not None,
+                                                            not feed.exhausted, stop)
+                if stop and not any_pool:
+                    # Interrupted: every rank's batch is used up, so the checkpoint written
+                    # now is exact; the stream is closed below.
+                    self.stopping = True
+                    break
                 if self._checkpoint_due() and not any_pool:
                     # Every rank's pool is used up: the stream offsets are exact.
                     self.checkpoint()
@@ -217,7 +226,24 @@ class TrainWorker:
                 self._after_step(before)
         finally:
             feed.close()
-        self._finish()
+        if self.stopping:
+            self._finish_interrupted()
+        else:
+            self._finish()
+
+    def _poll_stop(self) -> bool:
+        """Whether the driver asked to stop (polled without waiting on the progress actor)."""
+        if self.stopping or self.plan.progress is None:
+            return self.stopping
+        import ray
+
+        if self._stop_ref is None:
+            self._stop_ref = self.plan.progress.stop_requested.remote()
+        ready, _ = ray.wait([self._stop_ref], timeout=0)
+        if ready:
+            self.stopping = bool(ray.get(ready[0]))
+            self._stop_ref = None
+        return self.stopping
 
     def _refill(self, feed: CandidateFeed, block: bool) -> None:
         """Take the next batch that has candidates to paste (batches of invalid rows only are
@@ -331,6 +357,21 @@ class TrainWorker:
         self.sync.barrier()
         self.last_checkpoint_step = step
 
+    def _finish_interrupted(self) -> None:
+        """After an interrupt: checkpoint (even with checkpoint_every=0), flush, no evaluation."""
+        self.phase = "interrupted: checkpoint"
+        self._report(force=True)
+        if self.last_checkpoint_step != self.trainer.step or \
+                self.run.latest_checkpoint() is None:
+            self.checkpoint()
+        self.writer.close()
+        self.metrics.log("interrupted", step=self.trainer.step, rank=self.rank,
+                         rows_written=self.writer.rows_written, totals=self.counters.to_dict())
+        self._log_skipped()
+        self.phase = "interrupted"
+        self._report(force=True)
+        self.metrics.close()
+
     def _finish(self) -> None:
         self.phase = "final checkpoint"
         self._report(force=True)
@@ -352,9 +393,19 @@ class TrainWorker:
                 "max_val_images": self.cfg.data.max_val_images, **metrics})
             self.metrics.log("eval", step=self.trainer.step, rank=0, metrics=metrics,
                              final=True)
+        self._log_skipped()
         self.phase = "done"
         self._report(force=True)
         self.metrics.close()
+
+    def _log_skipped(self) -> None:
+        """Images left out under ``data.bad_images=skip`` (read into the run summary)."""
+        skipped = dict(self.trainer.train_set.skipped)
+        if self.trainer.val_set is not None:
+            skipped.update(self.trainer.val_set.skipped)
+        if skipped:
+            self.metrics.log("skipped_images", step=self.trainer.step, rank=self.rank,
+                             files=skipped)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

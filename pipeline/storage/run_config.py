@@ -32,7 +32,9 @@ def resume_config(out: str, overrides: Sequence[str] = (),
     """The config of the run in ``out`` with the allowed ``overrides`` applied.
 
     Only keys that cannot change a decision may be overridden (``ray.*``, storage options,
-    logging); anything else is a :class:`ConfigError` naming the key.
+    logging); anything else is a :class:`ConfigError` naming the key. A run with no
+    checkpoint yet decided nothing that is kept: any key may change (the retry of a run that
+    failed to start), and :func:`resume_job` records the new config.
     """
     run = RunDir(out, storage_options or {})
     if not run.exists(CONFIG_NAME):
@@ -48,7 +50,7 @@ def resume_config(out: str, overrides: Sequence[str] = (),
     after = config_from_dict(apply_overrides(data, overrides))
     old, new = decision_keys(before), decision_keys(after)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if changed:
+    if changed and run.latest_checkpoint() is not None:
         raise ConfigError(
             f"--resume: {', '.join(changed)} cannot change when resuming (it changes which "
             "candidates are made or how they are judged); only ray.*, output/data "

@@ -160,6 +160,9 @@ class LvisDataset:
         image_dir: image folder under ``root`` (or an absolute URI).
         storage_options: fsspec options for remote roots.
         max_images: keep only the first ``max_images`` images (by id), for quick runs.
+        bad_images: ``error`` (an image that does not load raises) or ``skip`` (readers that
+            honour it, :class:`trainer.real_data.RealImages` and the evaluation, leave it
+            out and record it in :attr:`skipped`, ``uri → reason``).
     """
 
     def __init__(
@@ -169,7 +172,12 @@ class LvisDataset:
         image_dir: str = "images",
         storage_options: dict | None = None,
         max_images: int | None = None,
+        bad_images: str = "error",
     ) -> None:
+        if bad_images not in ("error", "skip"):
+            raise ValueError(f"bad_images: {bad_images!r} is not 'error' or 'skip'")
+        self.bad_images = bad_images
+        self.skipped: dict[str, str] = {}
         self.root = str(root)
         self.json_uri = json_name if "://" in json_name else join_uri(self.root, json_name)
         self.image_root = image_dir if "://" in image_dir else join_uri(self.root, image_dir)
@@ -268,6 +276,17 @@ class LvisDataset:
             "image": self.load_image(index),
             **self.instances(index),
         }
+
+    def load_or_skip(self, index: int) -> dict[str, Any] | None:
+        """``self[index]``, or None (recorded in :attr:`skipped`) when it does not load and
+        the policy is ``skip``."""
+        try:
+            return self[index]
+        except DatasetFormatError as exc:
+            if self.bad_images != "skip":
+                raise
+            self.skipped[self.image_uri(index)] = str(exc)
+            return None
 
     def category_ids_per_image(self) -> list[set[int]]:
         """Set of category ids present in each image, by index."""

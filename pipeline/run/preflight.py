@@ -1,0 +1,366 @@
+"""Everything a run needs, checked before anything starts, and every problem listed at once.
+
+``bsgal run`` and ``bsgal check`` call :func:`preflight`; it looks at, in order and without
+stopping at the first problem:
+
+* **output**: ``output.dir`` can be written, read back and deleted, and holds no other run;
+* **Ray**: ``ray.address`` answers within seconds (a TCP connect to its host and port, since
+  ``ray.init`` against an address that does not answer waits for minutes), and for a local Ray
+  the stage pools and trainer workers fit this machine's CPUs/GPUs;
+* **weights**: the Stable Diffusion folder or its copy in the Hugging Face cache, the SAM
+  checkpoint (a tensor state dict: opened memory-mapped, so even ViT-H takes a second), the
+  CLIP model where the quality checks use one, ``training.init_checkpoint``;
+* **data**: the annotation JSONs (fields and types), the whole validation split decoded
+  (a bad validation image would otherwise fail the run at its final evaluation, after all
+  training) and an even sample of the training images.
+
+Bad images follow ``data.bad_images``: ``error`` makes each one a problem, ``skip`` reports
+them as warnings (they are left out of training and evaluation and named in the summary).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.storage.filesystem import fast_fail_options, is_uri
+
+#: Training images decoded up front (evenly spaced over the split).
+TRAIN_IMAGE_SAMPLE = 16
+#: Seconds a TCP connect to ``ray.address`` may take.
+RAY_CONNECT_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing that stops the run: the config key (or area) and what to do."""
+
+    key: str
+    message: str
+
+    def line(self) -> str:
+        return f"{self.key}: {self.message}" if not self.message.startswith(self.key) \
+            else self.message
+
+
+@dataclass
+class PreflightReport:
+    """What :func:`preflight` found: problems stop the run, warnings do not, ``passed`` lists
+    what was checked and is fine (``bsgal check`` prints it)."""
+
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    passed: list[str] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+
+    def add(self, key: str, exc_or_message: BaseException | str) -> None:
+        if isinstance(exc_or_message, BaseException):
+            self.errors.append(exc_or_message)
+            self.problems.append(Problem(key, str(exc_or_message)))
+        else:
+            self.problems.append(Problem(key, exc_or_message))
+
+    def raise_if_problems(self) -> None:
+        """One problem: its own error (so callers can tell kinds apart); several: one
+        :class:`PreflightError` listing them all."""
+        if not self.problems:
+            return
+        if len(self.problems) == 1 and len(self.errors) == 1:
+            raise self.errors[0]
+        raise PreflightError(self.problems)
+
+
+class PreflightError(ConfigError):
+    """Several problems found before the run started; the message lists every one."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p.line()}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problems found before starting (nothing was "
+                         f"started; fix them and run again):\n{lines}")
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def check_output(cfg: RunConfig, report: PreflightReport, *, resume: bool) -> None:
+    from pipeline.run.job import check_fresh_output
+    from pipeline.storage.run_dir import RunDir
+    from pipeline.storage.shards import StorageError, preflight_writable
+
+    out, opts = cfg.output.dir.rstrip("/"), cfg.output.storage_options
+    try:
+        preflight_writable(out, fast_fail_options(out, opts))
+    except StorageError as exc:
+        report.add("output.dir", exc)
+        return
+    if not resume:
+        try:
+            check_fresh_output(RunDir(out, opts))
+        except ConfigError as exc:
+            report.add("output.dir", exc)
+            return
+    report.passed.append(f"output {out} is writable")
+
+
+# ------------------------------------------------------------------------------------- Ray
+
+
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) that ``ray.address`` connects to, or None when it names no socket
+    (``auto``/``local``: found by Ray itself)."""
+    value = address.strip()
+    for prefix in ("ray://", "http://", "https://"):
+        if value.startswith(prefix):
+            value = value[len(prefix):]
+            break
+    value = value.split("/", 1)[0]
+    if value in ("auto", "local", ""):
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _auto_address() -> str | None:
+    """The address ``ray.address=auto`` resolves to: ``$RAY_ADDRESS`` or the cluster this
+    machine started last (Ray's own ``/tmp/ray/ray_current_cluster`` file)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        text = Path("/tmp/ray/ray_current_cluster").read_text().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def probe_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> str | None:
+    """None when ``address`` answers (or names no socket to try), else the problem."""
+    if address.strip() == "auto":
+        resolved = _auto_address()
+        if resolved is None:
+            return ("'auto' finds no running Ray cluster on this machine (no $RAY_ADDRESS, no "
+                    "`ray start` here); start one with `ray start --head`, give its address, "
+                    "or set ray.address=null for a local Ray started by the run")
+        address = resolved
+    target = ray_host_port(address)
+    if target is None:
+        return None
+    host, port = target
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        return (f"nothing answers at {host}:{port} ({reason} within {timeout:g} s); start the "
+                "cluster (`ray start --head`), check the address and port (the GCS port, "
+                "6379 by default; ray:// client port 10001), or set ray.address=null for a "
+                "local Ray")
+
+
+def local_resources(cfg: RunConfig) -> tuple[float, float]:
+    """CPUs and GPUs a local Ray started by the run would hold."""
+    cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1)
+    try:
+        import torch
+
+        gpus = float(torch.cuda.device_count())
+    except Exception:  # no CUDA build or a broken driver: the job sees no GPU either
+        gpus = 0.0
+    return cpus, gpus
+
+
+def check_ray(cfg: RunConfig, report: PreflightReport, *, connect: bool) -> None:
+    """The address answers; the job fits the local machine, or (``connect``) the cluster."""
+    from pipeline.demand import check_fits
+
+    if cfg.ray.address:
+        problem = probe_ray_address(cfg.ray.address)
+        if problem is not None:
+            report.add("ray.address", f"ray.address: {cfg.ray.address!r}: {problem}")
+            return
+        if not connect:
+            report.passed.append(f"Ray answers at {cfg.ray.address}")
+            return
+        from pipeline.cluster.connect import connect as ray_connect
+
+        import ray
+
+        try:
+            conn = ray_connect(cfg)
+        except ConfigError as exc:
+            report.add("ray.address", exc)
+            return
+        try:
+            check_fits(cfg, conn.max_cpus, conn.max_gpus)
+            report.passed.append(f"the job fits the cluster at {cfg.ray.address} "
+                                 f"({conn.max_cpus:g} CPUs, {conn.max_gpus:g} GPUs)")
+        except ConfigError as exc:
+            report.add("cluster fit", exc)
+        finally:
+            if conn.started or not cfg.ray.address:
+                ray.shutdown()
+        return
+    cpus, gpus = local_resources(cfg)
+    try:
+        check_fits(cfg, cpus, gpus)
+        report.passed.append(f"the job fits this machine ({cpus:g} CPUs, {gpus:g} GPUs)")
+    except ConfigError as exc:
+        report.add("cluster fit", exc)
+
+
+# --------------------------------------------------------------------------------- weights
+
+
+def _hub_cached(repo_id: str, filename: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers and diffusers depend on it
+        return False
+    try:
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:  # an id the hub would refuse (bad characters): not in the cache either
+        return False
+    return isinstance(found, str)
+
+
+def _check_hub_model(report: PreflightReport, key: str, model: str, marker: str,
+                     missing: Callable[[str], str]) -> None:
+    from generators.hub import hub_offline
+    from generators.stable_diffusion import looks_like_path
+
+    if looks_like_path(model):
+        folder = Path(model).expanduser()
+        if not (folder / marker).is_file():
+            report.add(key, f"{key}: {missing(model)}")
+        else:
+            report.passed.append(f"{key} {model} holds {marker}")
+        return
+    if _hub_cached(model, marker):
+        report.passed.append(f"{key} {model} is in the Hugging Face cache")
+    elif hub_offline():
+        report.add(key, f"{key}: {missing(model)}")
+    else:
+        report.warnings.append(f"{key}: {model} is not in the Hugging Face cache; every actor "
+                               "will download it (HF_HUB_OFFLINE=0)")
+
+
+def check_sam_checkpoint(path: str) -> str | None:
+    """None when ``path`` is a tensor state dict that ``weights_only=True`` opens, else why
+    not. The file is memory-mapped, not read."""
+    from annotators.sam import CHECKPOINT_HELP
+
+    import torch
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return f"{path!r} does not exist; " + CHECKPOINT_HELP.format(name="sam_vit_h_4b8939.pth")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # truncated, not a zip checkpoint, or pickled objects
+        return (f"{path} cannot be opened as a tensor state dict with weights_only=True "
+                f"({type(exc).__name__}: {str(exc)[:160]})")
+    if not isinstance(state, dict) or not state:
+        return f"{path} holds no state dict"
+    return None
+
+
+def check_weights(cfg: RunConfig, report: PreflightReport) -> None:
+    from generators.stable_diffusion import missing_model_message
+
+    if cfg.generation.backend == "stable_diffusion":
+        _check_hub_model(report, "generation.model", cfg.generation.model, "model_index.json",
+                         lambda m: missing_model_message(m, True, None))
+    if cfg.annotation.backend == "sam" and cfg.annotation.sam_checkpoint:
+        problem = check_sam_checkpoint(cfg.annotation.sam_checkpoint)
+        if problem:
+            report.add("annotation.sam_checkpoint", f"annotation.sam_checkpoint: {problem}")
+        else:
+            report.passed.append(f"SAM checkpoint {cfg.annotation.sam_checkpoint} opens")
+    if cfg.annotation.clip_score:
+        _check_hub_model(
+            report, "annotation.clip_model", cfg.annotation.clip_model, "config.json",
+            lambda m: (f"CLIP model {m!r} is not available here: download it once "
+                       f"(`hf download {m}`) into the cache this machine reads (HF_HOME), or "
+                       "pass a folder holding a CLIP model; or set annotation.clip_score=false"))
+    init = cfg.training.init_checkpoint
+    if init and not is_uri(init) and not Path(init).expanduser().is_file():
+        report.add("training.init_checkpoint",
+                   f"training.init_checkpoint: {init!r} does not exist")
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def bad_images_of(dataset: Any, indices: list[int], threads: int = 8) -> list[str]:
+    """The images of ``dataset`` at ``indices`` that do not load, as ``uri: why`` lines."""
+    from trainer.datasets.lvis_format import DatasetFormatError
+
+    def load(i: int) -> str | None:
+        try:
+            dataset.load_image(i)
+        except DatasetFormatError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return [line for line in pool.map(load, indices) if line is not None]
+
+
+def check_data(cfg: RunConfig, report: PreflightReport) -> None:
+    from pipeline.run.datasets import open_splits
+    from trainer.datasets.lvis_format import DatasetFormatError
+
+    data = cfg.data
+    if data.dataset == "builtin" and not is_uri(data.root) and not all(
+            (Path(data.root) / n).is_file() for n in (data.train_json, data.val_json)):
+        report.passed.append(f"data: the built-in set will be written to {data.root}")
+        return
+    try:
+        train, val = open_splits(data)
+    except (DatasetFormatError, FileNotFoundError, OSError) as exc:
+        report.add("data.root", exc if isinstance(exc, DatasetFormatError) else
+                   f"data.root: {type(exc).__name__}: {exc}")
+        return
+    n = len(train)
+    sample = sorted({round(i * (n - 1) / max(1, TRAIN_IMAGE_SAMPLE - 1))
+                     for i in range(min(n, TRAIN_IMAGE_SAMPLE))}) if n else []
+    for split, dataset, indices in (("validation", val, list(range(len(val)))),
+                                    ("training", train, sample)):
+        bad = bad_images_of(dataset, indices)
+        what = (f"all {len(indices)} {split} images" if split == "validation"
+                else f"{len(indices)} of {n} training images (an even sample)")
+        if not bad:
+            report.passed.append(f"data: {what} decode")
+            continue
+        listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        if data.bad_images == "error":
+            report.add("data.bad_images",
+                       f"data: {len(bad)} of {what} do not load: {listed}. Replace them, or "
+                       "set data.bad_images=skip to leave such images out (named in the "
+                       "summary)")
+        else:
+            report.warnings.append(f"data: {len(bad)} of {what} do not load and will be "
+                                   f"skipped (data.bad_images=skip): {listed}")
+
+
+# ----------------------------------------------------------------------------------- whole
+
+
+def preflight(cfg: RunConfig, *, resume: bool = False, connect: bool = False
+              ) -> PreflightReport:
+    """Check output, Ray, weights and data of ``cfg`` (module docstring); never raises for
+    what it finds: the report holds it."""
+    report = PreflightReport()
+    check_output(cfg, report, resume=resume)
+    check_ray(cfg, report, connect=connect)
+    check_weights(cfg, report)
+    check_data(cfg, report)
+    return report

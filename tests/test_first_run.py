@@ -1,0 +1,246 @@
+"""From a first run to a real run without trial and error (no Ray started here): output that
+cannot scatter, a failed start that does not block its retry, one up-front check that lists
+every problem, an address that does not answer, bad images, small config mistakes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config
+from pipeline.run import job
+from pipeline.run.job import RunExistsError, TrainingFailed, run_job
+from pipeline.run.preflight import PreflightError, preflight, probe_ray_address, ray_host_port
+from pipeline.storage.run_config import resume_config, write_run_config
+from pipeline.storage.run_dir import RunDir
+from tests.conftest import CONFIGS, DEMO_CONFIG, free_port
+
+LVIS_CONFIG = CONFIGS / "lvis_sd_sam.yaml"
+
+
+# ------------------------------------------------------------------------- 1. output.dir
+
+
+@pytest.mark.parametrize("value, words", [("", "empty"), ("'  '", "empty"),
+                                          ("/", "filesystem root"), ("s3://", "names no bucket"),
+                                          ("s3:///", "names no bucket")])
+def test_empty_or_root_output_is_refused(value: str, words: str, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=f"output.dir: .*{words}"):
+        load_config(DEMO_CONFIG, [f"output.dir={value}"])
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["run", "--config", str(DEMO_CONFIG), f"output.dir={value}",
+                                       "training.steps=400"])
+    assert result.exit_code == 1 and "output.dir" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []  # nothing scattered into the current folder
+
+
+# ------------------------------------------------------------- 2. a failed start, retried
+
+
+def _fail_on_ray(*args: object, **kwargs: object) -> dict:
+    raise TrainingFailed("training failed: RuntimeError: no GPU (injected)")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_start_that_fails_before_its_first_checkpoint_leaves_nothing_in_the_way(
+        where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request) -> None:
+    if where == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        out, opts = f"{s3.make_bucket('bsgal-retry')}/run", dict(s3.storage_options)
+    else:
+        out, opts = str(tmp_path / "run"), {}
+    cfg = load_config(DEMO_CONFIG, [f"output.dir={out}", f"data.root={tmp_path / 'data'}",
+                                    f"output.storage_options={json.dumps(opts)}"])
+    monkeypatch.setattr(job, "_run_on_ray", _fail_on_ray)
+    messages: list[str] = []
+    for _ in range(2):  # the same command again fails the same way, not with "holds a run"
+        with pytest.raises(TrainingFailed, match="no GPU"):
+            run_job(cfg, progress="off", echo=messages.append)
+        run = RunDir(out, opts)
+        run.fs.invalidate_cache()
+        assert not run.exists("config.yaml") and not run.exists("metrics.jsonl")
+    assert any("nothing of it was kept" in m for m in messages), messages
+
+
+def test_a_killed_start_is_named_and_resume_may_fix_any_key(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = load_config(DEMO_CONFIG, [f"output.dir={out}"])
+    run = RunDir(str(out))
+    write_run_config(run, cfg)  # what a driver killed before its first checkpoint leaves
+    with pytest.raises(RunExistsError, match="stopped before its first checkpoint.*--resume"):
+        run_job(cfg, progress="off")
+    fixed = resume_config(str(out), ["training.steps=7", "training.warmup_real_steps=0",
+                                         "generation.num_candidates=16"])
+    assert fixed.training.steps == 7 and fixed.generation.num_candidates == 16
+    run.write_bytes("checkpoints/step-000000004.pt", b"x")  # once a checkpoint exists ...
+    with pytest.raises(ConfigError, match="training.steps cannot change when resuming"):
+        resume_config(str(out), ["training.steps=400"])
+
+
+# --------------------------------------------------- 3. one up-front check, every problem
+
+
+def _lvis_folder(root: Path, builtin_data: Path) -> Path:
+    """An LVIS-format folder laid out as configs/lvis_sd_sam.yaml expects."""
+    root.mkdir(parents=True)
+    shutil.copy(builtin_data / "train.json", root / "lvis_v1_train.json")
+    shutil.copy(builtin_data / "val.json", root / "lvis_v1_val.json")
+    shutil.copytree(builtin_data / "images", root / "coco")
+    return root
+
+
+def test_check_lists_every_problem_at_once_and_run_refuses_before_writing(
+        tmp_path: Path, builtin_data: Path) -> None:
+    corrupt_sam = tmp_path / "sam_vit_h.pth"
+    corrupt_sam.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    sd_folder = tmp_path / "sd"  # a folder without model_index.json
+    sd_folder.mkdir()
+    out = tmp_path / "out"
+    args = [f"output.dir={out}", f"data.root={tmp_path / 'no-such-lvis'}",
+            f"annotation.sam_checkpoint={corrupt_sam}", f"generation.model={sd_folder}",
+            f"ray.address=127.0.0.1:{free_port()}"]
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["check", "--config", str(LVIS_CONFIG), *args])
+    assert time.monotonic() - started < 30
+    assert result.exit_code == 1
+    problems = [ln for ln in result.output.splitlines() if ln.startswith("PROBLEM")]
+    assert len(problems) == 4, result.output
+    for key in ("ray.address", "generation.model", "annotation.sam_checkpoint", "data.root"):
+        assert any(key in p for p in problems), (key, problems)
+    assert "nothing answers" in result.output and "cannot be opened" in result.output
+    assert "ok       output" in result.output
+
+    cfg = load_config(LVIS_CONFIG, args)
+    with pytest.raises(PreflightError, match="4 problems found before starting") as info:
+        run_job(cfg, progress="off")
+    assert len(info.value.problems) == 4
+    assert not (out / "config.yaml").exists()
+
+
+def test_check_passes_when_weights_and_data_are_there(tmp_path: Path,
+                                                      builtin_data: Path) -> None:
+    sam = tmp_path / "sam.pth"
+    torch.save({"image_encoder.weight": torch.zeros(2, 2)}, sam)
+    sd = tmp_path / "sd"
+    sd.mkdir()
+    (sd / "model_index.json").write_text("{}")
+    data = _lvis_folder(tmp_path / "lvis", builtin_data)
+    cfg = load_config(LVIS_CONFIG, [f"output.dir={tmp_path / 'out'}", f"data.root={data}",
+                                    f"annotation.sam_checkpoint={sam}", f"generation.model={sd}",
+                                    "generation.concurrency=1", "annotation.concurrency=1",
+                                    "generation.num_gpus=0", "annotation.num_gpus=0",
+                                    "annotation.check_num_gpus=0", "training.use_gpu=false",
+                                    "ray.num_cpus=64"])
+    report = preflight(cfg)
+    assert report.problems == [], report.problems
+    passed = " | ".join(report.passed)
+    assert "SAM checkpoint" in passed and "model_index.json" in passed
+    assert "all 60 validation images decode" in passed
+
+
+def test_ray_addresses_are_read_and_probed() -> None:
+    assert ray_host_port("10.0.0.5:6379") == ("10.0.0.5", 6379)
+    assert ray_host_port("ray://head:10001") == ("head", 10001)
+    assert ray_host_port("auto") is None
+    started = time.monotonic()
+    assert "nothing answers at 127.0.0.1" in probe_ray_address(f"127.0.0.1:{free_port()}")
+    assert time.monotonic() - started < 5
+
+
+# ------------------------------------------------------------- 4. no hang on a dead address
+
+
+def test_run_with_an_address_that_does_not_answer_fails_in_seconds(tmp_path: Path) -> None:
+    import ray
+
+    out = tmp_path / "raybad"
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["run", "--config", str(DEMO_CONFIG),
+                                       f"ray.address=127.0.0.1:{free_port()}",
+                                       f"output.dir={out}", f"data.root={tmp_path / 'data'}"])
+    assert time.monotonic() - started < 15
+    assert result.exit_code == 1 and "nothing answers" in result.output, result.output
+    assert not (out / "config.yaml").exists() and not ray.is_initialized()
+
+
+# -------------------------------------------------------------------------- 5. bad images
+
+
+def _with_bad_images(tmp_path: Path, builtin_data: Path) -> tuple[Path, str, str]:
+    root = tmp_path / "data"
+    shutil.copytree(builtin_data, root)
+    train = json.loads((root / "train.json").read_text())
+    val = json.loads((root / "val.json").read_text())
+    first_train = sorted(train["images"], key=lambda im: im["id"])[0]["file_name"]
+    a_val = sorted(val["images"], key=lambda im: im["id"])[3]["file_name"]
+    for name in (first_train, a_val):
+        path = root / "images" / name
+        path.write_bytes(path.read_bytes()[:60])  # truncated PNG
+    return root, first_train, a_val
+
+
+def test_bad_images_are_found_before_training_and_follow_the_policy(
+        tmp_path: Path, builtin_data: Path) -> None:
+    root, bad_train, bad_val = _with_bad_images(tmp_path, builtin_data)
+    base = [f"data.root={root}", f"output.dir={tmp_path / 'out'}"]
+    report = preflight(load_config(DEMO_CONFIG, [*base, "data.bad_images=error"]))
+    text = " ".join(p.line() for p in report.problems)
+    assert len(report.problems) == 2 and bad_train in text and bad_val in text
+    assert "data.bad_images=skip" in text
+    report = preflight(load_config(DEMO_CONFIG, [*base, "data.bad_images=skip"]))
+    assert report.problems == [] and len(report.warnings) == 2
+
+
+def test_skip_leaves_bad_images_out_of_training_and_evaluation(
+        tmp_path: Path, builtin_data: Path) -> None:
+    from trainer.datasets import LvisDataset
+    from trainer.datasets.lvis_format import DatasetFormatError
+    from trainer.factory import build_trainer
+    from trainer.real_data import RealImages
+
+    root, bad_train, bad_val = _with_bad_images(tmp_path, builtin_data)
+    strict = RealImages(LvisDataset(root, "train.json"))
+    with pytest.raises(DatasetFormatError, match="does not decode"):
+        strict[0]
+    train = LvisDataset(root, "train.json", bad_images="skip")
+    real = RealImages(train)
+    assert real[0]["image_id"] == train.images[1]["id"]  # the next image stands in
+    assert list(train.skipped) == [train.image_uri(0)] and bad_train in train.image_uri(0)
+    val = LvisDataset(root, "val.json", bad_images="skip", max_images=6)
+    trainer = build_trainer(train, val, training={"arch": "small", "steps": 1},
+                            selection={"method": "accept_all"})
+    metrics = trainer.evaluate()
+    assert np.isfinite(metrics["segm"]["AP"]) and list(val.skipped) == [val.image_uri(3)]
+    with pytest.raises(DatasetFormatError, match=bad_val):
+        build_trainer(train, LvisDataset(root, "val.json", max_images=6),
+                      training={"arch": "small", "steps": 1},
+                      selection={"method": "accept_all"}).evaluate()
+
+
+# --------------------------------------------------------------------- 10. small mistakes
+
+
+def test_small_config_mistakes_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="selection.fixed_threshold: must be a finite number"):
+        load_config(DEMO_CONFIG, ["selection.fixed_threshold=.nan"])
+    with pytest.raises(ConfigError, match="training.warmup_real_steps: 50 real-only steps "
+                                          "exceed training.steps \\(40\\)"):
+        load_config(DEMO_CONFIG, ["training.steps=40", "training.warmup_real_steps=50"])
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n# nothing here\n")
+    for path, words in ((binary, "is not a text \\(UTF-8\\) YAML file"), (empty, "is empty")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(path)
+        result = CliRunner().invoke(main, ["config", "show", "--config", str(path)])
+        assert result.exit_code == 1 and "Traceback" not in result.output
