@@ -67,20 +67,53 @@ def data() -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Random seed; same seed, same files.")
 @click.option("--classes", "num_classes", default=12, show_default=True,
-              help="Number of classes (split into frequent / common / rare in turn).")
-@click.option("--train-images", default=600, show_default=True)
+              help="Number of classes (planned as frequent / common / rare in turn), at least 3.")
+@click.option("--train-images", default=600, show_default=True,
+              help="Training images: at least 6 per rare and 40 per common class plus 1 per "
+                   "frequent class (188 for 12 classes).")
 @click.option("--val-images", default=150, show_default=True)
 @click.option("--image-size", default=128, show_default=True, help="Square image side in px.")
+@click.option("--force", is_flag=True,
+              help="Write into a non-empty OUT: first delete the set written there before "
+                   "(train.json, val.json and images/{train,val}/NNNNNN.png, nothing else; "
+                   "other files are kept).")
 @user_errors
 def data_synth(out: str, seed: int, num_classes: int, train_images: int, val_images: int,
-               image_size: int) -> None:
+               image_size: int, force: bool) -> None:
     """Write the built-in long-tailed set to OUT as an LVIS-format folder.
 
     OUT gets train.json, val.json and images/{train,val}/*.png; the official lvis package and
-    `bsgal evaluate` read it as they read LVIS v1.
+    `bsgal evaluate` read it as they read LVIS v1. Each class's frequency is LVIS's group of
+    the number of training images holding it (rare 1-10, common 11-100, frequent > 100). OUT
+    must be empty or new, unless --force.
     """
-    from trainer.datasets.builtin import write_builtin_dataset
+    from pathlib import Path
 
+    from trainer.datasets.builtin import (
+        DatasetSizeError,
+        check_builtin_sizes,
+        remove_builtin_dataset,
+        write_builtin_dataset,
+    )
+
+    options = {"num_classes": "--classes", "num_train_images": "--train-images",
+               "num_val_images": "--val-images", "image_size": "--image-size"}
+    try:
+        check_builtin_sizes(num_classes, train_images, val_images, image_size)
+    except DatasetSizeError as exc:
+        raise click.BadParameter(f"{exc.value} {exc.why}", param_hint=options[exc.name]) from None
+    root = Path(out)
+    present = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    if present and not force:
+        listing = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        raise click.ClickException(
+            f"{out} is not empty ({listing}); choose a new or empty folder, or pass --force to "
+            "replace the built-in set there (deletes only train.json, val.json and "
+            "images/{train,val}/NNNNNN.png)")
+    if present:
+        removed = remove_builtin_dataset(root)
+        if removed:
+            click.echo(f"removed {removed} files of the set written to {out} before")
     try:
         path = write_builtin_dataset(out, seed=seed, num_classes=num_classes,
                                      num_train_images=train_images, num_val_images=val_images,
@@ -114,7 +147,9 @@ def _dataset_summary(root: str) -> str:
 @click.argument("gt")
 @click.argument("dets")
 @click.option("--iou-type", "iou_types", multiple=True, type=click.Choice(["bbox", "segm"]),
-              default=("bbox", "segm"), show_default=True)
+              help="Evaluate on this; repeat for both. Default: what DETS hold, bbox and, when "
+                   "every detection has a 'segmentation', segm (a note on stderr says what "
+                   "was skipped and why).")
 @click.option("--max-dets", default=300, show_default=True, help="Detections kept per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @user_errors
@@ -122,12 +157,18 @@ def evaluate(gt: str, dets: str, iou_types: tuple[str, ...], max_dets: int,
              as_json: bool) -> None:
     """LVIS AP, AP50, AP75, APr, APc, APf of DETS (results JSON) against GT (LVIS JSON).
 
-    Both may be local paths or s3:// URIs. Uses the official lvis evaluator.
+    DETS holds a JSON list of detections (LVIS results format: image_id, category_id, bbox,
+    score, and segmentation as RLE for segm). Both may be local paths or s3:// URIs. Uses the
+    official lvis evaluator.
     """
     from trainer.evaluation import METRICS, evaluate_lvis
 
+    def skipped(iou_type: str, why: str) -> None:
+        click.echo(f"note: {iou_type} not evaluated: {why}", err=True)
+
     try:
-        results = evaluate_lvis(gt, dets, iou_types=iou_types, max_dets=max_dets)
+        results = evaluate_lvis(gt, dets, iou_types=iou_types or None, max_dets=max_dets,
+                                on_skip=skipped)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:

@@ -151,6 +151,17 @@ PLAN = [
 ]
 ROWS_PER_STEP = 3
 
+# Untrusted text as shards may hold it (class names, frequency, and the prompts and sample ids
+# make_rows derives from the names): markup, a script end tag, paths that climb, an absolute
+# path with a backslash and a NUL.
+HOSTILE_PLAN = [
+    (1, "<img src=x onerror=alert(1)>", 'r"><img src=y onerror=alert(2)>',
+     [("accepted", "none"), ("rejected_score", "none")]),
+    (2, "</script><script>alert(3)</script>", "c", [("accepted", "none")] * 2),
+    (3, "../../evil", "f", [("accepted", "none")] * 2),
+    (4, "/abs\\..\\x\x00y", "f", [("accepted", "none")]),
+]
+
 
 def make_rows(plan=PLAN, size: tuple[int, int] = (40, 48), seed: int = 0,
               truth: bool = True) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import lvis
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from trainer.datasets import DatasetFormatError, LvisDataset, write_builtin_dataset
+from trainer.datasets.builtin import DatasetSizeError
 
 
 def _digest(root: Path) -> str:
@@ -58,6 +60,44 @@ def test_default_size_is_long_tailed_by_lvis_thresholds(tmp_path: Path) -> None:
     val = json.loads((root / "val.json").read_text())
     val_counts = np.bincount([a["category_id"] for a in val["annotations"]], minlength=13)[1:]
     assert val_counts.min() >= 10, val_counts
+
+
+@pytest.mark.parametrize("num_classes, train_images", [(3, 47), (12, 188), (12, 260), (5, 140)])
+def test_frequency_is_the_lvis_group_of_the_images_written(tmp_path: Path, num_classes: int,
+                                                           train_images: int) -> None:
+    root = write_builtin_dataset(tmp_path, seed=2, num_classes=num_classes,
+                                 num_train_images=train_images, num_val_images=3, image_size=64)
+    train = json.loads((root / "train.json").read_text())
+    assert len(train["images"]) == train_images
+    holding: dict[int, set] = {c["id"]: set() for c in train["categories"]}
+    for a in train["annotations"]:
+        holding[a["category_id"]].add(a["image_id"])
+    for c in train["categories"]:
+        n = len(holding[c["id"]])
+        assert n >= 1 and c["image_count"] == n, c["name"]
+        assert c["frequency"] == ("r" if n <= 10 else "c" if n <= 100 else "f"), (c["name"], n)
+    # The validation split carries the same labels.
+    val = json.loads((root / "val.json").read_text())
+    assert val["categories"] == train["categories"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_train_images": 100}, "num_train_images=100 is below the minimum 188 (12 classes"),
+    ({"num_train_images": 50}, "num_train_images=50 is below the minimum 188"),
+    ({"num_train_images": -5}, "num_train_images=-5 is below the minimum 188"),
+    ({"num_train_images": 187}, "num_train_images=187 is below the minimum 188"),
+    ({"num_train_images": 10, "num_classes": 3}, "num_train_images=10 is below the minimum 47"),
+    ({"num_train_images": 2.5}, "num_train_images=2.5 is not a whole number (minimum 188)"),
+    ({"num_val_images": 0}, "num_val_images=0 is below the minimum 1"),
+    ({"num_val_images": -5}, "num_val_images=-5 is below the minimum 1"),
+    ({"num_classes": 2}, "num_classes=2 is below the minimum 3"),
+    ({"image_size": 8}, "image_size=8 is below the minimum 16"),
+])
+def test_sizes_below_their_minimum_are_refused_before_writing(tmp_path: Path, kwargs: dict,
+                                                              message: str) -> None:
+    with pytest.raises(DatasetSizeError, match="^" + re.escape(message)):
+        write_builtin_dataset(tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
 
 
 def test_dataset_records_match_pixels(builtin_data: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 
 from pipeline.inspection.export_pool import class_folder, rgba_cutout
 from pipeline.storage.shards import decode_rle, read_decisions
-from tests.conftest import invoke_cli, make_rows, write_run
+from tests.conftest import HOSTILE_PLAN, invoke_cli, make_rows, write_run
 
 
 def _check_cutout(png: bytes, row: dict) -> tuple[int, int, int, int]:
@@ -116,6 +117,77 @@ def test_cutout_and_folder_names() -> None:
     assert class_folder("", 7) == "class_7"
 
 
+def test_untrusted_names_cannot_write_outside_the_pool(tmp_path: Path) -> None:
+    rows = make_rows(HOSTILE_PLAN)
+    rows[0]["sample_id"], rows[4]["sample_id"] = "x/y", "x_y"  # one class, one file name
+    write_run(str(tmp_path / "run"), rows)
+    pool, outside = tmp_path / "pool", tmp_path / "outside"
+    outside.mkdir()
+    pool.mkdir()
+    (pool / "evil").symlink_to(outside, target_is_directory=True)  # "../../evil" → "evil"
+    code, text = invoke_cli("export-pool", str(tmp_path / "run"), str(pool))
+    assert code == 0, text
+    accepted = [r for r in rows if r["accepted"]]
+    assert text.startswith(f"exported {len(accepted)} instances of 4 classes")
+    assert list(outside.iterdir()) == []  # nothing went through the link
+    index = json.loads((pool / "pool.json").read_text())
+    files = [e["file"] for entries in index.values() for e in entries]
+    assert len(set(files)) == len(files) == len(accepted)  # "x/y" and "x_y" both kept
+    real_pool = pool.resolve()
+    for f in files:
+        path = (pool / f).resolve()
+        assert path.parent.parent == real_pool and path.is_file(), f
+        assert ".." not in Path(f).parts and "\\" not in f and "\x00" not in f
+    assert index["3"][0]["file"].startswith("evil_3/")  # not the linked folder
+    stored = {r["sample_id"]: r for r in accepted}
+    for entries in index.values():
+        for e in entries:
+            _check_cutout((pool / e["file"]).read_bytes(), stored[e["sample_id"]])
+    xpaste = json.loads((pool / "xpaste_pool.json").read_text())
+    assert sorted(p[1:] for v in xpaste.values() for p in v) == sorted(
+        os.path.abspath(pool / f) for f in files)
+
+
+def test_overwrite_deletes_only_files_inside_the_pool(run_dir, tmp_path: Path) -> None:
+    run, _ = run_dir
+    pool = tmp_path / "pool"
+    assert invoke_cli("export-pool", str(run), str(pool), "--class", "yak")[0] == 0
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"keep me")
+    index = json.loads((pool / "pool.json").read_text())
+    index["3"] += [{"file": "../victim.png"}, {"file": str(victim)}, {"file": "a/../../victim.png"}]
+    (pool / "pool.json").write_text(json.dumps(index))
+    code, text = invoke_cli("export-pool", str(run), str(pool), "--overwrite", "--class", "cat")
+    assert code == 0, text
+    assert victim.read_bytes() == b"keep me"
+    assert list(json.loads((pool / "pool.json").read_text())) == ["1"]
+
+
+def test_nothing_matched_is_an_error_naming_the_filters(run_dir, tmp_path: Path) -> None:
+    run, _ = run_dir
+    pool = tmp_path / "pool"
+    code, text = invoke_cli("export-pool", str(run), str(pool), "--class", "dog", "--where",
+                            "score > 5")
+    assert code == 1 and len(text.strip().splitlines()) == 1
+    assert "nothing to export" in text and "class=dog" in text and "where=(score > 5)" in text
+    assert not pool.exists()
+    # An existing pool is left as it was, even with --overwrite.
+    assert invoke_cli("export-pool", str(run), str(pool), "--class", "yak")[0] == 0
+    before = (pool / "pool.json").read_text()
+    code, text = invoke_cli("export-pool", str(run), str(pool), "--overwrite", "--where",
+                            "step > 1000")
+    assert code == 1 and "nothing to export" in text
+    assert (pool / "pool.json").read_text() == before
+
+
+def test_where_cannot_widen_the_class_filter(run_dir, tmp_path: Path) -> None:
+    run, _ = run_dir
+    code, text = invoke_cli("export-pool", str(run), str(tmp_path / "pool"), "--class", "dog",
+                            "--where", "1=1) OR (1=1")
+    assert code == 1 and text.startswith("Error: --where '1=1) OR (1=1': unbalanced parenthes")
+    assert "one boolean expression" in text and not (tmp_path / "pool").exists()
+
+
 def test_no_shards_is_one_line(tmp_path: Path) -> None:
     code, text = invoke_cli("export-pool", str(tmp_path), str(tmp_path / "pool"))
     assert code == 1 and "no decision shards found" in text
@@ -123,17 +195,36 @@ def test_no_shards_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
-def test_export_from_and_to_s3(s3_server) -> None:
+def test_export_from_and_to_s3(s3_server, tmp_path: Path) -> None:
     import s3fs
 
     bucket = s3_server.make_bucket("export-test")
     rows = make_rows()
     write_run(f"{bucket}/run", rows, s3_server.storage_options)
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    # X-Paste's loader opens local paths: an s3:// pool needs the folder it will be synced to.
     code, text = invoke_cli("export-pool", f"{bucket}/run", f"{bucket}/pool", "--endpoint-url",
                             s3_server.endpoint_url, "--class", "yak")
+    assert code == 1 and "--xpaste-root" in text and "aws s3 sync" in text
+    assert not fs.exists(f"{bucket}/pool")
+    synced = tmp_path / "synced"
+    code, text = invoke_cli("export-pool", f"{bucket}/run", f"{bucket}/pool", "--endpoint-url",
+                            s3_server.endpoint_url, "--class", "yak", "--class", "cat",
+                            "--xpaste-root", str(synced))
     assert code == 0, text
-    fs = s3fs.S3FileSystem(**s3_server.storage_options)
     index = json.loads(fs.cat(f"{bucket}/pool/pool.json"))
-    (entry,) = index["3"]  # yak has one accepted instance
+    entry = index["3"][0]  # yak has one accepted instance
+    assert len(index["3"]) == 1
     row = next(r for r in rows if r["sample_id"] == entry["sample_id"])
     _check_cutout(fs.cat(f"{bucket}/pool/{entry['file']}"), row)
+    # After a sync (here: s3fs's recursive get) every xpaste_pool.json path opens.
+    fs.get(f"{bucket}/pool/", str(synced), recursive=True)
+    xpaste = json.loads((synced / "xpaste_pool.json").read_text())
+    assert sorted(xpaste) == ["0", "2"]  # LVIS id - 1
+    paths = [p for v in xpaste.values() for p in v]
+    assert len(paths) == sum(len(v) for v in index.values())
+    for p in paths:
+        assert p.startswith(f"*{synced}/") and Image.open(p[1:]).mode == "RGBA"
+    code, text = invoke_cli("export-pool", f"{bucket}/run", str(tmp_path / "p"),
+                            "--endpoint-url", s3_server.endpoint_url, "--xpaste-root", "rel/dir")
+    assert code == 1 and "absolute local folder" in text

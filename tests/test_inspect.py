@@ -129,6 +129,60 @@ def test_bad_where_is_one_line_with_duckdb_message(run_dir) -> None:
     assert code != 0 and "'zebra'" in text and "cat, dog, yak" in text
 
 
+@pytest.mark.parametrize("predicate, why", [
+    ("1=1) OR (1=1", "unbalanced parentheses"),
+    ("score > 0 AND (step < 3", "unbalanced parentheses"),
+    ("1=1; DROP VIEW decisions", "';' is not allowed"),
+    ("step IN (SELECT step FROM decisions)", "subqueries"),
+    ("EXISTS (SELECT 1)", "subqueries"),
+    ("step = 1 UNION SELECT 1", "syntax error"),
+    ("(SELECT count(*) FROM read_csv('/etc/passwd')) > 0", "subqueries"),
+    ("read_parquet('/etc/passwd') IS NULL", "table function read_parquet()"),
+    ("step = 1 -- everything after this is cut", "comments"),
+    ("step = 1 /* a comment */", "comments"),
+    ("   ", "empty"),
+])
+def test_where_is_one_expression_or_an_error(run_dir, predicate: str, why: str) -> None:
+    out, _ = run_dir
+    code, text = invoke_cli("inspect", str(out), "--class", "cat", "--where", predicate)
+    assert code == 1 and len(text.strip().splitlines()) == 1, text
+    assert text.startswith(f"Error: --where {predicate!r}: ") and why in text
+    assert "give one boolean expression over the shard columns" in text
+
+
+def test_where_only_narrows_the_other_filters(run_dir) -> None:
+    out, rows = run_dir
+    n_cat = sum(r["class_name"] == "cat" for r in rows)
+    # OR inside the predicate stays inside it; parentheses and ')' in strings are fine.
+    doc = _json("inspect", str(out), "--class", "cat", "--where",
+                "(1=1) OR (1=1) OR prompt LIKE '%)%'")
+    assert doc["selected_rows"] == n_cat < len(rows)
+    doc = _json("inspect", str(out), "--class", "cat", "--where",
+                "decision = 'invalid' OR score > threshold")
+    assert doc["selected_rows"] == sum(r["class_name"] == "cat" and (
+        r["reason"].startswith("invalid") or r["accepted"]) for r in rows)
+
+
+def test_query_connection_reads_the_shards_and_nothing_else(run_dir, tmp_path: Path) -> None:
+    import duckdb
+
+    from pipeline.inspection.query import DecisionFilter, DecisionQuery
+
+    out, rows = run_dir
+    other = tmp_path / "other.csv"
+    other.write_text("a\n1\n")
+    with DecisionQuery(str(out), DecisionFilter(where="score > threshold")) as q:
+        assert q.count() == sum(r["accepted"] for r in rows)
+        assert len(q.media([rows[0]["sample_id"]])) == 1  # the images are still read
+        with pytest.raises(duckdb.PermissionException, match="disabled by configuration"):
+            q.con.execute(f"SELECT * FROM read_csv('{other}')").fetchall()
+        with pytest.raises(duckdb.PermissionException):
+            q.con.execute(f"COPY (SELECT 1) TO '{tmp_path / 'written.csv'}'")
+        with pytest.raises(duckdb.Error, match="locked"):
+            q.con.execute("SET enable_external_access = true")
+    assert not (tmp_path / "written.csv").exists()
+
+
 def test_text_csv_and_rows_output(run_dir) -> None:
     out, rows = run_dir
     code, text = invoke_cli("inspect", str(out), "--top", "1")
@@ -220,6 +274,43 @@ def test_inspect_over_s3(s3_server) -> None:
     code, text = invoke_cli("inspect", "s3://no-such-bucket/run", "--endpoint-url",
                             s3_server.endpoint_url)
     assert code == 1 and "no-such-bucket" in text and len(text.strip().splitlines()) == 1
+
+
+def test_next_hint_names_the_endpoint_but_no_credentials() -> None:
+    from pipeline.inspection.run_summary import endpoint_hint
+
+    assert endpoint_hint("s3://b/run", {"endpoint_url": "http://127.0.0.1:9000"}) == (
+        "http://127.0.0.1:9000")
+    assert endpoint_hint("s3://b/run", {"client_kwargs": {
+        "endpoint_url": "https://AKIA:s3cr3t@minio.local:9443/"}}) == "https://minio.local:9443/"
+    assert endpoint_hint("runs/demo", {"endpoint_url": "http://127.0.0.1:9000"}) is None
+    assert endpoint_hint("s3://b/run", {"key": "k", "secret": "s"}) is None
+
+
+@pytest.mark.s3
+def test_end_of_run_hint_over_s3_has_the_endpoint(s3_server) -> None:
+    import dataclasses
+
+    from pipeline.config import load_config
+    from pipeline.inspection.run_summary import summarize_run, summary_text
+    from tests.conftest import DEMO_CONFIG
+
+    bucket = s3_server.make_bucket("hint-test")
+    rows = make_rows()
+    write_run(f"{bucket}/runs/h", rows, s3_server.storage_options)
+    cfg = load_config(DEMO_CONFIG, [f"output.dir={bucket}/runs/h",
+                                    f"generation.num_candidates={len(rows)}"])
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(
+        cfg.output, storage_options=s3_server.storage_options))
+    text = summary_text(summarize_run(cfg))
+    hint = f"{bucket}/runs/h --endpoint-url {s3_server.endpoint_url}"
+    assert f"next: bsgal inspect {hint}\n" in text
+    assert f"bsgal inspect {hint} --html {bucket}/runs/h/report.html" in text
+    assert "testing" not in text  # the key and secret are not printed
+    # The printed command works as printed.
+    code, out = invoke_cli("inspect", f"{bucket}/runs/h", "--endpoint-url",
+                           s3_server.endpoint_url, "--json")
+    assert code == 0 and json.loads(out)["total_rows"] == len(rows)
 
 
 @pytest.mark.s3

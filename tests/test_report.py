@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from pipeline.cli import main
 from pipeline.inspection.query import DecisionFilter, DecisionQuery
 from pipeline.inspection.report import OUTLINE_INNER, OUTLINE_OUTER, ReportOptions, outlined_thumbnail, \
     write_report
-from tests.conftest import PLAN, REPO_ROOT, make_rows, write_run
+from tests.conftest import HOSTILE_PLAN, PLAN, REPO_ROOT, make_rows, write_run
 
 ARTIFACTS = REPO_ROOT / "artifacts"
 CHROMIUM = os.environ.get("BSGAL_CHROMIUM", "/usr/bin/chromium")
@@ -155,6 +156,64 @@ def test_report_without_truth_or_scores(tmp_path: Path) -> None:
     page = (tmp_path / "r.html").read_text()
     assert "No scored candidates in this selection." in page
     assert "Precision/recall skipped" in page
+
+
+class _Elements(HTMLParser):
+    """Every element of a page with its attributes, the text outside scripts, and the body of
+    each script element."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.scripts: list[tuple[dict, str]] = []
+        self._script: dict | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag == "script":
+            self._script = dict(attrs)
+            self.scripts.append((self._script, ""))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "script":
+            self._script = None
+
+    def handle_data(self, data: str) -> None:
+        if self._script is not None:
+            attrs, body = self.scripts[-1]
+            self.scripts[-1] = (attrs, body + data)
+        else:
+            self.text.append(data)
+
+
+def test_untrusted_names_are_text_not_markup(tmp_path: Path) -> None:
+    rows = make_rows(HOSTILE_PLAN)
+    write_run(str(tmp_path / "run"), rows)
+    names = tuple(name for _, name, _, _ in HOSTILE_PLAN)
+    path = tmp_path / "r.html"
+    with DecisionQuery(str(tmp_path / "run"), DecisionFilter(classes=names)) as q:
+        write_report(q, str(path), ReportOptions(thumbs_per_class=PER_CLASS))
+    page = path.read_text()
+    doc = _Elements()
+    doc.feed(page)
+    # Only the report's own elements and attributes: no handler, no injected image or script.
+    assert not [(t, a) for t, a in doc.tags if any(k.startswith("on") for k in a)]
+    images = [a for t, a in doc.tags if t == "img"]
+    assert len(images) == len(rows) and all(a["src"].startswith("data:image/jpeg") for a in images)
+    assert [a.get("id") for a, _ in doc.scripts] == ["report-meta", None]
+    # The metadata JSON survives the "</script>" in a class name and holds the names intact.
+    meta = json.loads(doc.scripts[0][1])
+    assert meta["filters"]["class"] == list(names)
+    # Names, groups and prompts are shown as the text they are, in text and in attributes.
+    text = "".join(doc.text)
+    for name in names:
+        assert name in text
+    assert 'r"><img src=y onerror=alert(2)>' in text
+    sections = [a for t, a in doc.tags if t == "section"]
+    assert sorted(a["data-class"] for a in sections) == sorted(names)
+    titles = [a["title"] for t, a in doc.tags if t == "figure"]
+    assert any(f"prompt: a photo of a single {names[1]}" in t for t in titles)
 
 
 # ---------------------------------------------------------------------------- in Chromium

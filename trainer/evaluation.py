@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -64,11 +64,26 @@ def _as_lvis(gt: str | dict | LVIS, storage_options: dict | None) -> LVIS:
     return _LvisFromDict(load_lvis_json(str(gt), storage_options))
 
 
+_JSON_TYPES = {dict: "a JSON object", str: "a JSON string", int: "a JSON number",
+               float: "a JSON number", bool: "a JSON boolean", type(None): "JSON null"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
 def _check_detections(dets: Any, gt: LVIS, source: str) -> list[dict]:
-    if not isinstance(dets, list):
-        raise ValueError(f"{source}: detections must be a JSON list, got {type(dets).__name__}")
+    if not isinstance(dets, (list, tuple)):
+        raise ValueError(
+            f"{source}: the file must hold a JSON list of detections ([{{\"image_id\", "
+            f"\"category_id\", \"bbox\", \"score\", \"segmentation\"}}, ...], LVIS results "
+            f"format), not {_json_type(dets)}")
+    dets = list(dets)
     cats, imgs = set(gt.get_cat_ids()), set(gt.get_img_ids())
     for i, det in enumerate(dets):
+        if not isinstance(det, dict):
+            raise ValueError(f"{source}: detection #{i} is {_json_type(det)}, not an object "
+                             "with image_id, category_id, bbox, score (and segmentation)")
         for key in ("image_id", "category_id", "score"):
             if key not in det:
                 raise ValueError(f"{source}: detection #{i} has no field '{key}'")
@@ -87,20 +102,39 @@ def _check_detections(dets: Any, gt: LVIS, source: str) -> list[dict]:
     return dets
 
 
+def _without_segmentation(dets: Sequence[dict]) -> list[int]:
+    return [i for i, d in enumerate(dets) if "segmentation" not in d]
+
+
+def iou_types_for(dets: Sequence[dict]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """What the detections can be evaluated on: bbox always (a box, or the mask's box), segm
+    only when every detection has a ``segmentation``; and why each other type is left out."""
+    missing = _without_segmentation(dets)
+    if not missing:
+        return IOU_TYPES, {}
+    return ("bbox",), {"segm": f"{len(missing)} of {len(dets)} detections have no "
+                               "'segmentation' (box-only results)"}
+
+
 def evaluate_lvis(
     gt: str | dict | LVIS,
     detections: str | Sequence[dict],
-    iou_types: Sequence[str] = IOU_TYPES,
+    iou_types: Sequence[str] | None = None,
     max_dets: int = 300,
     storage_options: dict | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run the official LVIS evaluation.
 
     Args:
         gt: LVIS-format ground truth: a path/URI, a loaded dict, or an ``lvis.LVIS``.
         detections: a results path/URI or list of result dicts (LVIS results format).
-        iou_types: any of ``"bbox"``, ``"segm"``; segm needs ``segmentation`` RLEs.
+        iou_types: any of ``"bbox"``, ``"segm"``; segm needs a ``segmentation`` RLE in every
+            detection (otherwise ``ValueError``). None (default): what the detections hold
+            (:func:`iou_types_for`).
         max_dets: detections kept per image (LVIS: 300).
+        on_skip: with ``iou_types=None``, called as ``on_skip(iou_type, why)`` for each type
+            left out (default: a logged warning).
 
     Returns:
         ``{iou_type: {"AP", "AP50", "AP75", "APr", "APc", "APf", ...}}`` with values in [0, 1];
@@ -109,24 +143,45 @@ def evaluate_lvis(
     lvis_gt = _as_lvis(gt, storage_options)
     source = detections if isinstance(detections, str) else "<detections>"
     dets = read_json(detections, storage_options) if isinstance(detections, str) else detections
-    dets = _check_detections(list(dets), lvis_gt, str(source))
+    dets = _check_detections(dets, lvis_gt, str(source))
+    if iou_types is None:
+        iou_types, skipped = iou_types_for(dets)
+        for iou_type, why in skipped.items():
+            if on_skip is not None:
+                on_skip(iou_type, why)
+            else:
+                logging.getLogger(__name__).warning("%s: %s evaluation skipped: %s", source,
+                                                    iou_type, why)
     results: dict[str, dict[str, float]] = {}
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
             raise ValueError(f"iou_type {iou_type!r} is not one of {IOU_TYPES}")
-        if iou_type == "segm" and dets and any("segmentation" not in d for d in dets):
-            raise ValueError(f"{source}: segm evaluation needs 'segmentation' in every detection")
+        missing = _without_segmentation(dets) if iou_type == "segm" else []
+        if missing:
+            raise ValueError(
+                f"{source}: segm evaluation (--iou-type segm) needs a 'segmentation' (RLE) in "
+                f"every detection; {len(missing)} of {len(dets)} have none (the first is "
+                f"detection #{missing[0]}): box-only results can be evaluated on bbox only")
         if not dets:
             results[iou_type] = _empty_metrics(lvis_gt)
             continue
         # LVISResults mutates the dicts it is given (ids, areas); keep the caller's intact.
         with _quiet_lvis_logs(), _lvis_numpy2_compat():
-            lvis_dt = LVISResults(lvis_gt, copy.deepcopy(dets), max_dets=max_dets)
+            lvis_dt = LVISResults(lvis_gt, _with_boxes(copy.deepcopy(dets)), max_dets=max_dets)
             evaluator = LVISEval(lvis_gt, lvis_dt, iou_type=iou_type)
             evaluator.params.max_dets = max_dets
             evaluator.run()
         results[iou_type] = {k: float(v) for k, v in evaluator.get_results().items()}
     return results
+
+
+def _with_boxes(dets: list[dict]) -> list[dict]:
+    """Give a mask-only detection its mask's box (LVISResults does so only when the first
+    detection has no box, and fails on a later one without)."""
+    for d in dets:
+        if "bbox" not in d:
+            d["bbox"] = [float(v) for v in mask_utils.toBbox(d["segmentation"])]
+    return dets
 
 
 def _empty_metrics(lvis_gt: LVIS) -> dict[str, float]:

@@ -14,6 +14,11 @@ import click
 from pipeline.command_line import CONTEXT, storage_flags, storage_options_from, user_errors
 from pipeline.inspection import DECISION_CHOICES, TABLE_NAMES
 
+WHERE_HELP = ("One boolean SQL expression over the shard columns, run by DuckDB, e.g. "
+              "\"score > 0.1 AND step < 500\"; it only narrows the other filters (AND). No "
+              "subqueries, table functions (read_csv, ...), UNION, comments or ';'.")
+
+
 def _filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--class", "classes", multiple=True, metavar="NAME|ID",
@@ -24,10 +29,7 @@ def _filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--reason", "reasons", multiple=True, metavar="REASON",
                      help="Only this reason (rejected_score, invalid_empty_mask, or a pattern "
                           "such as 'invalid_*'); repeat for several."),
-        click.option("--where", "where", metavar="SQL",
-                     help="A SQL predicate over the shard columns, run by DuckDB, e.g. "
-                          "\"score > 0.1 AND step < 500\". Combined with the other filters "
-                          "by AND."),
+        click.option("--where", "where", metavar="SQL", help=WHERE_HELP),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -152,25 +154,31 @@ def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ..
 @click.argument("out")
 @click.option("--class", "classes", multiple=True, metavar="NAME|ID",
               help="Only this class (name or id); repeat for several.")
-@click.option("--where", "where", metavar="SQL",
-              help="A SQL predicate over the shard columns (DuckDB), e.g. \"score > 0.1\".")
+@click.option("--where", "where", metavar="SQL", help=WHERE_HELP)
 @click.option("--overwrite", is_flag=True,
               help="Replace a pool already in OUT (the files its pool.json lists).")
+@click.option("--xpaste-root", metavar="DIR",
+              help="Absolute local folder the pool will be read from, e.g. where `aws s3 sync "
+                   "OUT DIR` puts it: the paths in xpaste_pool.json start there (X-Paste's "
+                   "loader opens local files). Required when OUT is s3://; default: OUT.")
 @storage_flags
 @user_errors
 def export_pool_command(uri: str, out: str, classes: tuple[str, ...], where: str | None,
-                        overwrite: bool, endpoint_url: str | None,
+                        overwrite: bool, xpaste_root: str | None, endpoint_url: str | None,
                         storage_pairs: tuple[str, ...]) -> None:
     """Write a run's accepted instances to OUT as an instance pool for copy-paste training.
 
     OUT/<class>/<sample_id>.png are RGBA cut-outs cropped to the mask (alpha = mask), indexed
     by class in OUT/pool.json (plus xpaste_pool.json in X-Paste's InstPool format, and
-    export.json recording the source and filters). URI and OUT may be local or s3://.
+    export.json recording the source and filters). URI and OUT may be local or s3://; an
+    s3:// OUT needs --xpaste-root. Exits 1, writing nothing, when no accepted decision matches
+    the filters.
 
     \b
     Example:
       bsgal export-pool runs/demo pools/demo
       bsgal export-pool s3://bucket/run pools/run --where "score > 0.05"
+      bsgal export-pool runs/demo s3://bucket/pool --xpaste-root /data/pool
     """
     from pipeline.inspection.export_pool import export_pool
     from pipeline.storage.filesystem import remote_options
@@ -178,7 +186,8 @@ def export_pool_command(uri: str, out: str, classes: tuple[str, ...], where: str
     storage = storage_options_from(endpoint_url, storage_pairs)
     t0 = time.monotonic()
     with _open_query(uri, classes, ("accepted",), (), where, remote_options(uri, storage)) as q:
-        stats = export_pool(q, out, remote_options(out, storage), overwrite=overwrite)
+        stats = export_pool(q, out, remote_options(out, storage), overwrite=overwrite,
+                            xpaste_root=xpaste_root)
     skipped = (f"; {stats.skipped} accepted rows skipped (listed in export.json)"
                if stats.skipped else "")
     click.echo(f"exported {stats.instances} instances of {stats.classes} classes to {out} "

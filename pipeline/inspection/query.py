@@ -14,11 +14,20 @@ extension has to be downloaded. Three relations exist on the connection:
   downloads the shards once, and never their images);
 - ``selected``: the rows of ``decisions`` that pass the filters (``--class``, ``--decision``,
   ``--reason``, ``--where``), combined with AND.
+
+The ``--where`` predicate is the user's text inside a query, so it is checked by DuckDB's own
+parser first (:func:`check_predicate`): exactly one boolean expression, no subquery, table
+function, set operation, comment or ``;``. It filters the rows the other filters kept (it can
+only narrow them), and once the relations exist the connection may read the shard files and
+nothing else (``enable_external_access = false`` with the shard files as ``allowed_paths``,
+then ``lock_configuration``), so even a predicate that got past the checks could not read or
+write any other file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -54,8 +63,8 @@ class DecisionFilter:
         decisions: subset of ``accepted``, ``rejected``, ``invalid``.
         reasons: reasons (``rejected_score``, ``invalid_empty_mask``) or patterns with ``*``
             (``invalid_*``); a row matches any of them.
-        where: a SQL predicate over the shard columns, run by DuckDB (``score > 0.1 AND step <
-            100``).
+        where: one boolean SQL expression over the shard columns, run by DuckDB (``score > 0.1
+            AND step < 100``); see :func:`check_predicate` for what it may hold.
     """
 
     classes: tuple[str, ...] = ()
@@ -85,6 +94,97 @@ class DecisionFilter:
 def sql_string(value: str) -> str:
     """A SQL string literal (single quotes doubled)."""
     return "'" + value.replace("'", "''") + "'"
+
+
+WHERE_ALLOWED = ("one boolean expression over the shard columns: comparisons, AND/OR/NOT, "
+                 "IN (...) lists, LIKE, BETWEEN, IS NULL and scalar functions, e.g. "
+                 "\"score > 0.1 AND class_name = 'cat'\"")
+
+
+def _where_error(option: str, predicate: str, problem: str) -> QueryError:
+    return QueryError(f"{option} {predicate!r}: {problem}; give {WHERE_ALLOWED}")
+
+
+def _nodes(tree: Any):
+    """Every dict in a parsed (``json_serialize_sql``) tree, depth first."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            yield node
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def check_predicate(con: duckdb.DuckDBPyConnection, predicate: str,
+                    option: str = "--where") -> None:
+    """Accept exactly one boolean expression, or raise :class:`QueryError` naming ``option``.
+
+    The text is checked twice, by DuckDB itself: its tokenizer (no comment, no ``;``, every
+    parenthesis closed in order, so the text cannot close the parentheses it is put in) and
+    its parser on ``SELECT * FROM t WHERE (<predicate>)``, the shape it is run in: one
+    statement, a plain select from ``t`` with no set operation, grouping, ordering, limit or
+    sample, and no subquery or table function (``read_parquet``, ``read_csv``, ...) in the
+    condition. Whether the columns exist is left to the binder (the caller runs it).
+    """
+    if not predicate.strip():
+        raise _where_error(option, predicate, "the predicate is empty")
+    tokens = duckdb.tokenize(predicate)
+    depth = 0
+    for k, (start, kind) in enumerate(tokens):
+        end = tokens[k + 1][0] if k + 1 < len(tokens) else len(predicate)
+        text = predicate[start:end]
+        if kind == duckdb.token_type.comment:
+            raise _where_error(option, predicate, "comments (-- or /* */) are not allowed")
+        if kind != duckdb.token_type.operator:
+            continue
+        for ch in text:
+            if ch == ";":
+                raise _where_error(option, predicate, "';' is not allowed (one expression, "
+                                   "not several statements)")
+            depth += (ch == "(") - (ch == ")")
+            if depth < 0:
+                raise _where_error(option, predicate, "unbalanced parentheses (a ')' closes "
+                                   "more than the predicate opened)")
+    if depth:
+        raise _where_error(option, predicate, "unbalanced parentheses (a '(' is not closed)")
+    (serialized,) = con.execute("SELECT json_serialize_sql(?)",
+                                [f"SELECT * FROM t WHERE ({predicate})"]).fetchall()[0]
+    parsed = json.loads(serialized)
+    if parsed.get("error"):
+        raise _where_error(option, predicate, "not an expression DuckDB can parse ("
+                           f"{parsed.get('error_message') or 'syntax error'})")
+    statements = parsed.get("statements") or []
+    if len(statements) != 1:
+        raise _where_error(option, predicate, "it must be one expression, not several "
+                           "statements")
+    node = statements[0].get("node") or {}
+    source = node.get("from_table") or {}
+    plain = (node.get("type") == "SELECT_NODE" and source.get("type") == "BASE_TABLE"
+             and source.get("table_name") == "t" and not source.get("sample")
+             and not node.get("modifiers") and not node.get("group_expressions")
+             and not node.get("group_sets") and node.get("having") is None
+             and node.get("qualify") is None and node.get("sample") is None
+             and not (node.get("cte_map") or {}).get("map"))
+    if not plain:
+        raise _where_error(option, predicate, "it must be a condition only (no UNION, ORDER BY, "
+                           "GROUP BY, LIMIT or other clauses)")
+    where = node.get("where_clause")
+    table_functions = None
+    for n in _nodes(where):
+        if n.get("class") == "SUBQUERY" or n.get("type") == "SUBQUERY":
+            raise _where_error(option, predicate, "subqueries (SELECT, EXISTS, IN (SELECT ...)) "
+                               "are not allowed")
+        if n.get("class") == "FUNCTION":
+            if table_functions is None:
+                table_functions = {name.lower() for (name,) in con.execute(
+                    "SELECT DISTINCT function_name FROM duckdb_functions() "
+                    "WHERE function_type IN ('table', 'table_macro')").fetchall()}
+            name = str(n.get("function_name", "")).lower()
+            if name in table_functions:
+                raise _where_error(option, predicate, f"table function {name}() is not allowed "
+                                   "(the predicate sees the shard columns only)")
 
 
 def _reason_sql(pattern: str) -> str:
@@ -129,12 +229,15 @@ class DecisionQuery:
                                           "autoinstall_known_extensions": False,
                                           "autoload_known_extensions": False})
         try:
-            self._create_views(fs, files)
+            sources = self._create_views(fs, files)
+            self._lock_down(sources)
+            self._create_selected()
         except BaseException:
             self.con.close()
             raise
 
-    def _create_views(self, fs: "fsspec.AbstractFileSystem", files: list[str]) -> None:
+    def _create_views(self, fs: "fsspec.AbstractFileSystem", files: list[str]) -> list[str]:
+        """``shard_rows`` and ``decisions``; returns the shard files as DuckDB reads them."""
         if is_local(fs):
             sources = files
         else:
@@ -152,8 +255,28 @@ class DecisionQuery:
         # Remote shards are read once (without images) instead of once per query.
         kind = "VIEW" if is_local(fs) else "TEMP TABLE"
         self.con.execute(f"CREATE {kind} decisions AS SELECT * EXCLUDE ({media}) FROM shard_rows")
-        self.con.execute(f"CREATE VIEW selected AS SELECT * FROM decisions WHERE "
-                         f"{self._where_sql()}")
+        return sources
+
+    def _create_selected(self) -> None:
+        # The user's predicate filters only what the other filters kept, and sits in the very
+        # shape check_predicate parsed it in ("SELECT * FROM t WHERE (...)").
+        trusted = self._where_sql()
+        where = self.filters.where
+        if where:
+            self._checked_predicate(where)
+        user = f" WHERE ({where})" if where else ""
+        self.con.execute(f"CREATE VIEW selected AS SELECT * FROM (SELECT * FROM decisions WHERE "
+                         f"{trusted}) AS t{user}")
+
+    def _lock_down(self, sources: list[str]) -> None:
+        """From now on the connection reads the shard files and nothing else, and no query can
+        change that (defence in depth behind :func:`check_predicate`)."""
+        self.con.execute("SET allowed_paths = ?", [list(sources)])
+        ((temp,),) = self.con.execute("SELECT current_setting('temp_directory')").fetchall()
+        if temp:  # spilling of large sorts and joins stays possible
+            self.con.execute("SET allowed_directories = ?", [[str(temp)]])
+        self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET lock_configuration = true")
 
     # ---------------------------------------------------------------------------- filters
 
@@ -167,8 +290,6 @@ class DecisionQuery:
                               + ")")
         if f.reasons:
             conditions.append(self._reason_condition(f.reasons))
-        if f.where:
-            conditions.append(self._checked_predicate(f.where))
         return " AND ".join(conditions)
 
     def _class_condition(self, classes: Sequence[str]) -> str:
@@ -201,15 +322,12 @@ class DecisionQuery:
             alternatives.append(cond)
         return "(" + " OR ".join(alternatives) + ")"
 
-    def _checked_predicate(self, predicate: str) -> str:
-        probe = f"SELECT count(*) FROM decisions WHERE ({predicate})"
-        try:
-            if len(self.con.extract_statements(probe)) != 1:
-                raise QueryError(f"--where {predicate!r}: give one SQL predicate (no ';')")
-            self.con.execute(probe).fetchone()
+    def _checked_predicate(self, predicate: str) -> None:
+        check_predicate(self.con, predicate)
+        try:  # the binder: columns, types and functions exist
+            self.con.execute(f"SELECT count(*) FROM decisions AS t WHERE ({predicate})").fetchall()
         except duckdb.Error as exc:
             raise QueryError(f"--where {predicate!r}: {duckdb_error_line(exc)}") from None
-        return f"({predicate})"
 
     # ---------------------------------------------------------------------------- queries
 

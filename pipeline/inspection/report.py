@@ -373,9 +373,9 @@ def _card(row: dict, options: ReportOptions) -> tuple[str, bool]:
     title = html.escape("\n".join(hover), quote=True)
     caption = html.escape(f"{score} · {row['reason']}")
     image = _decode_image(row.get("image_png"))
-    common = (f'class="card" data-decision="{row["decision"]}" '
+    common = (f'class="card" data-decision="{html.escape(str(row["decision"]), quote=True)}" '
               f'data-sample="{html.escape(str(row["sample_id"]), quote=True)}" '
-              f'data-score="{score}" data-reason="{html.escape(row["reason"], quote=True)}" '
+              f'data-score="{score}" data-reason="{html.escape(str(row["reason"]), quote=True)}" '
               f'title="{title}"')
     if image is None:
         return (f'<figure {common}><div class="noimg" style="width:{options.thumb_size}px;'
@@ -415,12 +415,13 @@ def _gallery_html(classes: list[dict], samples: dict, options: ReportOptions) ->
                 f'<div class="lane" data-decision="{decision}"><div class="lane-head" '
                 f'style="border-color:{DECISION_COLORS[decision]}">{html.escape(note)}</div>'
                 f'<div class="cards">{"".join(cards)}</div></div>')
-        group = FREQUENCY_NAMES.get(c["class_frequency"], c["class_frequency"])
-        name = html.escape(str(c["class_name"]))
+        # Class names and groups come from the shards: text, never markup.
+        group = html.escape(str(FREQUENCY_NAMES.get(c["class_frequency"], c["class_frequency"])))
+        name = html.escape(str(c["class_name"]), quote=True)
         sections.append(
-            f'<section class="gallery" data-class-id="{c["class_id"]}" '
-            f'data-class="{html.escape(str(c["class_name"]), quote=True)}">'
-            f"<h3>{name} <small>(id {c['class_id']}, {group}; {', '.join(totals)})</small>"
+            f'<section class="gallery" data-class-id="{int(c["class_id"])}" '
+            f'data-class="{name}">'
+            f"<h3>{name} <small>(id {int(c['class_id'])}, {group}; {', '.join(totals)})</small>"
             f'</h3><div class="lanes">{"".join(lanes)}</div></section>')
     return "".join(sections), thumbs
 
@@ -500,7 +501,7 @@ def build_report(q: DecisionQuery, options: ReportOptions | None = None) -> tupl
                   '<p class="note">Precision/recall skipped: these rows carry no generator '
                   "truth (truth_failure is empty, e.g. Stable Diffusion candidates).</p>")
     class_options = "".join(
-        f'<option value="{c["class_id"]}">{html.escape(str(c["class_name"]))}</option>'
+        f'<option value="{int(c["class_id"])}">{html.escape(str(c["class_name"]))}</option>'
         for c in gallery_classes)
     gallery_scope = (f"all {n_classes} classes" if len(gallery_classes) == n_classes else
                      f"the {len(gallery_classes)} classes with the most candidates, of "

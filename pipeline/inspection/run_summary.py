@@ -35,6 +35,24 @@ def _skipped_images(run: RunDir, workers: int) -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
+def endpoint_hint(uri: str, storage_options: dict[str, Any] | None) -> str | None:
+    """The S3 endpoint a command needs to reach ``uri`` again (from ``endpoint_url`` or
+    ``client_kwargs.endpoint_url``), without any user name or password in it; None for a
+    local path or the default endpoint."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from pipeline.storage.filesystem import is_uri
+
+    opts = storage_options or {}
+    url = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+    if not url or not is_uri(uri):
+        return None
+    parts = urlsplit(str(url))
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def summarize_run(cfg: RunConfig) -> dict[str, Any]:
     """Counts by decision/reason/frequency group/generator truth, evaluation and timings of the
     finished run in ``cfg.output.dir``."""
@@ -47,7 +65,8 @@ def summarize_run(cfg: RunConfig) -> dict[str, Any]:
     run.fs.invalidate_cache()
     planned = cfg.generation.num_candidates
     summary: dict[str, Any] = {"run": cfg.name, "out": out, "shards": shards_root(out),
-                               "candidates_planned": planned}
+                               "candidates_planned": planned,
+                               "endpoint_url": endpoint_hint(out, opts)}
     if planned:
         with DecisionQuery(out, storage_options=opts or None) as q:
             counts = dict.fromkeys(DECISIONS, 0)
@@ -112,6 +131,8 @@ def summary_text(summary: dict[str, Any]) -> str:
                      f"reasons in summary.json): {names}")
     lines.append(f"decision shards: {summary['shards']}")
     out = summary["out"]
-    lines.append(f"next: bsgal inspect {out}")
-    lines.append(f"      bsgal inspect {out} --html {out}/report.html")
+    # The endpoint only: credentials are never printed.
+    flags = f" --endpoint-url {summary['endpoint_url']}" if summary.get("endpoint_url") else ""
+    lines.append(f"next: bsgal inspect {out}{flags}")
+    lines.append(f"      bsgal inspect {out}{flags} --html {out}/report.html")
     return "\n".join(lines)

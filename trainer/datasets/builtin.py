@@ -1,10 +1,14 @@
 """The built-in long-tailed instance-segmentation set: the embedded default's real data.
 
 Procedural 128 x 128 scenes with 1-4 objects each, ``num_classes`` classes whose looks come from
-:mod:`generators.looks`, split into LVIS frequency groups by how many training images contain
-them: frequent (> 100 images at the default size), common (11-100) and rare (2-6, like LVIS's
-1-10). The validation split is class-balanced so that APr can be measured. Everything is written
-as an LVIS-format folder that the official ``lvis`` package loads::
+:mod:`generators.looks`, planned in turn as frequent, common and rare: a rare class is drawn in
+2-6 training images, a common one in 15-40, the frequent ones fill the other object slots
+(> 100 images each at the default size). Each category's ``frequency`` is then LVIS's group of
+the number of training images that really contain it (rare 1-10, common 11-100, frequent
+> 100; :func:`lvis_frequency`), so on a small set a planned frequent class is labelled common,
+and a label never contradicts ``image_count``. The validation split is class-balanced so that
+APr can be measured. Everything is written as an LVIS-format folder that the official ``lvis``
+package loads::
 
     OUT/train.json  OUT/val.json  OUT/images/train/000000.png  OUT/images/val/000000.png
 
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import io
 import json
+import numbers
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +42,67 @@ RARE_IMAGES = (2, 6)
 COMMON_IMAGES = (15, 40)
 # A real instance that keeps less than this fraction of its pixels after occlusion is dropped.
 MIN_VISIBLE_FRACTION = 0.4
+# LVIS's frequency groups by training images containing the class: rare 1-10, common 11-100.
+LVIS_RARE_MAX_IMAGES = 10
+LVIS_COMMON_MAX_IMAGES = 100
+MIN_CLASSES = 3
+MIN_IMAGE_SIZE = 16  # objects are 8 px at the least
+# The files write_builtin_dataset writes (what --force may delete), besides train/val.json.
+_IMAGE_FILE = re.compile(r"\d{6,}\.png(\.tmp)?")
+
+
+class DatasetSizeError(ValueError):
+    """A size argument of :func:`write_builtin_dataset` below its minimum (or not a whole
+    number); ``name``, ``value`` and ``minimum`` say which, ``why`` what is wrong with it
+    ("is below the minimum 188 (...)")."""
+
+    def __init__(self, name: str, value: object, minimum: int, why: str) -> None:
+        self.name, self.value, self.minimum, self.why = name, value, minimum, why
+        super().__init__(f"{name}={value!r} {why}")
+
+
+def lvis_frequency(image_count: int) -> str:
+    """LVIS's frequency group of a class in ``image_count`` training images: ``r`` (1-10),
+    ``c`` (11-100) or ``f`` (more)."""
+    if image_count < 1:
+        raise ValueError(f"a class in {image_count} training images has no LVIS frequency group")
+    if image_count <= LVIS_RARE_MAX_IMAGES:
+        return "r"
+    return "c" if image_count <= LVIS_COMMON_MAX_IMAGES else "f"
+
+
+def _require(name: str, value: object, minimum: int, why: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise DatasetSizeError(name, value, minimum, f"is not a whole number (minimum {minimum})")
+    if value < minimum:
+        raise DatasetSizeError(name, value, minimum, f"is below the minimum {minimum} ({why})")
+
+
+def _planned_groups(num_classes: int) -> dict[str, int]:
+    groups = [BUILTIN_GROUPS[k % 3] for k in range(num_classes)]
+    return {g: groups.count(g) for g in BUILTIN_GROUPS}
+
+
+def min_train_images(num_classes: int) -> int:
+    """The fewest training images that always hold the plan, whatever the seed: every rare and
+    common class at its most planned images, plus one image per frequent class (an image may
+    hold a single object)."""
+    n = _planned_groups(num_classes)
+    return n["r"] * RARE_IMAGES[1] + n["c"] * COMMON_IMAGES[1] + n["f"]
+
+
+def check_builtin_sizes(num_classes: int, num_train_images: int, num_val_images: int,
+                        image_size: int) -> None:
+    """Raise :class:`DatasetSizeError` naming the first size below its minimum; the one check
+    behind the Python API and ``bsgal data synth``."""
+    _require("num_classes", num_classes, MIN_CLASSES, "one class per frequency group")
+    n = _planned_groups(int(num_classes))
+    _require("num_train_images", num_train_images, min_train_images(int(num_classes)),
+             f"{num_classes} classes: up to {RARE_IMAGES[1]} images for each of the {n['r']} "
+             f"rare classes, {COMMON_IMAGES[1]} for each of the {n['c']} common ones and 1 for "
+             f"each of the {n['f']} frequent ones")
+    _require("num_val_images", num_val_images, 1, "the validation split needs an image")
+    _require("image_size", image_size, MIN_IMAGE_SIZE, "objects are drawn at least 8 px wide")
 
 
 @dataclass(frozen=True)
@@ -49,9 +116,8 @@ class BuiltinClass:
 
 
 def builtin_classes(num_classes: int) -> list[BuiltinClass]:
-    """The class catalogue: ids 1..K, names from the look, groups f/c/r in turn."""
-    if num_classes < 3:
-        raise ValueError(f"num_classes must be >= 3 (one per frequency group), got {num_classes}")
+    """The class catalogue: ids 1..K, names from the look, planned groups f/c/r in turn."""
+    _require("num_classes", num_classes, MIN_CLASSES, "one class per frequency group")
     classes = []
     for k, look in enumerate(make_looks(num_classes)):
         classes.append(BuiltinClass(id=k + 1, name=builtin_class_name(k, look),
@@ -136,11 +202,7 @@ def _plan_train(
         lo, hi = RARE_IMAGES if cls.group == "r" else COMMON_IMAGES
         count = int(rng.integers(lo, hi + 1))
         free = [i for i in range(num_images) if len(plan[i]) < slots[i]]
-        if len(free) < count:
-            raise ValueError(
-                f"num_train_images={num_images} is too small for the planned class counts; "
-                "use at least 200"
-            )
+        # Enough free slots for any draw: check_builtin_sizes (min_train_images).
         for i in rng.choice(free, size=count, replace=False):
             plan[int(i)].append(cls.id)
     frequent = [c.id for c in classes if c.group == "f"]
@@ -231,9 +293,17 @@ def write_builtin_dataset(
 ) -> Path:
     """Write the built-in set as an LVIS-format folder at ``out``; return the folder.
 
-    ``frequency`` of each category is its planned group; ``image_count`` and
-    ``instance_count`` are counted from the training split as LVIS does.
+    ``image_count`` and ``instance_count`` are counted from the training split as LVIS does,
+    and ``frequency`` is the LVIS group of ``image_count`` (:func:`lvis_frequency`). Files
+    already in ``out`` are overwritten where the names match and otherwise kept (``bsgal
+    data synth`` refuses a non-empty folder unless ``--force``, see
+    :func:`remove_builtin_dataset`).
+
+    Raises:
+        DatasetSizeError: a size below its minimum (:func:`check_builtin_sizes`), before any
+            file is written.
     """
+    check_builtin_sizes(num_classes, num_train_images, num_val_images, image_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = builtin_classes(num_classes)
@@ -246,6 +316,11 @@ def write_builtin_dataset(
     for ann in train["annotations"]:
         image_count[ann["category_id"]].add(ann["image_id"])
         instance_count[ann["category_id"]] += 1
+    lost = [c.name for c in classes if not image_count[c.id]]
+    if lost:  # every object of the class was hidden by others: no LVIS group fits
+        raise ValueError(f"seed {seed}: no training image kept an object of {', '.join(lost)} "
+                         f"(occluded); use more training images, a larger image_size or "
+                         "another seed")
     categories = [
         {
             "id": c.id,
@@ -253,7 +328,7 @@ def write_builtin_dataset(
             "synonyms": [c.name, c.name.replace("_", " ")],
             "def": c.look.describe(),
             "synset": f"{c.name}.n.01",
-            "frequency": c.group,
+            "frequency": lvis_frequency(len(image_count[c.id])),
             "image_count": len(image_count[c.id]),
             "instance_count": instance_count[c.id],
             "look": c.look.to_dict(),
@@ -270,3 +345,31 @@ def write_builtin_dataset(
         doc = {"info": info, "licenses": [], "categories": categories, **split}
         _write_atomic(out / name, json.dumps(doc, separators=(",", ":")).encode())
     return out
+
+
+def builtin_dataset_files(out: str | Path) -> list[Path]:
+    """The files of a built-in set in ``out`` (what :func:`write_builtin_dataset` writes:
+    ``train.json``, ``val.json``, ``images/{train,val}/NNNNNN.png``, and the ``.tmp`` files of
+    an interrupted write); nothing else."""
+    out = Path(out)
+    found = [out / name for name in ("train.json", "val.json", "train.json.tmp",
+                                     "val.json.tmp") if (out / name).is_file()]
+    for split in ("train", "val"):
+        folder = out / "images" / split
+        if folder.is_dir():
+            found += sorted(p for p in folder.iterdir()
+                            if _IMAGE_FILE.fullmatch(p.name) and p.is_file())
+    return found
+
+
+def remove_builtin_dataset(out: str | Path) -> int:
+    """Delete the files of a built-in set in ``out`` (:func:`builtin_dataset_files`) and the
+    image folders they leave empty; other files stay. Returns how many files were deleted."""
+    out = Path(out)
+    files = builtin_dataset_files(out)
+    for path in files:
+        path.unlink()
+    for folder in (out / "images" / "train", out / "images" / "val", out / "images"):
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
+    return len(files)
