@@ -244,3 +244,22 @@ def test_small_config_mistakes_are_errors(tmp_path: Path) -> None:
             load_config(path)
         result = CliRunner().invoke(main, ["config", "show", "--config", str(path)])
         assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_progress_lines_give_an_eta_from_the_rates_seen() -> None:
+    import io
+
+    from pipeline.run.progress import ProgressDisplay, TrainerTotals, format_seconds
+
+    display = ProgressDisplay(board=None, candidates=100, steps=50, mode="lines",
+                              stream=io.StringIO())
+    assert display.eta(10.0, TrainerTotals(step=5, decided=10)) is None  # first report
+    # 10 steps in 20 s → 35 steps left ≈ 70 s; 30 candidates in 20 s → 60 left ≈ 40 s.
+    assert display.eta(30.0, TrainerTotals(step=15, decided=40)) == pytest.approx(70.0)
+    # The candidates are the longer part once the steps are nearly done.
+    assert display.eta(50.0, TrainerTotals(step=48, decided=50)) == pytest.approx(
+        50 * 40 / 40)
+    display._print_line({"stages": {}, "ranks": {0: {"step": 48, "decided": 50}},
+                         "elapsed": 50.0}, final=False)
+    assert "ETA 50 s" in display.stream.getvalue()
+    assert [format_seconds(s) for s in (42, 185, 7620)] == ["42 s", "3 min 05 s", "2 h 07 min"]

@@ -335,20 +335,20 @@ def check_data(cfg: RunConfig, report: PreflightReport) -> None:
     for split, dataset, indices in (("validation", val, list(range(len(val)))),
                                     ("training", train, sample)):
         bad = bad_images_of(dataset, indices)
-        what = (f"all {len(indices)} {split} images" if split == "validation"
-                else f"{len(indices)} of {n} training images (an even sample)")
+        what = (f"all {len(indices)} validation images" if split == "validation"
+                else f"{len(indices)} training images sampled evenly from {n}")
         if not bad:
             report.passed.append(f"data: {what} decode")
             continue
         listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        found = f"data: {len(bad)} of {what} do not load"
         if data.bad_images == "error":
             report.add("data.bad_images",
-                       f"data: {len(bad)} of {what} do not load: {listed}. Replace them, or "
-                       "set data.bad_images=skip to leave such images out (named in the "
-                       "summary)")
+                       f"{found}: {listed}. Replace them, or set data.bad_images=skip to leave "
+                       "such images out (named in the summary)")
         else:
-            report.warnings.append(f"data: {len(bad)} of {what} do not load and will be "
-                                   f"skipped (data.bad_images=skip): {listed}")
+            report.warnings.append(f"{found} and will be skipped (data.bad_images=skip): "
+                                   f"{listed}")
 
 
 # ----------------------------------------------------------------------------------- whole

@@ -124,6 +124,7 @@ class ProgressDisplay:
         self._thread: threading.Thread | None = None
         self._bars: dict[str, Any] = {}
         self.last: dict[str, Any] | None = None
+        self._first: tuple[float, int, int] | None = None  # (elapsed, step, decided) seen first
 
     def __enter__(self) -> "ProgressDisplay":
         if self.mode != "off":
@@ -195,6 +196,35 @@ class ProgressDisplay:
             f"{stage} {base_rows + int(snap['stages'].get(stage, [0, 0.0])[0])}/{self.candidates}"
             for stage in STAGES)
         totals = TrainerTotals.of(snap["ranks"])
+        eta = self.eta(snap["elapsed"], totals)
         line = (f"[{snap['elapsed']:6.0f}s] {stages}  train step {totals.step}/{self.steps}: "
-                f"{totals.describe()}")
+                f"{totals.describe()}" + (f", ETA {format_seconds(eta)}" if eta is not None
+                                          else ""))
         print(line, file=self.stream or sys.stdout, flush=True)
+
+    def eta(self, elapsed: float, totals: TrainerTotals) -> float | None:
+        """Seconds left at the rates seen since the trainer's first report: the longer of the
+        steps still scheduled and the candidates still to decide (None before two reports)."""
+        if self._first is None:
+            if totals.step > 0:
+                self._first = (elapsed, totals.step, totals.decided)
+            return None
+        t0, step0, decided0 = self._first
+        dt = elapsed - t0
+        if dt <= 0 or totals.step <= step0:
+            return None
+        left = max(0, self.steps - totals.step) * dt / (totals.step - step0)
+        remaining = self.candidates - self.done_before[0] - totals.decided
+        if remaining > 0 and totals.decided > decided0:
+            left = max(left, remaining * dt / (totals.decided - decided0))
+        return left
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
