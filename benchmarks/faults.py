@@ -8,7 +8,8 @@ Faults (cycled in this order, each at a random number of decided candidates):
 * ``driver_sigint``: Ctrl-C (SIGINT to the driver): it must stop the stream, write a
   checkpoint and its pending rows and exit 130; resumed.
 * ``stage_actor_killed``: a Ray Data stage actor (generation, annotation or checks) gets
-  SIGKILL; Ray Data restarts it and retries its batch, the run finishes by itself.
+  SIGKILL as soon as one is alive (the stages make the 48 candidates within seconds); Ray Data
+  restarts it and retries its batch, the run finishes by itself.
 * ``train_worker_killed``: the Ray Train worker, which holds the shard writer, gets SIGKILL
   (with tiny shards, often while a part file is being written): the run must fail with a
   clear error, not hang; resumed.
@@ -318,10 +319,14 @@ def run_fault(index: int, kind: str, data: Path, work: Path, moto: Moto | None,
     try:
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
-            if decided_rows(out, opts) >= at_rows:
+            # The stages make 48 candidates in about a second and their actors then go away:
+            # a stage actor is hit as soon as one is alive, the rest at a number of rows.
+            due = (session_processes(proc, "MapWorker") if kind == "stage_actor_killed"
+                   else decided_rows(out, opts) >= at_rows)
+            if due:
                 result.injected = inject(kind, proc, moto, rng)
                 break
-            time.sleep(0.2)
+            time.sleep(0.05 if kind == "stage_actor_killed" else 0.2)
         result.first_exit = wait_exit(proc, timeout)
         if result.first_exit is None:
             result.error = f"the run did not end within {timeout:.0f} s after the fault (hang)"

@@ -265,6 +265,7 @@ def check(config_path: str | None, resume_out: str | None, endpoint_url: str | N
     import dataclasses
 
     from pipeline.paths import absolute_paths
+    from pipeline.run.job import cluster_capacity
     from pipeline.run.preflight import preflight
     from pipeline.storage.run_config import resume_config
 
@@ -281,7 +282,8 @@ def check(config_path: str | None, resume_out: str | None, endpoint_url: str | N
             cfg = dataclasses.replace(cfg, output=dataclasses.replace(
                 cfg.output, storage_options={**cfg.output.storage_options, **storage}))
     cfg = absolute_paths(cfg, Path.cwd())
-    report = preflight(cfg, resume=resume_out is not None, connect=connect)
+    report = preflight(cfg, resume=resume_out is not None,
+                       cluster=cluster_capacity if connect else None)
     for line in report.passed:
         click.echo(f"ok       {line}")
     for line in report.warnings:

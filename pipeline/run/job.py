@@ -241,6 +241,22 @@ def remove_failed_start(run: RunDir) -> bool:
     return removed
 
 
+def cluster_capacity(cfg: RunConfig) -> tuple[float, float]:
+    """Connect to ``cfg.ray.address`` and return the CPUs and GPUs the cluster may grow to
+    (for ``bsgal check``); disconnects again."""
+    import ray
+
+    from pipeline.cluster.connect import connect
+
+    already = ray.is_initialized()
+    conn = connect(cfg)
+    try:
+        return conn.max_cpus, conn.max_gpus
+    finally:
+        if not already:
+            ray.shutdown()
+
+
 def _worker_error_line(exc: BaseException) -> str:
     """The last meaningful line of a worker traceback (``SomeError: message``)."""
     text = str(exc)
@@ -280,9 +296,17 @@ def run_job(cfg: RunConfig, *, resume: bool = False, progress: str = "auto",
     try:
         return _checked_run(cfg, run, resume, started, progress, faults, echo)
     except BaseException:
-        if not resume and remove_failed_start(run):
-            echo(f"the run stopped before its first checkpoint: nothing of it was kept in {out}; "
-                 "fix the problem and run the same command again")
+        if not resume:
+            try:
+                removed = remove_failed_start(run)
+            except Exception as exc:  # e.g. the store went away: keep the first error
+                echo(f"the run stopped before its first checkpoint and what it wrote in {out} "
+                     f"could not be removed ({type(exc).__name__}); retry it with "
+                     f"`bsgal run --resume {out}`")
+            else:
+                if removed:
+                    echo(f"the run stopped before its first checkpoint: nothing of it was kept "
+                         f"in {out}; fix the problem and run the same command again")
         raise
 
 

@@ -177,8 +177,10 @@ def local_resources(cfg: RunConfig) -> tuple[float, float]:
     return cpus, gpus
 
 
-def check_ray(cfg: RunConfig, report: PreflightReport, *, connect: bool) -> None:
-    """The address answers; the job fits the local machine, or (``connect``) the cluster."""
+def check_ray(cfg: RunConfig, report: PreflightReport,
+              cluster: Callable[[RunConfig], tuple[float, float]] | None = None) -> None:
+    """The address answers; the job fits this machine, or with ``cluster`` (connects and
+    returns what the cluster may grow to: CPUs, GPUs) the cluster."""
     from pipeline.demand import check_fits
 
     if cfg.ray.address:
@@ -186,32 +188,21 @@ def check_ray(cfg: RunConfig, report: PreflightReport, *, connect: bool) -> None
         if problem is not None:
             report.add("ray.address", f"ray.address: {cfg.ray.address!r}: {problem}")
             return
-        if not connect:
+        if cluster is None:
             report.passed.append(f"Ray answers at {cfg.ray.address}")
             return
-        from pipeline.cluster.connect import connect as ray_connect
-
-        import ray
-
         try:
-            conn = ray_connect(cfg)
+            cpus, gpus = cluster(cfg)
         except ConfigError as exc:
             report.add("ray.address", exc)
             return
-        try:
-            check_fits(cfg, conn.max_cpus, conn.max_gpus)
-            report.passed.append(f"the job fits the cluster at {cfg.ray.address} "
-                                 f"({conn.max_cpus:g} CPUs, {conn.max_gpus:g} GPUs)")
-        except ConfigError as exc:
-            report.add("cluster fit", exc)
-        finally:
-            if conn.started or not cfg.ray.address:
-                ray.shutdown()
-        return
-    cpus, gpus = local_resources(cfg)
+        where = f"the cluster at {cfg.ray.address}"
+    else:
+        cpus, gpus = local_resources(cfg)
+        where = "this machine"
     try:
         check_fits(cfg, cpus, gpus)
-        report.passed.append(f"the job fits this machine ({cpus:g} CPUs, {gpus:g} GPUs)")
+        report.passed.append(f"the job fits {where} ({cpus:g} CPUs, {gpus:g} GPUs)")
     except ConfigError as exc:
         report.add("cluster fit", exc)
 
@@ -354,13 +345,15 @@ def check_data(cfg: RunConfig, report: PreflightReport) -> None:
 # ----------------------------------------------------------------------------------- whole
 
 
-def preflight(cfg: RunConfig, *, resume: bool = False, connect: bool = False
+def preflight(cfg: RunConfig, *, resume: bool = False,
+              cluster: Callable[[RunConfig], tuple[float, float]] | None = None
               ) -> PreflightReport:
     """Check output, Ray, weights and data of ``cfg`` (module docstring); never raises for
-    what it finds: the report holds it."""
+    what it finds: the report holds it. ``cluster``: see :func:`check_ray` (``bsgal run``
+    checks the fit on a cluster once it is connected to it anyway)."""
     report = PreflightReport()
     check_output(cfg, report, resume=resume)
-    check_ray(cfg, report, connect=connect)
+    check_ray(cfg, report, cluster)
     check_weights(cfg, report)
     check_data(cfg, report)
     return report
