@@ -263,3 +263,24 @@ def test_progress_lines_give_an_eta_from_the_rates_seen() -> None:
                          "elapsed": 50.0}, final=False)
     assert "ETA 50 s" in display.stream.getvalue()
     assert [format_seconds(s) for s in (42, 185, 7620)] == ["42 s", "3 min 05 s", "2 h 07 min"]
+
+
+def test_a_trainer_waiting_for_candidates_sees_an_interrupt() -> None:
+    import threading
+
+    from pipeline.run.feed import CandidateFeed
+
+    never = threading.Event()
+
+    def stalled():  # a stream whose next batch does not come (e.g. generation scaling up)
+        never.wait(30)
+        yield {"x": 1}
+
+    feed = CandidateFeed(stalled())
+    asked = threading.Event()
+    threading.Timer(0.3, asked.set).start()
+    started = time.monotonic()
+    batch, waited = feed.next(block=True, interrupted=asked.is_set)
+    assert batch is None and 0.2 < waited < 3 and time.monotonic() - started < 3
+    never.set()
+    feed.close()

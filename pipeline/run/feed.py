@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 END = object()  # the stream is exhausted
@@ -56,16 +56,21 @@ class CandidateFeed:
             except queue.Full:
                 continue
 
-    def next(self, block: bool = True) -> tuple[Any, float]:
-        """The next batch, :data:`END`, or None (``block=False`` and nothing ready yet), with
-        the seconds spent waiting for it."""
+    def next(self, block: bool = True, interrupted: Callable[[], bool] | None = None
+             ) -> tuple[Any, float]:
+        """The next batch, :data:`END`, or None (``block=False`` and nothing ready yet, or
+        ``interrupted()`` turned true while waiting), with the seconds spent waiting for it."""
         if self.exhausted:
             return END, 0.0
         started = time.perf_counter()
-        try:
-            kind, item = self._queue.get(block=block)
-        except queue.Empty:
-            return None, time.perf_counter() - started
+        while True:
+            try:
+                kind, item = self._queue.get(block=block,
+                                             timeout=0.5 if block and interrupted else None)
+                break
+            except queue.Empty:
+                if not block or (interrupted is not None and interrupted()):
+                    return None, time.perf_counter() - started
         waited = time.perf_counter() - started
         if kind == "error":
             raise item

@@ -250,7 +250,7 @@ class TrainWorker:
         decided at once); leave ``self.pool`` None when the stream is done or, when not
         blocking, nothing is ready."""
         while self.pool is None:
-            batch, waited = feed.next(block=block)
+            batch, waited = feed.next(block=block, interrupted=self._poll_stop)
             self.counters.wait_seconds += waited
             if batch is END or batch is None:
                 self.window.add_wait(waited)
