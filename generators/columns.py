@@ -37,6 +37,10 @@ STATUS_OK = "ok"
 INVALID_GENERATION_ERROR = "invalid_generation_error"
 INVALID_UNKNOWN_CLASS = "invalid_unknown_class"
 INVALID_NSFW = "invalid_nsfw"
+# Pool-source failures (generation.backend: pool): the entry's file is not there, or it is
+# there but is not what its form promises (not an image, no alpha, sizes differ).
+INVALID_POOL_MISSING = "invalid_pool_missing"
+INVALID_POOL_ENTRY = "invalid_pool_entry"
 # Annotation and quality-check failures (the trainer checks some of them again).
 INVALID_IMAGE = "invalid_image"
 INVALID_ANNOTATION_ERROR = "invalid_annotation_error"
@@ -58,6 +62,10 @@ DECISION_KINDS = ("accepted", "rejected", "invalid")
 
 #: Columns every prompt row carries (the input rows of the Ray graph).
 PROMPT_COLUMNS = (SAMPLE_ID, CLASS_ID, CLASS_NAME, PROMPT, SEED)
+#: Provenance of a candidate drawn from a pool (empty for online candidates): the pool's URI
+#: and the entry's own id there (X-Paste entry as written, or the earlier sample id).
+SOURCE = "source"
+SOURCE_ID = "source_id"
 
 
 def string_column(values: Iterable[object]) -> np.ndarray:

@@ -73,7 +73,9 @@ class DataConfig:
 class GenerationConfig:
     """Text-to-image generation of candidate objects (Ray Data stage 1)."""
 
-    backend: Literal["procedural", "stable_diffusion"] = "procedural"
+    # procedural / stable_diffusion: generate online; pool: draw from an existing instance
+    # pool (the `pool*` keys below), class-balanced, cycled over epochs.
+    backend: Literal["procedural", "stable_diffusion", "pool"] = "procedural"
     # Hub id or local folder of a diffusers text-to-image pipeline (SD 1.x/2.x/SDXL).
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     scheduler: Literal["dpm_multistep", "ddim", "euler", "pndm", "default"] = "dpm_multistep"
@@ -107,6 +109,20 @@ class GenerationConfig:
     failure_rates: dict = field(
         default_factory=lambda: {"wrong_class": 0.1, "broken": 0.1, "clutter": 0.1, "noise": 0.1}
     )
+    # backend=pool: the pool, local or s3://: an X-Paste/DiverGen pool JSON ({"<LVIS id - 1>":
+    # ["*cut-out.png" | "img|mask" | "rgba.png", ...]}), a folder written by bsgal export-pool
+    # (its pool.json), or an earlier run's folder (its decision shards). The candidates are
+    # placed on image_size x image_size white canvases, longer side pool_fill x image_size.
+    pool: Optional[str] = None
+    pool_format: Literal["auto", "xpaste", "bsgal", "shards"] = "auto"
+    # Shards pools: which decisions of the earlier run are the pool.
+    pool_decisions: list = field(default_factory=lambda: ["accepted"])
+    # {old path prefix: new prefix} applied to the pool's entry paths (e.g. an X-Paste JSON
+    # built on another machine, its images synced to s3://bucket/pool).
+    pool_path_map: dict = field(default_factory=dict)
+    pool_fill: float = 0.8
+    # fsspec options for an s3:// pool (e.g. {"endpoint_url": ...}).
+    pool_storage_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -555,6 +571,26 @@ def validate(cfg: RunConfig) -> None:
             "annotation.sam_checkpoint: required when annotation.backend=sam; download e.g. "
             "sam_vit_h_4b8939.pth and pass annotation.sam_checkpoint=/path/to/it"
         )
+    _check_pool(cfg.generation)
+
+
+def _check_pool(g: GenerationConfig) -> None:
+    """The pool keys of ``generation`` (only read when ``backend`` is ``pool``)."""
+    if g.backend != "pool":
+        return
+    if not g.pool:
+        raise ConfigError("generation.pool: required when generation.backend=pool; give an "
+                          "X-Paste pool JSON, a folder written by bsgal export-pool or a run "
+                          "folder, e.g. generation.pool=/data/xpaste/pool.json")
+    if not 0.0 < g.pool_fill <= 1.0:
+        raise ConfigError(f"generation.pool_fill: must be within (0, 1], got {g.pool_fill}")
+    for d in g.pool_decisions:
+        if d not in ("accepted", "rejected", "invalid"):
+            raise ConfigError(f"generation.pool_decisions: {d!r} is not accepted, rejected "
+                              "or invalid")
+    if not g.pool_decisions:
+        raise ConfigError("generation.pool_decisions: name at least one of accepted, "
+                          "rejected, invalid")
 
 
 def _check_output_dir(out: str) -> None:

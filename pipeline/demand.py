@@ -63,9 +63,10 @@ def _unit(cpus: float, gpus: float, custom: Mapping[str, float] | None = None
 
 
 def run_requests(cfg: RunConfig) -> list[ResourceRequest]:
-    """Each stage pool and the trainer workers as counts of per-unit resource requests."""
+    """Each stage pool and the trainer workers as counts of per-unit resource requests (a run
+    over a pool has no annotation stage: the pool reader stands where generation is)."""
     g, a, t = cfg.generation, cfg.annotation, cfg.training
-    return [
+    requests = [
         ResourceRequest("generation", _unit(g.num_cpus, g.num_gpus, g.resources),
                         g.concurrency, "generation.concurrency", "generation.num_cpus",
                         "generation.num_gpus", "generation.resources"),
@@ -80,6 +81,9 @@ def run_requests(cfg: RunConfig) -> list[ResourceRequest]:
                         t.num_workers, "training.num_workers", "training.num_cpus_per_worker",
                         "training.use_gpu", "training.resources_per_worker"),
     ]
+    if g.backend == "pool":
+        requests = [r for r in requests if r.part != "annotation"]
+    return requests
 
 
 def stage_cpus(cfg: RunConfig) -> float:

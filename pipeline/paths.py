@@ -21,7 +21,7 @@ from pipeline.storage.filesystem import is_uri
 SHIPPED_FILE_KEYS = ("generation.extra_prompts", "generation.external_weights")
 #: Config keys naming paths that must exist where the job runs (too big to ship).
 NODE_PATH_KEYS = ("data.root", "annotation.sam_checkpoint", "training.init_checkpoint",
-                  "generation.model")
+                  "generation.model", "generation.pool")
 
 
 def code_root() -> str:

@@ -250,7 +250,7 @@ class DecisionQuery:
                                 for c in FLOAT_COLUMNS)
         self.con.execute(
             f"CREATE VIEW shard_rows AS SELECT * REPLACE ({nan_to_null}) FROM "
-            f"read_parquet({file_list}, hive_partitioning = true)")
+            f"read_parquet({file_list}, hive_partitioning = true, union_by_name = true)")
         media = ", ".join(MEDIA_COLUMNS)
         # Remote shards are read once (without images) instead of once per query.
         kind = "VIEW" if is_local(fs) else "TEMP TABLE"

@@ -96,13 +96,34 @@ def _build_quality_check(**kwargs: Any) -> Any:
     return QualityCheck(**kwargs)
 
 
+def _build_pool_reader(**kwargs: Any) -> Any:
+    from pipeline.run.pool_stage import PoolReader
+
+    return PoolReader(**kwargs)
+
+
 def stage_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> list[StageSpec]:
-    """The three stages of ``cfg``: config → constructor arguments (docs/contracts.md,
-    Candidate)."""
+    """The stages of ``cfg``: config → constructor arguments (docs/contracts.md, Candidate).
+
+    Online (``generation.backend`` procedural or stable_diffusion): generate, annotate, check.
+    From a pool (``pool``): the pool reader stands in the ``generate`` place (the entries
+    bring their masks, so there is no annotation stage), then the same checks.
+    """
     from annotators import build_annotator
     from generators import build_generator
 
     g, a = cfg.generation, cfg.annotation
+    check_kwargs = {"min_area_ratio": a.min_area_ratio, "max_area_ratio": a.max_area_ratio,
+                    "largest_component": a.largest_component,
+                    "reject_border_touch": a.reject_border_touch,
+                    "clip_model": a.clip_model if a.clip_score else None}
+    check = StageSpec("check", _build_quality_check, check_kwargs, a.check_batch_size,
+                      a.check_concurrency, a.check_num_cpus, a.check_num_gpus)
+    if g.backend == "pool":
+        pool_kwargs = {"image_size": g.image_size,
+                       "fill": g.pool_fill, "storage_options": dict(g.pool_storage_options)}
+        return [StageSpec("generate", _build_pool_reader, pool_kwargs, g.batch_size,
+                          g.concurrency, g.num_cpus, g.num_gpus, dict(g.resources)), check]
     if g.backend == "procedural":
         gen_kwargs: dict[str, Any] = {"backend": "procedural", "categories": list(categories),
                                       "image_size": g.image_size,
@@ -116,17 +137,12 @@ def stage_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> list
     else:
         ann_kwargs = {"backend": "sam", "model_type": a.sam_model_type,
                       "checkpoint": a.sam_checkpoint, "prompt": a.prompt}
-    check_kwargs = {"min_area_ratio": a.min_area_ratio, "max_area_ratio": a.max_area_ratio,
-                    "largest_component": a.largest_component,
-                    "reject_border_touch": a.reject_border_touch,
-                    "clip_model": a.clip_model if a.clip_score else None}
     return [
         StageSpec("generate", build_generator, gen_kwargs, g.batch_size, g.concurrency,
                   g.num_cpus, g.num_gpus, dict(g.resources)),
         StageSpec("annotate", build_annotator, ann_kwargs, a.batch_size, a.concurrency,
                   a.num_cpus, a.num_gpus, dict(a.resources)),
-        StageSpec("check", _build_quality_check, check_kwargs, a.check_batch_size,
-                  a.check_concurrency, a.check_num_cpus, a.check_num_gpus),
+        check,
     ]
 
 

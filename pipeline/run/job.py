@@ -144,10 +144,16 @@ class JobResult:
 
 
 def prompt_sampler(cfg: RunConfig, categories: Sequence[dict[str, Any]]) -> Any:
-    """The run's deterministic prompt stream (row i depends only on seed, run name and i)."""
+    """The run's deterministic prompt stream (row i depends only on seed, run name and i);
+    with ``generation.backend: pool`` the draws from the pool
+    (:class:`pipeline.run.pool_source.PoolDraws`, the same interface)."""
     from generators import ClassVocabulary, PromptSampler
 
     g = cfg.generation
+    if g.backend == "pool":
+        from pipeline.run.pool_source import pool_draws
+
+        return pool_draws(cfg, categories)
     return PromptSampler(ClassVocabulary.from_categories(categories, source="train.json"),
                          run_id=cfg.name, seed=cfg.seed, templates=g.prompt_template,
                          extra_prompts=g.extra_prompts, weighting=g.class_weighting,

@@ -46,7 +46,10 @@ from generators.columns import DECISION_KINDS, STATUS_OK, reason_kind
 from pipeline.errors import UserError
 from pipeline.storage.filesystem import filesystem, is_local, is_uri
 
-SHARD_SCHEMA_VERSION = 1
+#: Version 2 added the provenance columns ``source`` and ``source_id`` (pool candidates);
+#: version 1 shards are still read, with those columns null.
+SHARD_SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SCHEMA_VERSION_KEY = b"bsgal.schema_version"
 #: The hive partitions of the shards, one per kind of reason.
 DECISIONS = DECISION_KINDS
@@ -66,6 +69,8 @@ SCHEMA = pa.schema(
         ("seed", pa.int64()),
         ("generator", pa.string()),
         ("annotator", pa.string()),
+        ("source", pa.string()),
+        ("source_id", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
         ("image_png", pa.binary()),
@@ -438,11 +443,12 @@ def locate_shards(
     for path in files:
         meta = pq.read_schema(path, filesystem=fs).metadata or {}
         version = meta.get(SCHEMA_VERSION_KEY)
-        if version != str(SHARD_SCHEMA_VERSION).encode():
+        if version not in {str(v).encode() for v in READABLE_VERSIONS}:
             found = version.decode() if version else "none"
             raise ShardSchemaError(
-                f"{path}: shard schema version {found}, this bsgal reads version "
-                f"{SHARD_SCHEMA_VERSION}; read it with the bsgal release that wrote it"
+                f"{path}: shard schema version {found}, this bsgal reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; read it with the bsgal release "
+                "that wrote it"
             )
     return fs, root_path, files
 
@@ -477,7 +483,9 @@ def read_decisions(
     version, :class:`StorageError` when the storage cannot be read.
     """
     fs, root_path, files = locate_shards(uri, storage_options)
-    dataset = pads.dataset(files, filesystem=fs, format="parquet",
+    # The current schema: version-1 files read with the newer columns null.
+    schema = pa.schema([*SCHEMA, pa.field("decision", pa.string())])
+    dataset = pads.dataset(files, schema=schema, filesystem=fs, format="parquet",
                            partitioning=pads.partitioning(
                                pa.schema([("decision", pa.string())]), flavor="hive"),
                            partition_base_dir=root_path)

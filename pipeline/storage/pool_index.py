@@ -1,0 +1,308 @@
+"""The index of an instance pool: which entries each class has, read once on the driver.
+
+A pool is one of (``generation.pool_format``; ``auto`` tells them apart):
+
+- ``xpaste``: X-Paste's / DiverGen's instance-pool JSON, ``{"<LVIS id - 1>": [entry, ...]}``,
+  each entry ``*PATH`` (a ready RGBA cut-out), ``IMG|MASK`` (an image and a greyscale mask)
+  or ``PATH`` (an RGBA image to threshold, keep the largest part of and crop); pools built by
+  their scripts lie as ``images/<id - 1>/<n>.png`` beside the JSON;
+- ``bsgal``: the ``pool.json`` that ``bsgal export-pool`` writes (by class id, entries with
+  ``file``, ``sample_id``, ``class_name``, ``mask_score``), or the folder holding it;
+- ``shards``: the decision shards of an earlier run (its folder or its ``shards/``), the rows
+  of ``generation.pool_decisions`` (default: accepted).
+
+Entry paths are opened as written when absolute or a URI, else against the JSON's folder;
+``path_map`` (``{prefix: replacement}``, longest prefix first) rewrites them first, e.g. the
+absolute paths of an X-Paste JSON built on another machine to ``s3://bucket/pool``.
+
+The index holds no image: per class a run of entries in two :class:`PackedStrings` (the
+entry reference a worker opens, and the id the pool gives the entry), plus the mask score
+where the pool records one. 10⁶ entries of 100-character paths take ~230 MB as packed bytes
+and int64 offsets (Python strings would take ~3 x that); the driver keeps it, the workers never
+see it: each candidate row carries its own entry reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserError
+from pipeline.storage.filesystem import filesystem, is_uri
+from pipeline.storage.shards import DECISIONS, ShardSchemaError, locate_shards
+
+POOL_FORMATS = ("xpaste", "bsgal", "shards")
+#: The reference prefix of an entry that is one row of a shard file: ``shard:<uri>#<row>``.
+SHARD_REF = "shard:"
+XPASTE_LAYOUT = ('{"<LVIS id - 1>": ["*/path/cut-out.png", "/path/img.jpg|/path/mask.png", '
+                 '"/path/rgba.png", ...], ...}')
+
+
+class PoolFormatError(UserError, ValueError):
+    """A pool in the wrong layout: the message names the file, what is wrong and the fix."""
+
+
+class PackedStrings:
+    """Many strings as one UTF-8 byte buffer and int64 offsets (``len(self) + 1`` of them).
+
+    ``strings[i]`` decodes string ``i``; memory is the bytes plus 8 per string.
+    """
+
+    def __init__(self, items: Iterable[str]) -> None:
+        encoded = [s.encode() for s in items]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes + self.offsets.nbytes)
+
+
+@dataclasses.dataclass
+class PoolIndex:
+    """A pool's entries grouped by class (see the module docstring).
+
+    Attributes:
+        uri: the pool as given (JSON file, folder or run).
+        format: one of :data:`POOL_FORMATS`.
+        class_ids: int64 [C], the pool's class ids (LVIS ids), ascending.
+        starts: int64 [C + 1]; class ``k``'s entries are ``starts[k]:starts[k + 1]``.
+        refs: [N] what a worker opens (a form prefix and resolved paths, or a shard row).
+        source_ids: [N] the entry's own id in the pool (the X-Paste entry as written, the
+            sample id of a bsgal pool or of a shard row).
+        mask_scores: float32 [N], NaN where the pool records none (X-Paste pools).
+        class_names: class id → the name the pool gives it (bsgal pools and shards only).
+    """
+
+    uri: str
+    format: str
+    class_ids: np.ndarray
+    starts: np.ndarray
+    refs: PackedStrings
+    source_ids: PackedStrings
+    mask_scores: np.ndarray
+    class_names: dict[int, str]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """int64 [C], entries per class."""
+        return np.diff(self.starts)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the index's arrays (bytes)."""
+        return (self.refs.nbytes + self.source_ids.nbytes + self.mask_scores.nbytes
+                + self.class_ids.nbytes + self.starts.nbytes)
+
+
+def _grouped(uri: str, fmt: str, by_class: dict[int, list[tuple[str, str, float]]],
+             names: dict[int, str]) -> PoolIndex:
+    ids = sorted(by_class)
+    starts = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(by_class[c]) for c in ids], out=starts[1:])
+    entries = [e for c in ids for e in by_class[c]]
+    if not entries:
+        raise PoolFormatError(f"{uri}: the pool holds no entries; "
+                              + ("check generation.pool_decisions" if fmt == "shards" else
+                                 f"expected {XPASTE_LAYOUT}" if fmt == "xpaste" else
+                                 "export one with `bsgal export-pool RUN POOL`"))
+    return PoolIndex(uri=uri, format=fmt, class_ids=np.asarray(ids, dtype=np.int64),
+                     starts=starts, refs=PackedStrings(e[0] for e in entries),
+                     source_ids=PackedStrings(e[1] for e in entries),
+                     mask_scores=np.asarray([e[2] for e in entries], dtype=np.float32),
+                     class_names=names)
+
+
+# ------------------------------------------------------------------------------ paths
+
+
+def resolve_path(path: str, base: str, path_map: dict[str, str] | None = None) -> str:
+    """Where an entry path lies: ``path_map``'s longest matching prefix replaced, then
+    absolute paths and URIs as they are and relative ones under ``base`` (the JSON's
+    folder)."""
+    for prefix in sorted(path_map or {}, key=len, reverse=True):
+        if path.startswith(prefix):
+            path = path_map[prefix] + path[len(prefix):]
+            break
+    if is_uri(path) or path.startswith("/"):
+        return path
+    return posixpath.join(base, path)
+
+
+def xpaste_ref(entry: str, base: str, path_map: dict[str, str] | None = None) -> str:
+    """An X-Paste entry with its path(s) resolved, its form kept: ``*P``, ``I|M`` or ``P``."""
+    if entry.startswith("*"):
+        return "*" + resolve_path(entry[1:], base, path_map)
+    if "|" in entry:
+        image, _, mask = entry.partition("|")
+        return resolve_path(image, base, path_map) + "|" + resolve_path(mask, base, path_map)
+    return resolve_path(entry, base, path_map)
+
+
+# ------------------------------------------------------------------------------ formats
+
+
+def detect_format(uri: str, storage_options: dict | None = None) -> tuple[str, str]:
+    """``(format, the file or folder to read)`` of a pool given as a JSON file, a folder with
+    ``pool.json`` / ``xpaste_pool.json``, or a run folder with shards."""
+    fs, path = filesystem(uri, storage_options)
+    path = path.rstrip("/")
+    if path.endswith(".json"):
+        if not fs.exists(path):
+            raise PoolFormatError(f"generation.pool: {uri} does not exist")
+        return ("bsgal" if posixpath.basename(path) == "pool.json" else "xpaste"), uri
+    if not fs.exists(path):
+        raise PoolFormatError(f"generation.pool: {uri} does not exist (give an X-Paste pool "
+                              "JSON, a folder written by bsgal export-pool, or a run folder)")
+    if fs.exists(f"{path}/pool.json"):
+        return "bsgal", f"{uri.rstrip('/')}/pool.json"
+    if fs.exists(f"{path}/shards") or any(fs.exists(f"{path}/decision={d}") for d in DECISIONS):
+        return "shards", uri
+    raise PoolFormatError(
+        f"generation.pool: {uri} holds neither pool.json (bsgal export-pool), nor shards/ (a "
+        "run), and is not a .json file; give the X-Paste pool JSON itself, e.g. "
+        f"{uri.rstrip('/')}/<name>.json, or set generation.pool_format")
+
+
+def _read_json(uri: str, storage_options: dict | None) -> Any:
+    fs, path = filesystem(uri, storage_options)
+    try:
+        with fs.open(path, "rb") as fh:
+            return json.loads(fh.read())
+    except FileNotFoundError:
+        raise PoolFormatError(f"generation.pool: {uri} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PoolFormatError(f"{uri}: not a JSON file ({exc}); a pool index is "
+                              f"{XPASTE_LAYOUT}") from None
+
+
+def _base(uri: str) -> str:
+    return posixpath.dirname(uri.rstrip("/"))
+
+
+def _class_key(uri: str, key: Any, offset: int) -> int:
+    try:
+        return int(key) + offset
+    except (TypeError, ValueError):
+        raise PoolFormatError(
+            f"{uri}: key {key!r} is not a class number; an X-Paste pool is keyed by LVIS id - 1 "
+            f"as a string ({XPASTE_LAYOUT}); a pool keyed by class name must be re-keyed") \
+            from None
+
+
+def read_xpaste(uri: str, storage_options: dict | None = None,
+                path_map: dict[str, str] | None = None) -> PoolIndex:
+    """The index of an X-Paste / DiverGen pool JSON (keys LVIS id - 1, entries strings)."""
+    doc = _read_json(uri, storage_options)
+    if not isinstance(doc, dict):
+        raise PoolFormatError(f"{uri}: the pool is a JSON {type(doc).__name__}, not an object; "
+                              f"expected {XPASTE_LAYOUT}")
+    base = _base(uri)
+    by_class: dict[int, list[tuple[str, str, float]]] = {}
+    for key, entries in doc.items():
+        cid = _class_key(uri, key, 1)
+        if not isinstance(entries, list):
+            raise PoolFormatError(f"{uri}: key {key!r} holds a {type(entries).__name__}, not a "
+                                  f"list of entries; expected {XPASTE_LAYOUT}")
+        rows = by_class.setdefault(cid, [])
+        for n, entry in enumerate(entries):
+            if not isinstance(entry, str) or not entry.strip("*|"):
+                raise PoolFormatError(
+                    f"{uri}: entry {n} of key {key!r} is {entry!r}, not a path; entries are "
+                    "'*PATH' (RGBA cut-out), 'IMG|MASK' or 'PATH' (RGBA to threshold)")
+            rows.append((xpaste_ref(entry, base, path_map), entry, float("nan")))
+    del doc
+    return _grouped(uri, "xpaste", by_class, {})
+
+
+def read_bsgal_pool(uri: str, storage_options: dict | None = None,
+                    path_map: dict[str, str] | None = None) -> PoolIndex:
+    """The index of a ``pool.json`` written by ``bsgal export-pool`` (keys class ids)."""
+    doc = _read_json(uri, storage_options)
+    if not isinstance(doc, dict):
+        raise PoolFormatError(f"{uri}: not a bsgal pool.json (a JSON object keyed by class id)")
+    base = _base(uri)
+    by_class: dict[int, list[tuple[str, str, float]]] = {}
+    names: dict[int, str] = {}
+    for key, entries in doc.items():
+        cid = _class_key(uri, key, 0)
+        rows = by_class.setdefault(cid, [])
+        for n, entry in enumerate(entries if isinstance(entries, list) else [None]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                raise PoolFormatError(
+                    f"{uri}: entry {n} of class {key} has no 'file'; a bsgal pool.json maps a "
+                    "class id to entries {\"file\": \"<class>/<id>.png\", ...} (an X-Paste JSON "
+                    "needs generation.pool_format=xpaste)")
+            names.setdefault(cid, str(entry.get("class_name", "")))
+            score = entry.get("mask_score")
+            rows.append(("*" + resolve_path(entry["file"], base, path_map),
+                         str(entry.get("sample_id", entry["file"])),
+                         float(score) if isinstance(score, (int, float)) else float("nan")))
+    return _grouped(uri, "bsgal", by_class, names)
+
+
+def read_shard_pool(uri: str, decisions: Sequence[str] = ("accepted",),
+                    storage_options: dict | None = None) -> PoolIndex:
+    """The index of an earlier run's decision rows (``decisions`` partitions), read without
+    their images; a reference is ``shard:<file uri>#<row>``."""
+    unknown = [d for d in decisions if d not in DECISIONS]
+    if unknown:
+        raise PoolFormatError(f"generation.pool_decisions: {unknown} not among {DECISIONS}")
+    try:
+        fs, _, files = locate_shards(uri, storage_options)
+    except ShardSchemaError as exc:
+        raise PoolFormatError(f"generation.pool: {exc}") from None
+    by_class: dict[int, list[tuple[str, str, float]]] = {}
+    names: dict[int, str] = {}
+    for path in files:
+        if posixpath.basename(posixpath.dirname(path)).partition("=")[2] not in decisions:
+            continue
+        table = pq.read_table(path, filesystem=fs,
+                              columns=["sample_id", "class_id", "class_name", "mask_score"])
+        where = fs.unstrip_protocol(path) if is_uri(uri) else path
+        for row, (sid, cid, name, score) in enumerate(zip(
+                *(table.column(c).to_pylist() for c in table.column_names))):
+            names.setdefault(int(cid), str(name))
+            by_class.setdefault(int(cid), []).append(
+                (f"{SHARD_REF}{where}#{row}", str(sid),
+                 float("nan") if score is None else float(score)))
+    return _grouped(uri, "shards", by_class, names)
+
+
+def read_pool(uri: str, fmt: str = "auto", *, decisions: Sequence[str] = ("accepted",),
+              storage_options: dict | None = None,
+              path_map: dict[str, str] | None = None) -> PoolIndex:
+    """The :class:`PoolIndex` of a pool (``fmt``: ``auto`` or one of :data:`POOL_FORMATS`).
+
+    Raises:
+        PoolFormatError: the pool is missing, empty or in the wrong layout (the message names
+            the file and the fix).
+    """
+    target = uri
+    if fmt == "auto":
+        fmt, target = detect_format(uri, storage_options)
+    elif fmt == "bsgal" and not uri.rstrip("/").endswith(".json"):
+        target = f"{uri.rstrip('/')}/pool.json"
+    if fmt == "xpaste":
+        return read_xpaste(target, storage_options, path_map)
+    if fmt == "bsgal":
+        return read_bsgal_pool(target, storage_options, path_map)
+    if fmt == "shards":
+        return read_shard_pool(target, decisions, storage_options)
+    raise PoolFormatError(f"generation.pool_format: {fmt!r} is not auto or one of "
+                          f"{POOL_FORMATS}")
