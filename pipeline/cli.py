@@ -325,6 +325,65 @@ def demo(out: str | None, fresh: bool, progress: str, overrides: tuple[str, ...]
     click.echo(summary_text(result.summary))
 
 
+# ------------------------------------------------------------------------------- rescore
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("source")
+@click.option("--checkpoint", "checkpoint", required=True, metavar="CKPT",
+              help="The detector state that judges: RUN/checkpoints/step-N.pt, or a run folder "
+                   "(its latest checkpoint). Its run's config.yaml gives the selection.")
+@click.option("--out", "out", required=True, help="Folder for the decision shards (new).")
+@click.option("--decision", "decisions", multiple=True,
+              type=click.Choice(["accepted", "rejected", "invalid"]),
+              help="SOURCE a run: judge these partitions again; repeat for several "
+                   "(default: accepted and rejected).")
+@click.option("--cache", type=click.Choice(["real", "checkpoint"]), default="real",
+              show_default=True,
+              help="Real-gradient cache: per class from real images at the checkpoint's "
+                   "weights (real), or the caches saved in the checkpoint, held fixed.")
+@click.option("--real-images", default=8, show_default=True, type=click.IntRange(min=1),
+              help="--cache real: real images per class.")
+@click.option("--workers", default=None, type=click.IntRange(min=1),
+              help="Scoring actors (default: one per GPU of the cluster, else one).")
+@functools.partial(storage_flags, what="the source, the checkpoint's run and --out")
+@click.argument("overrides", nargs=-1)
+@user_errors
+def rescore(source: str, checkpoint: str, out: str, decisions: tuple[str, ...], cache: str,
+            real_images: int, workers: int | None, endpoint_url: str | None,
+            storage_pairs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Judge stored candidates again with one detector state, without training, on Ray.
+
+    SOURCE is a run folder (or its shards), a `bsgal export-pool` folder or an X-Paste pool
+    JSON. Every candidate is scored at CKPT's weights with its run's selection settings
+    (batched, on a GPU where the cluster has one) and gets one row in OUT/shards, whose
+    judged_by names CKPT; OUT/rescore.json records the run. OVERRIDES may change only keys
+    that cannot change a decision (ray.*, storage options).
+
+    \b
+    Examples:
+      bsgal rescore runs/demo --checkpoint runs/demo/checkpoints/step-000000200.pt \\
+          --out runs/demo-at-200
+      bsgal inspect runs/demo-at-200 --compare runs/demo
+    """
+    from pipeline.cluster.connect import connect
+    from pipeline.run.rescore import RescoreRequest
+    from pipeline.run.rescore import rescore as run_rescore
+
+    request = RescoreRequest(source=source, checkpoint=checkpoint, out=out,
+                             overrides=tuple(overrides),
+                             decisions=tuple(decisions) or ("accepted", "rejected"),
+                             cache=cache, real_images=real_images, workers=workers,
+                             storage_options=storage_options_from(endpoint_url, storage_pairs))
+    info = run_rescore(request, connect=connect, echo=click.echo)
+    counts = info["counts"]
+    click.echo(f"rescored {info['candidates']} candidates with {info['judged_by']} in "
+               f"{info['seconds']:.0f} s: accepted {counts['accepted']}, rejected "
+               f"{counts['rejected']}, invalid {counts['invalid']}")
+    click.echo(f"decision shards: {out.rstrip('/')}/shards")
+    click.echo(f"next: bsgal inspect {out} --compare {source}")
+
+
 # ------------------------------------------------------------------ inspect, export-pool
 
 from pipeline.inspection.commands import export_pool_command, inspect_command  # noqa: E402

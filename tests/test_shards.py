@@ -186,3 +186,33 @@ def test_preflight_unreachable_s3_fails_fast(s3_server) -> None:
     # Missing bucket on a reachable server.
     with pytest.raises(StorageError, match="no-such-bucket"):
         preflight_writable("s3://no-such-bucket/run", s3_server.storage_options)
+
+
+def test_appended_columns_keep_both_readers_working(tmp_path: Path) -> None:
+    """A 2.0 reader (the schema without the appended columns) reads a 2.x file, and this
+    reader reads a 2.0 file with the appended columns null."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    from pipeline.storage.shards import SCHEMA, SCHEMA_MINOR_KEY, SHARD_SCHEMA_MINOR
+
+    rows = _rows(6)
+    for r in rows:
+        r["judged_by"] = "runs/x/checkpoints/step-000000004.pt@step4"
+    with ShardWriter(str(tmp_path / "new")) as writer:
+        writer.add(rows)
+    files = list_shard_files(str(tmp_path / "new" / "shards"))
+    meta = pq.read_schema(files[0]).metadata
+    assert meta[SCHEMA_MINOR_KEY] == str(SHARD_SCHEMA_MINOR).encode()
+    assert meta[b"bsgal.schema_version"] == b"2"  # what a 2.0 reader checks
+    old_schema = pa.schema([f for f in SCHEMA if f.name != "judged_by"])
+    old = pads.dataset(files, schema=old_schema, format="parquet").to_table()
+    assert old.num_rows == 6 and "judged_by" not in old.column_names
+    assert sorted(old.column("sample_id").to_pylist()) == [r["sample_id"] for r in rows]
+    assert set(read_decisions(str(tmp_path / "new")).column("judged_by").to_pylist()) == {
+        rows[0]["judged_by"]}
+    # a 2.0 file: written without the appended columns
+    for path in files:
+        table = pq.read_table(path).drop(["judged_by"])
+        pq.write_table(table.replace_schema_metadata({b"bsgal.schema_version": b"2"}), path)
+    assert read_decisions(str(tmp_path / "new")).column("judged_by").to_pylist() == [None] * 6

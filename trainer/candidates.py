@@ -130,14 +130,20 @@ def cut_out(position: int, row: Mapping[str, Any], label: int) -> Candidate:
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     image = np.asarray(row["image"])
-    fields = {k: float(v) for k, v in row.items()
-              if k not in ("class_id", "seed") and isinstance(v, (int, float, np.integer,
-                                                                  np.floating))
-              and not isinstance(v, (bool, np.bool_))}
     return Candidate(position=position, sample_id=str(row["sample_id"]),
                      class_id=int(row["class_id"]), label=label,
                      rgb=np.ascontiguousarray(image[y0:y1, x0:x1]),
-                     mask=np.ascontiguousarray(mask[y0:y1, x0:x1]), fields=fields)
+                     mask=np.ascontiguousarray(mask[y0:y1, x0:x1]),
+                     fields=numeric_fields(row))
+
+
+def numeric_fields(row: Mapping[str, Any]) -> dict[str, float]:
+    """A row's numeric scalar columns (``mask_score``, ``clip_score``, ...), the fields the
+    quality gates and field thresholds read (``class_id`` and ``seed`` left out)."""
+    return {k: float(v) for k, v in row.items()
+            if k not in ("class_id", "seed") and isinstance(v, (int, float, np.integer,
+                                                                np.floating))
+            and not isinstance(v, (bool, np.bool_))}
 
 
 def nan_if_none(value: float | None) -> float:

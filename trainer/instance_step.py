@@ -119,20 +119,20 @@ class InstanceStep:
             if passing and self.selector.needs_contribution:
                 if not real_test:
                     raise ValueError("contribution scores need the real 'test' batch")
-                poisoned = self._update_caches(real_test, {c.class_id: c.label for c in passing})
+                poisoned = self.update_caches(real_test, {c.class_id: c.label for c in passing})
                 for c in [c for c in passing if c.class_id in poisoned]:
                     decisions[c.position] = invalid_decision(INVALID_NAN_REAL_GRAD, step=step,
                                                              policy=self.selector.policy_name)
                 passing = [c for c in passing if c.class_id not in poisoned]
                 visible = [c for c in visible if c.position not in decisions]
-                grads = self._instance_gradients(images, targets,
+                grads = self.instance_gradients(images, targets,
                                                  [row_of[c.position] for c in passing],
                                                  [c.label for c in passing])
                 for c, g in zip(passing, grads):
                     by_position[c.position] = self.selector.contribution(c.class_id, g)
             elif passing:  # loss
                 with torch.no_grad():
-                    own_losses = self._instance_losses(images, targets,
+                    own_losses = self.instance_losses(images, targets,
                                                        [row_of[c.position] for c in passing],
                                                        [c.label for c in passing])
                 for c, loss in zip(passing, own_losses.tolist()):
@@ -156,7 +156,7 @@ class InstanceStep:
 
     # -- scoring ---------------------------------------------------------------------------
 
-    def _instance_losses(self, images: list[torch.Tensor], targets: list[dict[str, Any]],
+    def instance_losses(self, images: list[torch.Tensor], targets: list[dict[str, Any]],
                          rows: list[int], labels: list[int]) -> torch.Tensor:
         """K losses ℓ_k of the candidates at ``rows`` (attached to `params`)."""
         index = torch.as_tensor(rows, dtype=torch.int64)
@@ -166,14 +166,14 @@ class InstanceStep:
                                                                     device=pooled.device))
         return self.backend.gt_box_losses(images, targets)[index.to(self.backend.device)]
 
-    def _instance_gradients(self, images: list[torch.Tensor], targets: list[dict[str, Any]],
+    def instance_gradients(self, images: list[torch.Tensor], targets: list[dict[str, Any]],
                             rows: list[int], labels: list[int]) -> torch.Tensor:
         """K x P gradients ∇ℓ_k over `params`."""
         with torch.enable_grad():
-            return exact_gradients(self._instance_losses(images, targets, rows, labels),
+            return exact_gradients(self.instance_losses(images, targets, rows, labels),
                                    self.params)
 
-    def _update_caches(self, real_test: Sequence[dict[str, Any]], labels: dict[int, int]
+    def update_caches(self, real_test: Sequence[dict[str, Any]], labels: dict[int, int]
                        ) -> set[int]:
         """Fold each candidate class's real gradient (its boxes in the real "test" batch) into
         that class's cache; a class without a real box this step keeps its cache as it is.

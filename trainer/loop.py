@@ -332,23 +332,24 @@ class DetectorTrainer:
             return self.mode == "faithful"
         return self.selector.uses_lookahead
 
-    def paste_next(self, pool: list[Candidate]) -> PastedBatch:
+    def paste_next(self, pool: list[Candidate], real_test: bool = True) -> PastedBatch:
         """Take candidates out of ``pool`` and paste them onto the next ``batch_size`` real
-        images; also draw the real "test" batch when the step needs one."""
+        images; also draw the real "test" batch when the step needs one (and ``real_test``:
+        `trainer.rescore` brings its own real gradients)."""
         samples = [self.real[i] for i in self.sampler.next_indices(self.batch_size)]
         per_image = self.paster.assign(pool, len(samples))
         pasted = [self.paster.paste(s, c) for s, c in zip(samples, per_image)]
         used = [c for chosen in per_image for c in chosen]
         class_ids = [c.class_id for c in used]
-        real_test = None
-        if self._needs_real_test():
+        test: list[dict[str, Any]] | None = None
+        if real_test and self._needs_real_test():
             count = self.real_batch_size
             if self.instance_step is not None:  # one real image per candidate class at least
                 count = max(count, len(set(class_ids)))
-            real_test = [self.real[i] for i in self.test_sampler.sample(class_ids, count)]
+            test = [self.real[i] for i in self.test_sampler.sample(class_ids, count)]
         names = sorted(set.intersection(*(set(c.fields) for c in used))) if used else []
         fields = {name: [c.fields[name] for c in used] for name in names}
-        return PastedBatch(pasted, used, class_ids, real_test, fields)
+        return PastedBatch(pasted, used, class_ids, test, fields)
 
     def train_pasted(self, batch: PastedBatch
                      ) -> tuple[StepOutcome | InstanceOutcome, dict[str, Any]]:

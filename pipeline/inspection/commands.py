@@ -85,14 +85,19 @@ def _human_bytes(n: float) -> str:
               help="HTML: classes with a gallery, at most (those with most candidates).")
 @click.option("--seed", default=0, show_default=True, help="HTML: seed of the thumbnail "
               "sample.")
+@click.option("--compare", "other", metavar="OTHER",
+              help="Compare with another judgement of the same candidates (e.g. the run and "
+                   "its `bsgal rescore`, or two rescorings), joined on sample_id: who judged, "
+                   "decision transitions, and per class which rejections became acceptances "
+                   "and the reverse. The filters apply to URI's side.")
 @storage_flags
 @user_errors
 def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ...],
                     reasons: tuple[str, ...], where: str | None, as_json: bool, as_csv: bool,
                     tables: tuple[str, ...], show_rows: bool, limit: int, top: int,
                     step_bins: int, html_path: str | None, thumbs_per_class: int,
-                    thumb_size: int, max_classes: int, seed: int, endpoint_url: str | None,
-                    storage_pairs: tuple[str, ...]) -> None:
+                    thumb_size: int, max_classes: int, seed: int, other: str | None,
+                    endpoint_url: str | None, storage_pairs: tuple[str, ...]) -> None:
     """What was accepted and rejected in a run, and why.
 
     URI is a run folder or its shards folder, local or s3://. Prints counts by decision and
@@ -107,6 +112,7 @@ def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ..
       bsgal inspect s3://bucket/run --where "score > 0.2 AND step > 1000" --json
       bsgal inspect runs/demo --csv --table classes > classes.csv
       bsgal inspect runs/demo --html report.html
+      bsgal inspect runs/rescored --compare runs/demo
     """
     if as_json and as_csv:
         raise click.UsageError("--json and --csv exclude each other")
@@ -120,6 +126,15 @@ def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ..
 
     storage = storage_options_from(endpoint_url, storage_pairs)
     with _open_query(uri, classes, decisions, reasons, where, remote_options(uri, storage)) as q:
+        if other:
+            from pipeline.inspection.compare import compare
+            from pipeline.inspection.render import summary_json, summary_text
+
+            with _open_query(other, (), (), (), None, remote_options(other, storage)) as o:
+                result = compare(q, o)
+            click.echo(summary_json(result) if as_json else summary_text(result, top=top),
+                       nl=False)
+            return
         if html_path:
             from pipeline.inspection.report import ReportOptions, write_report
 

@@ -27,6 +27,8 @@ from generators.columns import (
     GENERATOR,
     INVALID_UNKNOWN_CLASS,
     PROMPT,
+    SAMPLE_ID,
+    SEED,
     SOURCE,
     SOURCE_ID,
     STATUS,
@@ -34,6 +36,7 @@ from generators.columns import (
     string_column,
 )
 from generators.pool_sampler import POOL_ENTRY, PoolSampler
+from generators.prompts import make_sample_id
 from pipeline.config import ConfigError, RunConfig
 from pipeline.run.pool_stage import POOL_REF
 from pipeline.storage.pool_index import PoolFormatError, PoolIndex, read_pool
@@ -82,7 +85,26 @@ class PoolDraws:
     def sample_positions(self, positions: np.ndarray) -> dict[str, np.ndarray]:
         """The draw rows at ``positions`` (module docstring)."""
         rows = self.sampler.sample_positions(positions)
-        entries = rows.pop(POOL_ENTRY)
+        return self._with_entries(rows, rows.pop(POOL_ENTRY))
+
+    def every_entry(self) -> dict[str, np.ndarray]:
+        """One row per entry of the pool, in the index's order, each once (``bsgal
+        rescore``): ``seed`` is the row's position; ``sample_id`` is the entry's own id for
+        an earlier run's shards (the rows judged again keep their ids) and otherwise a hash
+        of the pool and the entry's id, the same for every rescoring of the pool."""
+        index = self.index
+        entries = np.arange(len(index), dtype=np.int64)
+        cids = np.repeat(index.class_ids, index.counts).astype(np.int64)
+        if index.format == "shards":
+            ids = [index.source_ids[int(e)] for e in entries]
+        else:
+            ids = [make_sample_id(f"pool:{index.uri}", int(c), index.source_ids[int(e)], 0)
+                   for c, e in zip(cids, entries)]
+        rows = {SAMPLE_ID: string_column(ids), CLASS_ID: cids, SEED: entries.copy()}
+        return self._with_entries(rows, entries)
+
+    def _with_entries(self, rows: dict[str, np.ndarray], entries: np.ndarray
+                      ) -> dict[str, np.ndarray]:
         cids = rows[CLASS_ID]
         problems = [self.problems[int(c)] for c in cids]
         rows[CLASS_NAME] = string_column(self.names.get(int(c), self.index.class_names.get(

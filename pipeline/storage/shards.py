@@ -51,6 +51,12 @@ from pipeline.storage.filesystem import filesystem, is_local, is_uri
 SHARD_SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 SCHEMA_VERSION_KEY = b"bsgal.schema_version"
+#: Minor versions only append columns, so a reader of version 2.0 reads a 2.x file (it
+#: selects the columns it knows and ignores the rest), and this reader reads 2.0 files with
+#: the newer columns null. 2.1 appended ``judged_by`` (which detector state decided the row:
+#: ``""`` for the run's own trainer, the checkpoint for ``bsgal rescore``).
+SHARD_SCHEMA_MINOR = 1
+SCHEMA_MINOR_KEY = b"bsgal.schema_minor"
 #: The hive partitions of the shards, one per kind of reason.
 DECISIONS = DECISION_KINDS
 PART_NAME = re.compile(r"^part-r(?P<rank>\d+)-(?P<start>\d+)-(?P<end>\d+)\.parquet$")
@@ -91,8 +97,11 @@ SCHEMA = pa.schema(
         ("batch_id", pa.string()),
         ("method", pa.string()),
         ("decided_at", pa.timestamp("ms", tz="UTC")),
+        # 2.1
+        ("judged_by", pa.string()),
     ],
-    metadata={SCHEMA_VERSION_KEY: str(SHARD_SCHEMA_VERSION).encode()},
+    metadata={SCHEMA_VERSION_KEY: str(SHARD_SCHEMA_VERSION).encode(),
+              SCHEMA_MINOR_KEY: str(SHARD_SCHEMA_MINOR).encode()},
 )
 
 
