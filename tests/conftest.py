@@ -215,6 +215,11 @@ def make_rows(plan=PLAN, size: tuple[int, int] = (40, 48), seed: int = 0,
             "truth_class_id": cid if truth else -1, "score": score, "threshold": threshold,
             "accepted": reason == "accepted", "reason": reason, "step": step, "rank": 0,
             "cache_norm": 1.0, "batch_id": f"b{step}", "method": "bsgal",
+            # device-seconds per stage (invalid rows were never scored or trained on)
+            "cost_generate": 0.5, "cost_annotate": 0.2, "cost_check": 0.05,
+            "cost_score": 0.0 if reason.startswith("invalid") else 0.1,
+            "cost_train": 0.0 if reason.startswith("invalid") else 0.3,
+            "cost_units": "generate=CPU,annotate=CPU,check=CPU,score=CPU,train=CPU",
         })
     return rows
 

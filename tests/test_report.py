@@ -408,6 +408,14 @@ def test_report_in_headless_chromium(run_dir, tmp_path: Path) -> None:
         assert urls and all(u.startswith(("file:", "data:")) for u in urls), urls
         errors = [e for e in browser.events if e.get("method") == "Runtime.exceptionThrown"]
         assert errors == []
+        # Where the time went: one drawn bar per stage, the longest for the costliest stage
+        # per accepted instance (the fixture's rows: train 0.3 s, generate 0.5 s).
+        bars = browser.js("Array.from(document.querySelectorAll('#cost-chart rect.cost-bar'))"
+                          ".map(r => [r.dataset.stage, r.getBoundingClientRect().width])")
+        assert [s for s, _ in bars] == ["generate", "annotate", "check", "score", "train"]
+        widths = dict(bars)
+        assert widths["generate"] == max(widths.values()) and widths["check"] > 0
+        assert widths["train"] > widths["annotate"] > widths["check"]
         # A full-page screenshot kept as an artifact.
         browser.js("window.scrollTo(0, 0)")
         height = browser.js("document.documentElement.scrollHeight")

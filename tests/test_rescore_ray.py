@@ -40,7 +40,30 @@ def demo_run(local_ray, builtin_data: Path, tmp_path_factory: pytest.TempPathFac
     code, text = invoke_cli("demo", "--out", str(out), "--progress", "off",
                             *overrides(builtin_data, **{"output.keep_checkpoints": 5}))
     assert code == 0, text
+    # the demo summary's cost line (item 4)
+    assert "cost per accepted instance: " in text and " CPU-s (generate " in text, text
     return out
+
+
+def test_every_row_of_the_run_records_what_each_stage_cost(demo_run: Path) -> None:
+    rows = read_decisions(str(demo_run), columns=[
+        "decision", "cost_generate", "cost_annotate", "cost_check", "cost_score",
+        "cost_train", "cost_units"]).to_pylist()
+    assert {r["cost_units"] for r in rows} == {
+        "generate=CPU,annotate=CPU,check=CPU,score=CPU,train=CPU"}
+    assert all(r["cost_generate"] > 0 and r["cost_annotate"] > 0 and r["cost_check"] > 0
+               for r in rows)
+    pasted = [r for r in rows if r["decision"] != "invalid"]
+    assert pasted and all(r["cost_train"] > 0 for r in pasted)
+    assert any(r["cost_score"] > 0 for r in pasted)
+    summary = json.loads((demo_run / "summary.json").read_text())
+    cost = summary["cost"]
+    accepted = sum(r["decision"] == "accepted" for r in rows)
+    spent = sum(r[f"cost_{s}"] for r in rows for s in
+                ("generate", "annotate", "check", "score", "train"))
+    assert cost["all"]["per_accepted"] == pytest.approx(spent / accepted)
+    code, text = invoke_cli("inspect", str(demo_run), "--table", "cost_classes")
+    assert code == 0 and "Cost per accepted instance by class" in text, text
 
 
 def _rescore(run: Path, checkpoint: str, out: Path) -> dict:
@@ -69,6 +92,11 @@ def test_two_checkpoints_judge_the_stored_candidates_apart(demo_run: Path,
         assert ckpt in info["judged_by"] and {r["step"] for r in rows} == {step}
         assert all(r["source_id"] == r["sample_id"] and r["image_png"] for r in rows)
         assert all(r["class_id"] == stored[r["sample_id"]]["class_id"] for r in rows)
+        # a rescoring costs reading, checking and scoring, and no training
+        costs = read_decisions(str(tmp_path / name),
+                               columns=["cost_score", "cost_train"]).to_pylist()
+        assert all(c["cost_train"] == 0 for c in costs) and any(c["cost_score"] > 0
+                                                                for c in costs)
         assert sorted(r["stream_offset"] for r in rows) == list(range(len(stored)))
         judged[name] = {r["sample_id"]: r for r in rows}
     # rescoring trains nothing: the run's checkpoints are as they were

@@ -30,6 +30,7 @@ Each candidate's row keeps its own score, threshold, reason and cache norm.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,8 @@ class InstanceOutcome:
         losses: the trained loss terms (floats).
         num_generated: visible generated instances before the decision.
         num_accepted: candidates accepted (all visible; the trained images hold them).
+        score_seconds: wall time of the scoring and the decisions (the rest of the step is
+            training: re-rendering, the stock loss and its backward).
     """
 
     decisions: dict[int, Decision]
@@ -70,6 +73,7 @@ class InstanceOutcome:
     losses: dict[str, float] = field(default_factory=dict)
     num_generated: int = 0
     num_accepted: int = 0
+    score_seconds: float = 0.0
 
 
 class InstanceStep:
@@ -101,6 +105,7 @@ class InstanceStep:
             real_test: Sequence[dict[str, Any]] | None,
             rerender: Callable[[PastedImage, set[int]], PastedImage]) -> InstanceOutcome:
         """Decide on every candidate of ``pasted`` and leave the training gradients."""
+        started = time.perf_counter()
         device = self.backend.device
         instances = generated_instances(pasted)
         row_of = {int(p): int(r) for p, r in zip(instances.positions, instances.rows)}
@@ -145,6 +150,7 @@ class InstanceStep:
         for c, d in zip(visible, judged):
             decisions[c.position] = d
         keep = {p for p, d in decisions.items() if d.accepted}
+        score_seconds = time.perf_counter() - started
         if keep:
             trained = [rerender(p, keep) for p in pasted]
             losses = self._backward_stock(*pasted_inputs(trained, device), step, "pasted")
@@ -152,7 +158,8 @@ class InstanceStep:
         else:
             losses = self._backward_stock(*original_inputs(pasted, device), step, "original")
             trained_on = TRAINED_ON_ORIGINAL
-        return InstanceOutcome(decisions, trained_on, losses, len(instances), len(keep))
+        return InstanceOutcome(decisions, trained_on, losses, len(instances), len(keep),
+                               score_seconds)
 
     # -- scoring ---------------------------------------------------------------------------
 

@@ -92,11 +92,15 @@ class CandidatePool:
         records: one decision row per incoming row, in input order (None until decided).
         waiting: checked candidates not pasted yet.
         first_offset: stream offset of the batch's first row.
+        seconds: per incoming row, its share of its step's wall time spent (scoring, the rest
+            of the step: pasting, training, the optimizer); (0, 0) for rows decided before
+            pasting. Kept apart from the decisions, which are deterministic.
     """
 
     records: list[dict[str, Any] | None]
     waiting: list[Candidate]
     first_offset: int
+    seconds: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -278,7 +282,8 @@ class DetectorTrainer:
                              "data only: call train_real_step()")
         rows = batch_rows(batch)
         pool = CandidatePool(records=[None] * len(rows), waiting=[],
-                             first_offset=self.stream_offset)
+                             first_offset=self.stream_offset,
+                             seconds=[(0.0, 0.0)] * len(rows))
         for position, row in enumerate(rows):
             reason = check_candidate(row, self.label_of, self.min_mask_pixels)
             if reason is None:
@@ -300,6 +305,15 @@ class DetectorTrainer:
         batch = self.paste_next(pool.waiting)
         outcome, log = self.train_pasted(batch)
         log["seconds"] = time.perf_counter() - started  # pasting included
+        # Each pasted candidate's share of the step: scoring (instance level; at batch level
+        # the scoring gradients are the training backward's split, so all of it is training)
+        # and the rest (pasting, training, the optimizer).
+        n = max(1, len(batch.candidates))
+        scoring = outcome.score_seconds if isinstance(outcome, InstanceOutcome) else 0.0
+        share = (scoring / n, max(0.0, log["seconds"] - scoring) / n)
+        log["score_seconds"] = scoring
+        for c in batch.candidates:
+            pool.seconds[c.position] = share
         if isinstance(outcome, InstanceOutcome):
             for c in batch.candidates:
                 d = outcome.decisions[c.position]

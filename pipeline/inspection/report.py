@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from pipeline.inspection.costs import NO_COSTS, cost_by_class, cost_by_stage
 from pipeline.inspection.query import DecisionQuery, sql_string
 from pipeline.inspection.render import describe_filters, format_value
 from pipeline.inspection.summary import (
@@ -296,6 +297,42 @@ def steps_svg(table: Table) -> str:
     return "".join(parts) + legend
 
 
+STAGE_COLORS = {"generate": "#1f5fa8", "annotate": "#7a52a3", "check": "#999999",
+                "score": "#d9822b", "train": "#2e9e5b"}
+
+
+def cost_svg(table: Table) -> str:
+    """Where the time went: one bar per stage, its device-seconds per accepted instance
+    (length) and its share of all (label)."""
+    rows = [r for r in table.rows if r["stage"] != "all"]
+    top = max((r["per_accepted"] or 0.0) for r in rows) if rows else 0.0
+    if not rows or top <= 0:
+        return '<p class="empty">No device time recorded in this selection.</p>'
+    W, L, R, bar, gap = 640, 80, 170, 18, 8
+    H = len(rows) * (bar + gap) + gap
+    pw = W - L - R
+    parts = [f'<svg id="cost-chart" xmlns="http://www.w3.org/2000/svg" width="{W}" '
+             f'height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="device time per '
+             'accepted instance by stage">']
+    for i, r in enumerate(rows):
+        y = gap + i * (bar + gap)
+        value = r["per_accepted"] or 0.0
+        width = value / top * pw
+        label = (f'{_fmt(value)} {html.escape(r["unit"])} '
+                 f'({format_value(r["share"], "rate")})')
+        parts.append(f'<text x="{L - 6}" y="{y + bar - 5}" text-anchor="end" font-size="11">'
+                     f'{html.escape(r["stage"])}</text>')
+        parts.append(f'<rect class="cost-bar" data-stage="{html.escape(r["stage"])}" x="{L}" '
+                     f'y="{y}" width="{width:.1f}" height="{bar}" '
+                     f'fill="{STAGE_COLORS.get(r["stage"], "#555")}"><title>{r["stage"]}: '
+                     f'{_fmt(r["device_seconds"])} {html.escape(r["unit"])} in all, '
+                     f'{label} per accepted instance</title></rect>')
+        parts.append(f'<text x="{L + width + 6:.1f}" y="{y + bar - 5}" font-size="11">'
+                     f'{label}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 # ------------------------------------------------------------------------------------ tables
 
 
@@ -519,6 +556,14 @@ def build_report(q: DecisionQuery, options: ReportOptions | None = None) -> tupl
     margin_html = ("<h3>Score relative to the threshold in force (the threshold moved)</h3>"
                    + histogram_svg(q, options.histogram_bins, margin=True)
                    if t05 is not None and t95 > t05 else "")
+    cost_table = cost_by_stage(q)
+    cost_html = ('<p class="note">Device-seconds per accepted instance by stage (all spent on '
+                 "the selected candidates, accepted or not, over the accepted ones).</p>"
+                 + cost_svg(cost_table) + table_html(cost_table, "cost-table")
+                 + table_html(cost_by_class(q), "cost-classes-table")
+                 if cost_table is not None else f'<p class="note">{html.escape(NO_COSTS)}.</p>')
+    meta["cost_per_accepted"] = (cost_table.rows[-1]["per_accepted"]
+                                 if cost_table is not None else None)
     meta_json = json.dumps(meta).replace("<", "\\u003c")  # cannot close the script element
     esc = html.escape
     page = f"""<!DOCTYPE html>
@@ -539,6 +584,8 @@ files &middot; filters: {esc(describe_filters(meta['filters']))} &middot; {selec
 {histogram_svg(q, options.histogram_bins)}
 {margin_html}
 {table_html(score_quantiles(q), "scores-table")}
+<h2>Cost: where the time went</h2>
+{cost_html}
 <h2>Acceptance over training steps</h2>
 {steps_svg(acceptance_over_steps(q, options.step_points))}
 <h2>Galleries</h2>

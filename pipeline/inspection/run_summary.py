@@ -57,6 +57,7 @@ def summarize_run(cfg: RunConfig) -> dict[str, Any]:
     """Counts by decision/reason/frequency group/generator truth, evaluation and timings of the
     finished run in ``cfg.output.dir``."""
     from pipeline.inspection.query import DecisionQuery
+    from pipeline.inspection.costs import cost_summary
     from pipeline.inspection.summary import frequency_groups, truth_by_failure
 
     out, opts = cfg.output.dir.rstrip("/"), cfg.output.storage_options
@@ -79,9 +80,10 @@ def summarize_run(cfg: RunConfig) -> dict[str, Any]:
             summary["groups"] = frequency_groups(q).records()
             truth = truth_by_failure(q)
             summary["truth_failures"] = truth.records() if truth is not None else None
+            summary["cost"] = cost_summary(q)
     else:
         counts, rows, distinct = {"accepted": 0, "rejected": 0, "invalid": 0}, 0, 0
-        summary.update(reasons={}, groups=[], truth_failures=None)
+        summary.update(reasons={}, groups=[], truth_failures=None, cost=None)
     summary["decisions"] = {**counts, "rows": int(rows), "distinct_sample_ids": int(distinct)}
     summary["counts_add_up"] = bool(rows == planned == distinct
                                     and sum(counts.values()) == planned)
@@ -116,6 +118,11 @@ def summary_text(summary: dict[str, Any]) -> str:
         parts = [f"{t['truth_failure']} {_pct(t['accept_rate'])}"
                  for t in summary["truth_failures"]]
         lines.append("accepted by generator outcome (built-in truth): " + ", ".join(parts))
+    from pipeline.inspection.costs import cost_line
+
+    line = cost_line(summary.get("cost"))
+    if line:
+        lines.append(line)
     ev = summary.get("eval")
     if ev:
         for iou in ("segm", "bbox"):

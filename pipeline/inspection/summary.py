@@ -265,16 +265,22 @@ def summarize(q: DecisionQuery, names: tuple[str, ...] | None = None, step_bins:
         "steps": lambda: acceptance_over_steps(q, step_bins),
         "truth": lambda: truth_precision_recall(q),
         "truth_failures": lambda: truth_by_failure(q),
+        "cost": lambda: cost_by_stage(q),
+        "cost_classes": lambda: cost_by_class(q),
         "rows": lambda: matching_rows(q, row_limit),
     }
-    truth_note_given = False
+    from pipeline.inspection.costs import NO_COSTS, cost_by_class, cost_by_stage
+
+    skipped = {"truth": "precision/recall skipped: no generator truth in these rows "
+                        "(truth_failure is empty, e.g. Stable Diffusion candidates)",
+               "truth_failures": "truth", "cost": NO_COSTS, "cost_classes": NO_COSTS}
     for name in wanted:
         table = builders[name]()
         if table is None:
-            if not truth_note_given:
-                notes.append("precision/recall skipped: no generator truth in these rows "
-                             "(truth_failure is empty, e.g. Stable Diffusion candidates)")
-                truth_note_given = True
+            note = skipped[name]
+            note = skipped[note] if note in skipped else note
+            if note not in notes:
+                notes.append(note)
             continue
         tables.append(table)
     selected = q.count()

@@ -115,6 +115,7 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
     import ray
 
     from generators.columns import reason_kind
+    from pipeline.run.costs import row_costs, stage_devices, units_text
     from pipeline.run.datasets import train_categories
     from pipeline.run.graph import (
         StageSpec,
@@ -167,6 +168,8 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
              "cache": request.cache, "real_images": request.real_images},
             size, workers, float(cfg.training.num_cpus_per_worker), gpus))
         ds = build_candidate_dataset(cfg, rows, categories, specs=specs)
+        devices = stage_devices(cfg, gpus > 0)  # the score stage holds what the trainer would
+        units = units_text(devices)
         counts = dict.fromkeys(DECISIONS, 0)
         writer = ShardWriter(cfg.output.dir, rank=0, max_rows=cfg.output.shard_max_rows,
                              flush_seconds=cfg.output.shard_flush_seconds,
@@ -183,8 +186,8 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
                 out_rows = []
                 for row, d in zip(batch_list, decisions):
                     record = {k: row[k] for k in CANDIDATE_COLUMNS if k in row}
-                    record.update({k: v for k, v in row.items() if k.startswith("_seconds_")})
                     record.update(d)
+                    record.update(row_costs(row, None, devices, units))
                     record.update(run_id=f"rescore:{cfg.name}", judged_by=judged_by,
                                   class_frequency=frequency.get(int(row["class_id"]), ""))
                     counts[reason_kind(d["reason"])] += 1

@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from pipeline.config import RunConfig, config_from_dict
+from pipeline.run.costs import TIMING_PREFIX, row_costs, stage_devices, units_text
 from pipeline.run.feed import END, CandidateFeed
 from pipeline.run.window import RunCounters, WindowStats
 from pipeline.storage.checkpoints import config_hash, load_trainer_state, read_info, save_main, \
@@ -156,6 +157,8 @@ class TrainWorker:
         self.writer = ShardWriter(plan.out, rank=rank, max_rows=cfg.output.shard_max_rows,
                                   flush_seconds=cfg.output.shard_flush_seconds,
                                   storage_options=cfg.output.storage_options)
+        self.devices = stage_devices(cfg, self.trainer.backend.device.type == "cuda")
+        self.cost_units = units_text(self.devices)
         pools = {"generate": cfg.generation.concurrency, "annotate": cfg.annotation.concurrency,
                  "check": cfg.annotation.check_concurrency}
         self.window = WindowStats(stage_pools=pools, first_step=self.trainer.step)
@@ -258,7 +261,7 @@ class TrainWorker:
             self.window.add_batch(batch, waited)
             pool = self.trainer.take_candidates(batch)
             if pool.done:
-                self._write(batch, pool.decisions())
+                self._write(batch, pool.decisions(), pool.seconds)
             else:
                 self.pool, self.batch = pool, batch
 
@@ -281,15 +284,19 @@ class TrainWorker:
         self.counters.extra_steps += int(extra)
         self._log_step(log, "extra" if extra else "candidates")
         if self.pool.done:
-            self._write(self.batch, self.pool.decisions())
+            self._write(self.batch, self.pool.decisions(), self.pool.seconds)
             self.pool = self.batch = None
 
-    def _write(self, batch: dict[str, Any], decisions: list[dict[str, Any]]) -> None:
-        """Send one decision row per candidate of ``batch`` to the shard writer."""
+    def _write(self, batch: dict[str, Any], decisions: list[dict[str, Any]],
+               seconds: list[tuple[float, float]]) -> None:
+        """Send one decision row per candidate of ``batch`` to the shard writer, with what it
+        cost (``seconds``: the trainer's scoring and training shares per row)."""
         rows = []
         for i, decision in enumerate(decisions):
             row = {k: batch[k][i] for k in CANDIDATE_COLUMNS if k in batch}
             row.update(decision)
+            row.update(row_costs({k: batch[k][i] for k in batch if k.startswith(TIMING_PREFIX)},
+                                 seconds[i], self.devices, self.cost_units))
             row["run_id"] = self.cfg.name
             row["class_frequency"] = self.frequency.get(int(row.get("class_id", -1)), "")
             rows.append(row)

@@ -54,8 +54,9 @@ SCHEMA_VERSION_KEY = b"bsgal.schema_version"
 #: Minor versions only append columns, so a reader of version 2.0 reads a 2.x file (it
 #: selects the columns it knows and ignores the rest), and this reader reads 2.0 files with
 #: the newer columns null. 2.1 appended ``judged_by`` (which detector state decided the row:
-#: ``""`` for the run's own trainer, the checkpoint for ``bsgal rescore``).
-SHARD_SCHEMA_MINOR = 1
+#: ``""`` for the run's own trainer, the checkpoint for ``bsgal rescore``); 2.2 appended the
+#: cost columns (device-seconds per stage, ``cost_units`` naming GPU or CPU per stage).
+SHARD_SCHEMA_MINOR = 2
 SCHEMA_MINOR_KEY = b"bsgal.schema_minor"
 #: The hive partitions of the shards, one per kind of reason.
 DECISIONS = DECISION_KINDS
@@ -99,6 +100,13 @@ SCHEMA = pa.schema(
         ("decided_at", pa.timestamp("ms", tz="UTC")),
         # 2.1
         ("judged_by", pa.string()),
+        # 2.2
+        ("cost_generate", pa.float64()),
+        ("cost_annotate", pa.float64()),
+        ("cost_check", pa.float64()),
+        ("cost_score", pa.float64()),
+        ("cost_train", pa.float64()),
+        ("cost_units", pa.string()),
     ],
     metadata={SCHEMA_VERSION_KEY: str(SHARD_SCHEMA_VERSION).encode(),
               SCHEMA_MINOR_KEY: str(SHARD_SCHEMA_MINOR).encode()},
