@@ -109,13 +109,14 @@ def test_two_checkpoints_judge_the_stored_candidates_apart(demo_run: Path,
                             str(tmp_path / "early"), "--json")
     assert code == 0, text
     doc = json.loads(text)
-    transitions = {(r["a_decision"], r["b_decision"]): r["n"]
+    transitions = {(r["before"], r["after"]): r["n"]
                    for r in doc["tables"]["transitions"]["rows"]}
-    # A = late, B = early: late's rejections that early accepted are B-side acceptances
-    assert transitions.get(("rejected", "accepted"), 0) == sum(
-        1 for s in stored if judged["late"][s]["decision"] == "rejected"
-        and judged["early"][s]["decision"] == "accepted")
-    assert transitions.get(("accepted", "rejected"), 0) == len(up)
+    # A = late (after), B = early (before --compare): early's rejections late accepts
+    assert transitions.get(("rejected", "accepted"), 0) == len(up)
+    assert transitions.get(("accepted", "rejected"), 0) == sum(
+        1 for s in stored if judged["early"][s]["decision"] == "accepted"
+        and judged["late"][s]["decision"] == "rejected")
+    assert sum(r["rejected_to_accepted"] for r in doc["tables"]["flips"]["rows"]) == len(up)
     by_class = {r["class_id"]: r for r in doc["tables"]["flips"]["rows"]}
     assert sum(r["accepted_to_rejected"] + r["rejected_to_accepted"]
                for r in by_class.values()) == len(flips)

@@ -1,12 +1,14 @@
 """``bsgal inspect A --compare B``: two judgements of the same candidates side by side.
 
 A and B are any two sets of decision shards whose rows share ``sample_id`` (a run and its
-``bsgal rescore``, or two rescorings of one source with different checkpoints). The rows are
-joined on ``sample_id`` (A's filters apply to A; B is taken whole). Tables:
+``bsgal rescore``, or two rescorings of one source with different checkpoints). B (the
+``--compare`` side) is read as *before*, A as *after*: "a rejection became an acceptance"
+means rejected in B, accepted in A. The rows are joined on ``sample_id`` (A's filters apply
+to A; B is taken whole). Tables:
 
 - ``judges``: who decided each side (``judged_by``: the checkpoint, or the run's own trainer)
   and its row count;
-- ``transitions``: A's decision → B's decision, with ``absent`` for a candidate only one side
+- ``transitions``: B's decision → A's decision, with ``absent`` for a candidate only one side
   has;
 - ``flips``: per class, the candidates both judged, how many rejections became acceptances and
   the reverse, and the acceptance rate of the scored on each side; classes with a flip first.
@@ -23,10 +25,10 @@ _COLUMNS = "sample_id, class_id, class_name, class_frequency, decision, reason, 
 
 
 def _side(q: DecisionQuery) -> Any:
-    present = {d[0] for d in q.con.execute("SELECT * FROM selected LIMIT 0").description}
+    present = set(q.con.sql("SELECT * FROM selected LIMIT 0").columns)
     # Shards before schema 2.1 have no judged_by: their trainer judged them.
     judged = "judged_by" if "judged_by" in present else "'' AS judged_by"
-    return q.con.execute(f"SELECT {_COLUMNS}, {judged} FROM selected").to_arrow_table()
+    return q.con.sql(f"SELECT {_COLUMNS}, {judged} FROM selected").to_arrow_table()
 
 
 def compare(a: DecisionQuery, b: DecisionQuery) -> Summary:
@@ -50,15 +52,15 @@ def compare(a: DecisionQuery, b: DecisionQuery) -> Summary:
             "SELECT 'B', coalesce(nullif(judged_by, ''), 'the run''s trainer'), count(*) "
             "FROM b GROUP BY 2 ORDER BY 1, 2")
         transitions = rows(
-            "SELECT coalesce(a.decision, 'absent') AS a_decision, "
-            "coalesce(b.decision, 'absent') AS b_decision, count(*) AS n "
+            "SELECT coalesce(b.decision, 'absent') AS before, "
+            "coalesce(a.decision, 'absent') AS after, count(*) AS n "
             "FROM a FULL OUTER JOIN b USING (sample_id) GROUP BY 1, 2 ORDER BY 1, 2")
         flips = rows(
             "SELECT a.class_id, any_value(a.class_name) AS class_name, "
             "any_value(a.class_frequency) AS class_frequency, count(*) AS both_judged, "
-            "count(*) FILTER (WHERE a.decision = 'rejected' AND b.decision = 'accepted') "
+            "count(*) FILTER (WHERE b.decision = 'rejected' AND a.decision = 'accepted') "
             "  AS rejected_to_accepted, "
-            "count(*) FILTER (WHERE a.decision = 'accepted' AND b.decision = 'rejected') "
+            "count(*) FILTER (WHERE b.decision = 'accepted' AND a.decision = 'rejected') "
             "  AS accepted_to_rejected, "
             "count(*) FILTER (WHERE a.decision = 'accepted') AS a_accepted, "
             "count(*) FILTER (WHERE a.decision <> 'invalid') AS a_scored, "
@@ -79,17 +81,18 @@ def compare(a: DecisionQuery, b: DecisionQuery) -> Summary:
     tables = [
         Table("judges", "Who judged each side", [Column("side"), Column("judged_by"),
                                                   Column("n", "int")], judges),
-        Table("transitions", "A's decision -> B's decision (joined on sample_id)",
-              [Column("a_decision"), Column("b_decision"), Column("n", "int")], transitions),
-        Table("flips", "Flips by class (candidates both sides judged)",
+        Table("transitions", "Decision before (B) -> after (A), joined on sample_id",
+              [Column("before"), Column("after"), Column("n", "int")], transitions),
+        Table("flips", "Flips by class, B -> A (candidates both sides judged)",
               [Column("class_id", "int"), Column("class_name"), Column("group"),
                Column("both_judged", "int"), Column("rejected_to_accepted", "int"),
-               Column("accepted_to_rejected", "int"), Column("a_accept_rate", "rate"),
-               Column("b_accept_rate", "rate")], flips,
+               Column("accepted_to_rejected", "int"), Column("b_accept_rate", "rate"),
+               Column("a_accept_rate", "rate")], flips,
               note="accept rates over the scored (accepted + rejected)", ranked=True),
     ]
-    notes = [f"A = {a.uri}, B = {b.uri}: {both} candidates judged by both; {up} rejections "
-             f"became acceptances, {down} acceptances became rejections"]
+    notes = [f"A (after) = {a.uri}, B (before) = {b.uri}: {both} candidates judged by both; "
+             f"{up} rejections in B are acceptances in A, {down} acceptances in B are "
+             "rejections in A"]
     total = sum(r["n"] for r in judges if r["side"] == "A")
     return Summary(uri=f"{a.uri} vs {b.uri}", files=len(a.files) + len(b.files),
                    total_rows=total, selected_rows=total, filters=a.filters.describe(), tables=tables, notes=notes)
