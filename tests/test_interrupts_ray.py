@@ -39,8 +39,17 @@ def _overrides(data: Path, out: Path) -> list[str]:
 def _bsgal(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
            "PYTHONPATH": str(REPO_ROOT)}
+    # A session of its own: a failed test kills the driver and the local Ray it started.
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 180) -> None:
@@ -51,7 +60,7 @@ def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float 
         if any(r.get("kind") == "step" and r["step"] >= step for r in records[1:]):
             return
         time.sleep(0.3)
-    proc.kill()
+    _kill(proc)
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
