@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> list[FaultResult]:
     if args.out != "-":
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "faults.md").write_text(markdown(results, wall))
+        (out / "faults").with_suffix(".md").write_text(markdown(results, wall))
         (out / "faults.json").write_text(json.dumps(
             {"wall_s": wall, "summary": summary_line(results),
              "results": [{**asdict(r), "survived": r.survived} for r in results]}, indent=2))

@@ -284,3 +284,31 @@ def test_a_trainer_waiting_for_candidates_sees_an_interrupt() -> None:
     assert batch is None and 0.2 < waited < 3 and time.monotonic() - started < 3
     never.set()
     feed.close()
+
+
+def test_a_second_interrupt_exits_at_once() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    script = (
+        "import os, signal, time\n"
+        "from pipeline.run.job import StopOnSignal\n"
+        "class Board:\n"
+        "    class request_stop:\n"
+        "        @staticmethod\n"
+        "        def remote(reason): print('stop asked:', reason, flush=True)\n"
+        "with StopOnSignal(Board(), print):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.2)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+        "print('not reached')\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert time.monotonic() - started < 20
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "stop asked: SIGINT" in done.stdout and "second interrupt: exiting now" in done.stdout
+    assert "not reached" not in done.stdout

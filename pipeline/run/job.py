@@ -70,6 +70,16 @@ class Interrupted(UserError):
         self.exit_code = 128 + signum
 
 
+def _flush_stdio() -> None:
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
 class StopOnSignal:
     """Context manager: the first SIGINT/SIGTERM asks the trainer ranks (through the progress
     board) to finish their candidate batch, checkpoint and end; a second one exits at once.
@@ -88,12 +98,14 @@ class StopOnSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             self.echo("second interrupt: exiting now (resume from the last checkpoint)")
-            raise KeyboardInterrupt
+            _flush_stdio()
+            os._exit(128 + signum)  # at once: no waiting on Ray's shutdown
         self.signum = signum
         self.board.request_stop.remote(signal.Signals(signum).name)
         self.echo(f"\n{signal.Signals(signum).name}: finishing the current candidate batch, "
                   "then writing a checkpoint and the pending decision rows (again to exit at "
                   "once)")
+        _flush_stdio()
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
@@ -426,7 +438,14 @@ def _torch_trainer(cfg: RunConfig, plan: Any, ds: Any, data_config: Any) -> Any:
         resources["GPU"] = 1
     resources.update(t.resources_per_worker)
     storage = os.path.join(tempfile.gettempdir(), "bsgal-ray-train")
-    return TorchTrainer(
+
+    class BsgalTorchTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            # Ray Train's own handler would abort the workers without a checkpoint;
+            # StopOnSignal (installed around fit) stops them cleanly instead.
+            return None
+
+    return BsgalTorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan.to_dict(),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
