@@ -23,6 +23,13 @@ SAMPLE_ID = "sample_id"
 CLASS_ID = "class_id"
 CLASS_NAME = "class_name"
 PROMPT = "prompt"
+#: Which of its class's prompt options (templates, then extra prompts) a row was drawn with.
+PROMPT_OPTION = "prompt_option"
+#: The prompt stream position of a row (its draw: class, prompt option, seed).
+STREAM_POSITION = "stream_position"
+#: The trainer step whose decisions the row's class and prompt were allocated from (-1: none,
+#: open loop).
+ALLOCATION_STEP = "allocation_step"
 SEED = "seed"
 GENERATOR = "generator"
 IMAGE = "image"

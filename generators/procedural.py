@@ -33,6 +33,7 @@ from generators.columns import (
     IMAGE,
     INVALID_GENERATION_ERROR,
     INVALID_UNKNOWN_CLASS,
+    PROMPT_OPTION,
     SEED,
     STATUS,
     STATUS_OK,
@@ -116,6 +117,12 @@ class ProceduralGenerator:
         num_classes: use the built-in classes 1..K without a file (default 12 when none given).
         image_size: side of the square images in pixels.
         failure_rates: ``{wrong_class, broken, clutter, noise}`` -> probability (sum <= 1).
+        failure_by_class: ``{class name or id: total failure rate}``: these classes fail that
+            often in all, the kinds in the proportions of ``failure_rates`` (benchmarks of
+            closed-loop generation, where some classes are harder to draw than others).
+        failure_by_option: one multiplier per prompt option (``prompt_option`` column: a
+            class's templates, then its extra prompts) on the row's total failure rate
+            (capped at 1): some prompts work better than others.
         emit_truth_mask: also output ``truth_mask``.
     """
 
@@ -129,6 +136,8 @@ class ProceduralGenerator:
         num_classes: int | None = None,
         image_size: int = 128,
         failure_rates: Mapping[str, float] | None = None,
+        failure_by_class: Mapping[str | int, float] | None = None,
+        failure_by_option: Sequence[float] | None = None,
         emit_truth_mask: bool = False,
         storage_options: Mapping | None = None,
     ) -> None:
@@ -147,6 +156,16 @@ class ProceduralGenerator:
             raise ValueError(f"image_size must be >= 16 px, got {image_size}")
         self.image_size = int(image_size)
         self.failure_rates = check_failure_rates(failure_rates)
+        self.failure_by_class = {}
+        for key, total in (failure_by_class or {}).items():
+            if not isinstance(total, (int, float)) or not 0.0 <= float(total) <= 1.0:
+                raise ValueError(f"failure_by_class[{key!r}] must be a number in [0, 1], "
+                                 f"got {total!r}")
+            self.failure_by_class[vocab.get(key).id] = float(total)
+        self.failure_by_option = [float(m) for m in (failure_by_option or [])]
+        if any(not m >= 0 for m in self.failure_by_option):
+            raise ValueError(f"failure_by_option: multipliers must be >= 0, got "
+                             f"{self.failure_by_option}")
         self.emit_truth_mask = bool(emit_truth_mask)
         self.version = f"{self.name}@{VERSION}"
 
@@ -205,22 +224,35 @@ class ProceduralGenerator:
         size = self.image_size
         return tuple(size / 2 + rng.uniform(-0.06, 0.06, size=2) * size)
 
-    def _pick_failure(self, rng: np.random.Generator) -> str:
+    def failure_rates_for(self, class_id: int, option: int = -1) -> dict[str, float]:
+        """The failure rate of each kind for a class drawn with prompt option ``option``."""
+        rates = dict(self.failure_rates)
+        total = sum(rates.values())
+        want = self.failure_by_class.get(int(class_id), total)
+        if 0 <= option < len(self.failure_by_option):
+            want *= self.failure_by_option[option]
+        want = min(want, 1.0)
+        if total <= 0:
+            return {name: want / len(FAILURES) for name in FAILURES}
+        return {name: rate * want / total for name, rate in rates.items()}
+
+    def _pick_failure(self, rng: np.random.Generator, rates: Mapping[str, float]) -> str:
         u = rng.random()
         edge = 0.0
         for name in FAILURES:
-            edge += self.failure_rates[name]
+            edge += rates[name]
             if u < edge:
                 return name
         return "none"
 
-    def render(self, class_id: int, seed: int) -> ProceduralSample:
-        """Draw the sample for (``class_id``, ``seed``); KeyError if the class has no look."""
+    def render(self, class_id: int, seed: int, option: int = -1) -> ProceduralSample:
+        """Draw the sample for (``class_id``, ``seed``) asked for with prompt option
+        ``option`` (-1: unknown); KeyError if the class has no look."""
         class_id = int(class_id)
         if class_id not in self.looks:
             raise KeyError(class_id)
         rng = np.random.default_rng(_seed_sequence(seed, class_id))
-        failure = self._pick_failure(rng)
+        failure = self._pick_failure(rng, self.failure_rates_for(class_id, option))
         canvas = self._background(rng)
         look = self.looks[class_id]
         drawn = class_id
@@ -301,6 +333,7 @@ class ProceduralGenerator:
         truth_masks = np.zeros((n, size, size), dtype=bool)
         failures = [""] * n
         truth_ids = np.full(n, -1, dtype=np.int64)
+        options = np.asarray(batch[PROMPT_OPTION]) if PROMPT_OPTION in batch else None
         for i in range(n):
             if status[i] != STATUS_OK:
                 continue
@@ -313,7 +346,8 @@ class ProceduralGenerator:
                 )
                 continue
             try:
-                sample = self.render(class_id, int(batch[SEED][i]))
+                sample = self.render(class_id, int(batch[SEED][i]),
+                                     int(options[i]) if options is not None else -1)
             except Exception as exc:  # one bad row must not kill the batch
                 status[i] = INVALID_GENERATION_ERROR
                 error[i] = short_error(exc)

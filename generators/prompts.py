@@ -12,7 +12,8 @@ Row ``i`` of the stream is a pure function of (seed, run id, i) and the current 
 each position draws its own uniforms from a counter-based hash, so ``sample(n, start)`` returns
 exactly positions ``start .. start+n-1`` no matter what was sampled before. A resumed run
 continues with ``start=offset``. :meth:`PromptSampler.set_weights` changes the weights for the
-positions sampled afterwards (trainer feedback).
+positions sampled afterwards (trainer feedback), :meth:`PromptSampler.set_option_weights`
+the probabilities of each class's prompt options (its templates, then its extra prompts).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from generators.columns import (
     CLASS_ID,
     CLASS_NAME,
     PROMPT,
+    PROMPT_OPTION,
     SAMPLE_ID,
     SEED,
     batch_length,
@@ -206,7 +208,9 @@ class PromptSampler:
         self.group_weights = dict(DEFAULT_GROUP_WEIGHTS if group_weights is None else group_weights)
         self._allowed = self._allowed_mask(groups, classes)
         base = class_weights(vocabulary, weighting, self.group_weights, external_weights)
+        self.base_weights = base.copy()
         self._set_probabilities(base, f"{weighting} weighting")
+        self._option_cdf: np.ndarray | None = None  # None: each class's options uniformly
         self._keys = {
             name: _stream_key("bsgal-prompts", self.seed, self.run_id, name)
             for name in ("class", "prompt", "seed")
@@ -281,6 +285,34 @@ class PromptSampler:
             mapped_weights(self.vocabulary, weights, missing, what="set_weights"), "set_weights"
         )
 
+    @property
+    def options_per_class(self) -> list[int]:
+        """How many prompt options each class has (vocabulary order)."""
+        return [len(p) for p in self._prompts]
+
+    @property
+    def allowed(self) -> np.ndarray:
+        """Which classes may be prompted (bool [C], vocabulary order)."""
+        return self._allowed.copy()
+
+    def set_option_weights(self, probs: np.ndarray | None) -> None:
+        """Probabilities of each class's prompt options, float [C, T] (row c's first
+        ``options_per_class[c]`` entries are used and normalised); None: uniform again."""
+        if probs is None:
+            self._option_cdf = None
+            return
+        p = np.asarray(probs, dtype=np.float64)
+        counts = self.options_per_class
+        if p.ndim != 2 or p.shape[0] != len(counts) or p.shape[1] < max(counts):
+            raise ValueError(f"set_option_weights: expected shape ({len(counts)}, >= "
+                             f"{max(counts)}), got {p.shape}")
+        cdf = np.ones((len(counts), max(counts)))
+        for i, n in enumerate(counts):
+            row = check_weights(p[i, :n], f"set_option_weights (class {i})")
+            cdf[i, :n] = np.cumsum(row / row.sum())
+            cdf[i, n - 1:] = 1.0
+        self._option_cdf = cdf
+
     # ------------------------------------------------------------------ sampling
 
     def prompts_of(self, key: int | str) -> list[str]:
@@ -298,11 +330,17 @@ class PromptSampler:
         class_index = np.minimum(class_index, len(self.vocabulary) - 1)
         prompt_u = _uniform(self._keys["prompt"], pos)
         seeds = (_hash_u64(self._keys["seed"], pos) % np.uint64(SEED_LIMIT)).astype(np.int64)
-        class_ids, names, prompts, ids = [], [], [], []
+        class_ids, names, prompts, ids, chosen = [], [], [], [], []
         for k, u, s in zip(class_index, prompt_u, seeds):
             cls = self.vocabulary.classes[k]
             options = self._prompts[k]
-            prompt = options[min(int(u * len(options)), len(options) - 1)]
+            if self._option_cdf is None:
+                option = min(int(u * len(options)), len(options) - 1)
+            else:
+                option = min(int(np.searchsorted(self._option_cdf[k], u, side="right")),
+                             len(options) - 1)
+            prompt = options[option]
+            chosen.append(option)
             class_ids.append(cls.id)
             names.append(cls.name)
             prompts.append(prompt)
@@ -312,6 +350,7 @@ class PromptSampler:
             CLASS_ID: np.array(class_ids, dtype=np.int64),
             CLASS_NAME: string_column(names),
             PROMPT: string_column(prompts),
+            PROMPT_OPTION: np.array(chosen, dtype=np.int64),
             SEED: seeds,
         }
 

@@ -84,7 +84,10 @@ class GenerationConfig:
     resolution: int = 512
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     safety_checker: bool = False
-    prompt_template: str = "a photo of a single {name}, {definition}, in a white background"
+    # One template or a list of them ({name}, {definition}); with several, each class's
+    # prompt is drawn among them (uniformly, or steered by feedback.template_policy).
+    prompt_template: Union[str, list] = (
+        "a photo of a single {name}, {definition}, in a white background")
     # Optional JSON file {class_name: [prompt, ...]} of extra prompts per class.
     extra_prompts: Optional[str] = None
     class_weighting: Literal["uniform", "rare_boost", "inverse_frequency", "external"] = (
@@ -109,6 +112,10 @@ class GenerationConfig:
     failure_rates: dict = field(
         default_factory=lambda: {"wrong_class": 0.1, "broken": 0.1, "clutter": 0.1, "noise": 0.1}
     )
+    # Built-in generator only: {class name or id: total failure rate} for classes that fail
+    # more (or less) often, and one multiplier per prompt option on it (benchmarks/feedback.py).
+    failure_by_class: dict = field(default_factory=dict)
+    failure_by_option: list = field(default_factory=list)
     # backend=pool: the pool, local or s3://: an X-Paste/DiverGen pool JSON ({"<LVIS id - 1>":
     # ["*cut-out.png" | "img|mask" | "rgba.png", ...]}), a folder written by bsgal export-pool
     # (its pool.json), or an earlier run's folder (its decision shards). The candidates are
@@ -261,6 +268,30 @@ class OutputConfig:
 
 
 @dataclass
+class FeedbackConfig:
+    """Closed loop: what the trainer accepts steers which classes and prompts are generated
+    (docs/algorithm.md, Closed-loop generation). The defaults are open loop."""
+
+    # open_loop: generation.class_weighting as is; yield_aware: classes whose candidates keep
+    # being rejected get less (never below `floor` of their share); deficit: in proportion to
+    # how far each class's accepted count is from its group's target.
+    policy: Literal["open_loop", "yield_aware", "deficit"] = "open_loop"
+    # uniform: each class's prompt options drawn uniformly; bandit: by their acceptance rates.
+    template_policy: Literal["uniform", "bandit"] = "uniform"
+    # Accepted instances wanted per class, by LVIS frequency group.
+    targets: dict = field(default_factory=lambda: {"r": 100.0, "c": 60.0, "f": 30.0})
+    # Stop generating a class once its target is met.
+    stop_at_target: bool = False
+    floor: float = 0.1
+    # Decisions of a class after which older ones count half in its acceptance rate.
+    half_life: float = 200.0
+    temperature: float = 0.1
+    exploration: float = 0.1
+    # Seconds a generation actor waits for the demand actor before it draws open loop.
+    timeout_s: float = 2.0
+
+
+@dataclass
 class RayConfig:
     """How the job reaches Ray: a local instance or an existing cluster."""
 
@@ -294,6 +325,7 @@ class RunConfig:
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -572,6 +604,40 @@ def validate(cfg: RunConfig) -> None:
             "sam_vit_h_4b8939.pth and pass annotation.sam_checkpoint=/path/to/it"
         )
     _check_pool(cfg.generation)
+    _check_feedback(cfg)
+
+
+def feedback_settings(cfg: "RunConfig") -> Any:
+    """The ``feedback`` section as :class:`generators.allocation.FeedbackSettings`."""
+    from generators.allocation import FeedbackSettings
+
+    f = cfg.feedback
+    try:
+        return FeedbackSettings(policy=f.policy, template_policy=f.template_policy,
+                                targets=dict(f.targets), stop_at_target=f.stop_at_target,
+                                floor=f.floor, half_life=f.half_life, temperature=f.temperature,
+                                exploration=f.exploration)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_feedback(cfg: "RunConfig") -> None:
+    settings = feedback_settings(cfg)
+    if not cfg.feedback.timeout_s > 0:
+        raise ConfigError(f"feedback.timeout_s: must be > 0 seconds, got {cfg.feedback.timeout_s}")
+    templates = cfg.generation.prompt_template
+    if isinstance(templates, list) and (not templates or not all(
+            isinstance(t, str) and t.strip() for t in templates)):
+        raise ConfigError("generation.prompt_template: give a template or a non-empty list of "
+                          "them (strings using {name} and/or {definition})")
+    for m in cfg.generation.failure_by_option:
+        if not isinstance(m, (int, float)) or isinstance(m, bool) or not m >= 0:
+            raise ConfigError(f"generation.failure_by_option: multipliers must be numbers >= 0, "
+                              f"got {m!r}")
+    if settings.closed and cfg.generation.backend == "pool":
+        raise ConfigError("feedback: a pool is drawn class-balanced from what it holds; closed-"
+                          "loop allocation needs online generation (generation.backend "
+                          "procedural or stable_diffusion) or feedback.policy=open_loop")
 
 
 def _check_pool(g: GenerationConfig) -> None:

@@ -26,6 +26,7 @@ from pipeline.run.datasets import train_categories  # noqa: E402
 from pipeline.run.demo import demo_config  # noqa: E402
 from pipeline.run.graph import StageKill  # noqa: E402
 from pipeline.run.job import Faults, TrainingFailed, prompt_sampler, run_job  # noqa: E402
+from pipeline.inspection.run_summary import summary_text as job_summary_text  # noqa: E402
 from pipeline.storage.run_dir import RunDir, read_metrics  # noqa: E402
 from pipeline.storage.shards import PART_NAME, decode_rle, read_decisions  # noqa: E402
 
@@ -226,3 +227,53 @@ def test_a_cluster_that_autoscales_is_judged_by_what_it_may_grow_to(
     conn = connect(cfg)
     assert (conn.gpus, conn.max_gpus, conn.max_cpus) == (0.0, 2.0, 18.0)
     check_fits(cfg, conn.max_cpus, conn.max_gpus)
+
+
+CLOSED_LOOP = {"feedback.policy": "yield_aware", "feedback.template_policy": "bandit",
+               "generation.prompt_template": '["a photo of a single {name}", "{name}"]',
+               "generation.failure_by_option": "[0.2, 2.0]", "output.log_every": 2,
+               "generation.batch_size": 8}
+
+
+def _allocations(out: Path) -> list[dict]:
+    return [r for r in read_metrics(RunDir(str(out))) if r.get("kind") == "allocation"]
+
+
+def test_closed_loop_steers_generation_resumes_with_its_state_and_outlives_its_actor(
+        local_ray, builtin_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "closed"
+    cfg = demo_config(overrides(builtin_data, **CLOSED_LOOP), str(out))
+    with pytest.raises(TrainingFailed):
+        run_job(cfg, progress="off", faults=Faults(crash_at_step=11))
+    run = RunDir(str(out))
+    info = run.read_json(run.latest_checkpoint().replace(".pt", ".json"))
+    saved = info["ranks"][0]["feedback"]
+    assert saved["state"]["decisions"] == info["ranks"][0]["stream_offset"] > 0
+    # Resumed, and its demand actor killed two steps later: it goes on open loop.
+    killed_at = info["step"] + 2
+    result = job.resume_job(str(out), progress="off",
+                            faults=Faults(kill_demand_at_step=killed_at))
+    s = result.summary
+    assert s["counts_add_up"] and s["decisions"]["rows"] == CANDIDATES
+    table = read_decisions(str(out)).to_pandas()
+    assert sorted(table["stream_position"]) == list(range(CANDIDATES))
+    assert set(table["prompt_option"]) == {0, 1}
+    steered = table[table["allocation_step"] >= 0]
+    # The first batches are drawn before any decision; later ones from the trainer's.
+    assert len(steered) > 0 and (table["allocation_step"] < 0).any()
+    assert (steered["step"] >= steered["allocation_step"]).all()
+    records = _allocations(out)
+    after = [r for r in records if info["step"] < r["step"] < killed_at and "classes" in r]
+    # The resumed actor continued from the checkpoint's counts.
+    assert after and sum(c["decided"] for c in after[0]["classes"].values()) >= \
+        saved["state"]["decisions"]
+    assert abs(sum(c["share"] for c in after[0]["classes"].values()) - 1) < 1e-3
+    assert any("unavailable" in r for r in records if r["step"] >= killed_at)
+    fb = s["feedback"]
+    assert fb["lag_steps"]["rows"] == len(steered) and fb["lag_steps"]["max"] >= 0
+    assert "closed loop:" in job_summary_text(s)
+    html = tmp_path / "closed.html"
+    r = CliRunner().invoke(main, ["inspect", str(out), "--html", str(html)])
+    assert r.exit_code == 0, r.output
+    page = html.read_text()
+    assert 'id="allocation-chart"' in page and 'id="options-table"' in page

@@ -25,6 +25,7 @@ from PIL import Image
 from scipy import ndimage
 
 from pipeline.inspection.costs import NO_COSTS, cost_by_class, cost_by_stage
+from pipeline.inspection.feedback import option_acceptance, run_allocation_history
 from pipeline.inspection.query import DecisionQuery, sql_string
 from pipeline.inspection.render import describe_filters, format_value
 from pipeline.inspection.summary import (
@@ -333,6 +334,67 @@ def cost_svg(table: Table) -> str:
     return "".join(parts)
 
 
+CLASS_COLORS = ("#1f5fa8", "#d9822b", "#2e9e5b", "#c0392b", "#7a52a3", "#8c6d31",
+                "#e377c2", "#555555", "#17becf", "#bcbd22", "#9edae5", "#ff9896")
+
+
+def allocation_svg(history: list[dict]) -> str:
+    """Each class's share of generation over training steps (the closed loop's allocation
+    records; the classes with the largest shares, at most ``len(CLASS_COLORS)``)."""
+    if not history:
+        return ('<p class="note">Open loop (feedback.policy open_loop): the classes were drawn '
+                'with fixed weights, so there is no allocation over time to show.</p>')
+    peak: dict[str, float] = {}
+    for h in history:
+        for name, share in h["shares"].items():
+            peak[name] = max(peak.get(name, 0.0), share)
+    names = sorted(peak, key=lambda n: -peak[n])[: len(CLASS_COLORS)]
+    top = max(max(peak.values()), 1e-9)
+    W, H, L, R, T, B = 640, 220, 40, 150, 12, 34
+    pw, ph = W - L - R, H - T - B
+    s0, s1 = history[0]["step"], history[-1]["step"]
+    span = max(1, s1 - s0)
+
+    def sx(step: int) -> float:
+        return L + (step - s0) / span * pw
+
+    def sy(share: float) -> float:
+        return T + (1 - share / top) * ph
+
+    parts = [f'<svg id="allocation-chart" xmlns="http://www.w3.org/2000/svg" width="{W}" '
+             f'height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="share of generation '
+             'by class over training steps">']
+    for level in (0.0, top / 2, top):
+        parts.append(f'<line x1="{L}" y1="{sy(level):.1f}" x2="{L + pw}" y2="{sy(level):.1f}" '
+                     'stroke="#ddd"/>')
+        parts.append(f'<text x="{L - 4}" y="{sy(level) + 3:.1f}" text-anchor="end" '
+                     f'font-size="10">{100 * level:.0f}%</text>')
+    for i, name in enumerate(names):
+        color = CLASS_COLORS[i]
+        pts = " ".join(f"{sx(h['step']):.1f},{sy(h['shares'].get(name, 0.0)):.1f}"
+                       for h in history)
+        parts.append(f'<polyline class="allocation-line" data-class="{html.escape(name)}" '
+                     f'fill="none" stroke="{color}" stroke-width="1.5" points="{pts}">'
+                     f'<title>{html.escape(name)}</title></polyline>')
+        y = T + 4 + i * 14
+        parts.append(f'<rect x="{L + pw + 10}" y="{y}" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{L + pw + 24}" y="{y + 9}" font-size="10">'
+                     f'{html.escape(name[:22])}</text>')
+    parts.append(f'<text x="{L}" y="{H - 18}" font-size="10">{s0}</text>')
+    parts.append(f'<text x="{L + pw}" y="{H - 18}" text-anchor="end" font-size="10">{s1}'
+                 '</text>')
+    parts.append(f'<text x="{L + pw / 2}" y="{H - 4}" text-anchor="middle" font-size="11">'
+                 'training step</text></svg>')
+    stopped = sorted({n for h in history for n in h["stopped"]})
+    gone = [h for h in history if h.get("unavailable")]
+    notes = []
+    if stopped:
+        notes.append("stopped at their target: " + ", ".join(stopped))
+    if gone:
+        notes.append(f"demand actor unavailable from step {gone[0]['step']}: open loop after")
+    return "".join(parts) + "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
+
+
 # ------------------------------------------------------------------------------------ tables
 
 
@@ -564,6 +626,11 @@ def build_report(q: DecisionQuery, options: ReportOptions | None = None) -> tupl
                  if cost_table is not None else f'<p class="note">{html.escape(NO_COSTS)}.</p>')
     meta["cost_per_accepted"] = (cost_table.rows[-1]["per_accepted"]
                                  if cost_table is not None else None)
+    history = run_allocation_history(q.uri, q.storage_options)
+    options_table = option_acceptance(q)
+    feedback_html = allocation_svg(history) + (table_html(options_table, "options-table")
+                                               if options_table is not None else "")
+    meta["allocation_records"] = len(history)
     meta_json = json.dumps(meta).replace("<", "\\u003c")  # cannot close the script element
     esc = html.escape
     page = f"""<!DOCTYPE html>
@@ -586,6 +653,8 @@ files &middot; filters: {esc(describe_filters(meta['filters']))} &middot; {selec
 {table_html(score_quantiles(q), "scores-table")}
 <h2>Cost: where the time went</h2>
 {cost_html}
+<h2>Generation allocation over training steps</h2>
+{feedback_html}
 <h2>Acceptance over training steps</h2>
 {steps_svg(acceptance_over_steps(q, options.step_points))}
 <h2>Galleries</h2>

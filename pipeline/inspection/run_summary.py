@@ -58,6 +58,7 @@ def summarize_run(cfg: RunConfig) -> dict[str, Any]:
     finished run in ``cfg.output.dir``."""
     from pipeline.inspection.query import DecisionQuery
     from pipeline.inspection.costs import cost_summary
+    from pipeline.inspection.feedback import feedback_summary
     from pipeline.inspection.summary import frequency_groups, truth_by_failure
 
     out, opts = cfg.output.dir.rstrip("/"), cfg.output.storage_options
@@ -81,9 +82,10 @@ def summarize_run(cfg: RunConfig) -> dict[str, Any]:
             truth = truth_by_failure(q)
             summary["truth_failures"] = truth.records() if truth is not None else None
             summary["cost"] = cost_summary(q)
+            summary["feedback"] = feedback_summary(q)
     else:
         counts, rows, distinct = {"accepted": 0, "rejected": 0, "invalid": 0}, 0, 0
-        summary.update(reasons={}, groups=[], truth_failures=None, cost=None)
+        summary.update(reasons={}, groups=[], truth_failures=None, cost=None, feedback=None)
     summary["decisions"] = {**counts, "rows": int(rows), "distinct_sample_ids": int(distinct)}
     summary["counts_add_up"] = bool(rows == planned == distinct
                                     and sum(counts.values()) == planned)
@@ -120,9 +122,11 @@ def summary_text(summary: dict[str, Any]) -> str:
         lines.append("accepted by generator outcome (built-in truth): " + ", ".join(parts))
     from pipeline.inspection.costs import cost_line
 
-    line = cost_line(summary.get("cost"))
-    if line:
-        lines.append(line)
+    from pipeline.inspection.feedback import feedback_line
+
+    for line in (cost_line(summary.get("cost")), feedback_line(summary.get("feedback"))):
+        if line:
+            lines.append(line)
     ev = summary.get("eval")
     if ev:
         for iou in ("segm", "bbox"):

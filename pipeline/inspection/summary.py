@@ -267,13 +267,16 @@ def summarize(q: DecisionQuery, names: tuple[str, ...] | None = None, step_bins:
         "truth_failures": lambda: truth_by_failure(q),
         "cost": lambda: cost_by_stage(q),
         "cost_classes": lambda: cost_by_class(q),
+        "options": lambda: option_acceptance(q),
         "rows": lambda: matching_rows(q, row_limit),
     }
     from pipeline.inspection.costs import NO_COSTS, cost_by_class, cost_by_stage
+    from pipeline.inspection.feedback import NO_OPTIONS, option_acceptance
 
     skipped = {"truth": "precision/recall skipped: no generator truth in these rows "
                         "(truth_failure is empty, e.g. Stable Diffusion candidates)",
-               "truth_failures": "truth", "cost": NO_COSTS, "cost_classes": NO_COSTS}
+               "truth_failures": "truth", "cost": NO_COSTS, "cost_classes": NO_COSTS,
+               "options": NO_OPTIONS}
     for name in wanted:
         table = builders[name]()
         if table is None:

@@ -19,6 +19,7 @@ ignores them. A stage actor that dies is restarted and its batch retried by Ray 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -127,7 +128,9 @@ def stage_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> list
     if g.backend == "procedural":
         gen_kwargs: dict[str, Any] = {"backend": "procedural", "categories": list(categories),
                                       "image_size": g.image_size,
-                                      "failure_rates": dict(g.failure_rates)}
+                                      "failure_rates": dict(g.failure_rates),
+                                      "failure_by_class": dict(g.failure_by_class),
+                                      "failure_by_option": list(g.failure_by_option)}
     else:
         gen_kwargs = {"backend": "stable_diffusion", "model": g.model, "scheduler": g.scheduler,
                       "steps": g.steps, "guidance": g.guidance, "resolution": g.resolution,
@@ -146,6 +149,31 @@ def stage_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> list
     ]
 
 
+def _build_steered(**kwargs: Any) -> Any:
+    from pipeline.run.steering import SteeredGeneration
+
+    return SteeredGeneration(**kwargs)
+
+
+def steered_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]],
+                  specs: Sequence[StageSpec], demand: Any) -> list[StageSpec]:
+    """``specs`` with the generate stage drawing its prompts from the demand actor
+    (:mod:`pipeline.run.steering`)."""
+    import functools
+
+    from pipeline.run.steering import online_sampler
+
+    out = []
+    for spec in specs:
+        if spec.name == "generate":
+            kwargs = {"sampler": functools.partial(online_sampler, cfg, list(categories)),
+                      "generator": functools.partial(spec.build, **spec.kwargs),
+                      "board": demand, "timeout_s": cfg.feedback.timeout_s}
+            spec = dataclasses.replace(spec, build=_build_steered, kwargs=kwargs)
+        out.append(spec)
+    return out
+
+
 def prompt_blocks(prompts: Mapping[str, np.ndarray], block_rows: int) -> list[Any]:
     """Prompt columns (``PromptSampler.sample_batch`` output) as Arrow tables of
     ``block_rows`` rows each: the source blocks of the graph, in stream order."""
@@ -161,7 +189,8 @@ def prompt_blocks(prompts: Mapping[str, np.ndarray], block_rows: int) -> list[An
 def build_candidate_dataset(cfg: RunConfig, prompts: Mapping[str, np.ndarray],
                             categories: Sequence[Mapping[str, Any]], progress: Any = None,
                             kill: StageKill | None = None,
-                            specs: Sequence[StageSpec] | None = None) -> Any:
+                            specs: Sequence[StageSpec] | None = None,
+                            demand: Any = None) -> Any:
     """The candidate stream as a lazy ``ray.data.Dataset`` (nothing runs until it is read).
 
     Args:
@@ -172,10 +201,13 @@ def build_candidate_dataset(cfg: RunConfig, prompts: Mapping[str, np.ndarray],
         progress: the run's :class:`pipeline.run.progress.ProgressBoard` actor, or None.
         kill: test hook, see :class:`StageKill`.
         specs: the stages (default :func:`stage_specs` of ``cfg``); benchmarks swap one.
+        demand: the run's demand actor (closed loop: :func:`steered_specs`), or None.
     """
     import ray
 
     specs = list(specs) if specs is not None else stage_specs(cfg, categories)
+    if demand is not None:
+        specs = steered_specs(cfg, categories, specs, demand)
     # Ray Data restarts dead stage actors and retries their batches without limit by default;
     # other limits are passed on (as the older remote-args keywords, the only way to set them).
     retries = {k: v for k, v in (("max_restarts", cfg.ray.max_restarts),

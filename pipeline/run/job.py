@@ -38,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError, RunConfig, config_to_dict
+from pipeline.config import ConfigError, RunConfig, config_to_dict, feedback_settings
 from pipeline.errors import UserError
 from pipeline.paths import absolute_paths
+from generators.columns import STREAM_POSITION
 from pipeline.run.graph import StageKill
 from pipeline.storage.checkpoints import read_info
 from pipeline.storage.filesystem import fast_fail_options
@@ -127,10 +128,13 @@ class Faults:
             retries the batch).
         crash_at_step: the rank-0 train worker flushes its shards and exits (no checkpoint)
             once it reaches this step.
+        kill_demand_at_step: the rank-0 train worker kills the closed loop's demand actor
+            once it reaches this step.
     """
 
     kill_stage: StageKill | None = None
     crash_at_step: int | None = None
+    kill_demand_at_step: int | None = None
 
 
 @dataclasses.dataclass
@@ -159,18 +163,13 @@ def prompt_sampler(cfg: RunConfig, categories: Sequence[dict[str, Any]]) -> Any:
     """The run's deterministic prompt stream (row i depends only on seed, run name and i);
     with ``generation.backend: pool`` the draws from the pool
     (:class:`pipeline.run.pool_source.PoolDraws`, the same interface)."""
-    from generators import ClassVocabulary, PromptSampler
+    from pipeline.run.steering import online_sampler
 
-    g = cfg.generation
-    if g.backend == "pool":
+    if cfg.generation.backend == "pool":
         from pipeline.run.pool_source import pool_draws
 
         return pool_draws(cfg, categories)
-    return PromptSampler(ClassVocabulary.from_categories(categories, source="train.json"),
-                         run_id=cfg.name, seed=cfg.seed, templates=g.prompt_template,
-                         extra_prompts=g.extra_prompts, weighting=g.class_weighting,
-                         group_weights=g.group_weights, external_weights=g.external_weights,
-                         groups=g.groups, generator=g.backend)
+    return online_sampler(cfg, categories)
 
 
 # ------------------------------------------------------------------------------ resume
@@ -207,7 +206,13 @@ def plan_resume(cfg: RunConfig, sampler: Any) -> ResumePoint:
             f"{out}: the shards hold {len(ids)} decision rows ({len(set(ids))} distinct) but "
             f"checkpoint {name} says {decided} candidates were decided; the run folder was "
             "changed by hand or written by two runs at once")
-    if len(offsets) == 1:
+    if feedback_settings(cfg).closed:
+        # Closed loop: a row's class and prompt depend on the allocation it was drawn with,
+        # so the decided rows are found by their stream positions, not their ids.
+        done = set(read_decisions(out, columns=["stream_position"], storage_options=opts)
+                   .column("stream_position").to_pylist())
+        positions = np.array([i for i in range(n) if i not in done], dtype=np.int64)
+    elif len(offsets) == 1:
         # One worker, stream in order: positions 0..offset-1 are exactly the decided ones.
         positions = np.arange(offsets[0], n, dtype=np.int64)
         expected = sampler.sample_batch(offsets[0])["sample_id"]
@@ -352,12 +357,13 @@ def _checked_run(cfg: RunConfig, run: RunDir, resume: bool, started: float, prog
         point = ResumePoint(None, 0, np.arange(cfg.generation.num_candidates, dtype=np.int64),
                             0, 0)
     prompts = sampler.sample_positions(point.positions)
+    prompts[STREAM_POSITION] = point.positions
     log = MetricsLog(run)
     log.log("job_start", step=point.step, resume=resume, checkpoint=point.checkpoint,
             candidates_to_make=len(point.positions), candidates_decided=point.decided)
     log.close()
 
-    summary = _run_on_ray(cfg, prompts, categories, point, progress, faults, echo)
+    summary = _run_on_ray(cfg, prompts, categories, point, progress, faults, echo, sampler)
     summary["seconds"] = time.monotonic() - started
     run.write_json("summary.json", summary)
     log = MetricsLog(run)
@@ -368,7 +374,7 @@ def _checked_run(cfg: RunConfig, run: RunDir, resume: bool, started: float, prog
 
 def _run_on_ray(cfg: RunConfig, prompts: dict[str, np.ndarray], categories: list[dict],
                 point: ResumePoint, progress: str, faults: Faults,
-                echo: Callable[[str], None]) -> dict[str, Any]:
+                echo: Callable[[str], None], sampler: Any = None) -> dict[str, Any]:
     import ray
     from ray.data import ExecutionOptions
 
@@ -387,14 +393,16 @@ def _run_on_ray(cfg: RunConfig, prompts: dict[str, np.ndarray], categories: list
         ray_seconds = time.monotonic() - t0
         configure_data_context(cfg, conn.cpus)
         board = start_board()
+        demand = _demand_board(cfg, sampler, categories, point)
         ds = build_candidate_dataset(cfg, prompts, categories, progress=board,
-                                     kill=faults.kill_stage)
+                                     kill=faults.kill_stage, demand=demand)
         ctx = ray.data.DataContext.get_current()
         options = ExecutionOptions(resource_limits=ctx.execution_options.resource_limits,
                                    preserve_order=cfg.ray.preserve_order)
         plan = WorkerPlan(config=config_to_dict(cfg), out=cfg.output.dir,
                           resume_from=point.checkpoint, progress=board,
-                          crash_at_step=faults.crash_at_step)
+                          crash_at_step=faults.crash_at_step, demand=demand,
+                          kill_demand_at_step=faults.kill_demand_at_step)
         trainer = _torch_trainer(cfg, plan, ds, CandidateDataConfig(options))
         display = ProgressDisplay(board, candidates=cfg.generation.num_candidates,
                                   steps=cfg.training.steps, mode=progress,
@@ -424,6 +432,22 @@ def _run_on_ray(cfg: RunConfig, prompts: dict[str, np.ndarray], categories: list
     finally:
         if conn.started:
             ray.shutdown()
+
+
+def _demand_board(cfg: RunConfig, sampler: Any, categories: Sequence[dict],
+                  point: ResumePoint) -> Any:
+    """The demand actor of a closed-loop run (None when open loop), continuing the state of
+    the checkpoint being resumed."""
+    settings = feedback_settings(cfg)
+    if not settings.closed or sampler is None:
+        return None
+    from pipeline.run.steering import start_demand_board
+
+    snapshot = None
+    if point.checkpoint is not None:
+        run = RunDir(cfg.output.dir, cfg.output.storage_options)
+        snapshot = read_info(run, point.checkpoint)["ranks"][0].get("feedback")
+    return start_demand_board(settings, sampler, snapshot)
 
 
 def _torch_trainer(cfg: RunConfig, plan: Any, ds: Any, data_config: Any) -> Any:

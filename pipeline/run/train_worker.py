@@ -30,6 +30,8 @@ import os
 import time
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.run.costs import TIMING_PREFIX, row_costs, stage_devices, units_text
 from pipeline.run.feed import END, CandidateFeed
@@ -64,6 +66,9 @@ class WorkerPlan:
         progress: the :class:`pipeline.run.progress.ProgressBoard` actor, or None.
         crash_at_step: test hook: rank 0 flushes its shards and exits (as in a crash, without
             a checkpoint) once it reaches this step.
+        demand: the closed loop's :class:`pipeline.run.steering.DemandBoard` actor, or None.
+        kill_demand_at_step: test hook: rank 0 kills the demand actor once it reaches this
+            step (the run must go on open loop).
     """
 
     config: dict[str, Any]
@@ -71,6 +76,8 @@ class WorkerPlan:
     resume_from: str | None = None
     progress: Any = None
     crash_at_step: int | None = None
+    demand: Any = None
+    kill_demand_at_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -168,6 +175,9 @@ class TrainWorker:
         self._last_report = 0.0
         self._stop_ref: Any = None
         self.stopping = False
+        self._demand_killed = False
+        self.feedback = FeedbackLink(plan.demand, cfg.feedback.timeout_s) \
+            if plan.demand is not None else None
 
     # -- resume ----------------------------------------------------------------------------
 
@@ -303,6 +313,8 @@ class TrainWorker:
             self.window.add_decision(decision)
             self.counters.count(reason_kind(decision["reason"]))
         self.writer.add(rows)
+        if self.feedback is not None:
+            self.feedback.record(rows, self.trainer.step)
 
     def _log_step(self, log: dict[str, Any], kind: str) -> None:
         log = dict(log)
@@ -322,7 +334,15 @@ class TrainWorker:
             record = self.window.close(step)
             self.metrics.log("window", step=step, rank=self.rank, **record,
                              totals=self.counters.to_dict())
+            self._log_allocation(step)
         self._report()
+        kill = self.plan.kill_demand_at_step
+        if kill is not None and step >= kill and self.rank == 0 and self.plan.demand is not None \
+                and not self._demand_killed:
+            import ray
+
+            ray.kill(self.plan.demand)
+            self._demand_killed = True
         crash = self.plan.crash_at_step
         if crash is not None and step >= crash and self.rank == 0:
             # Test hook: the rows decided so far reach storage (as a size or time flush would
@@ -343,9 +363,19 @@ class TrainWorker:
 
     # -- checkpoints and the end -----------------------------------------------------------
 
+    def _log_allocation(self, step: int) -> None:
+        """Rank 0: the allocation now in force, and the loop's lag over the last window."""
+        if self.feedback is None or self.rank != 0:
+            return
+        record = self.feedback.report()
+        self.metrics.log("allocation", step=step, rank=0, **record)
+
     def pipeline_state(self) -> dict[str, Any]:
-        return {"rank": self.rank, "stream_offset": self.trainer.stream_offset,
-                "counters": self.counters.to_dict()}
+        state = {"rank": self.rank, "stream_offset": self.trainer.stream_offset,
+                 "counters": self.counters.to_dict()}
+        if self.feedback is not None and self.rank == 0:
+            state["feedback"] = self.feedback.snapshot()
+        return state
 
     def checkpoint(self) -> None:
         """Flush the shards, then write this step's checkpoint (every rank takes part)."""
@@ -413,6 +443,59 @@ class TrainWorker:
         if skipped:
             self.metrics.log("skipped_images", step=self.trainer.step, rank=self.rank,
                              files=skipped)
+
+
+class FeedbackLink:
+    """A trainer rank's side of the closed loop: decisions to the demand actor (fire and
+    forget), its reports and snapshots with a bounded wait; a gone actor is said once in the
+    metrics and never stops training."""
+
+    def __init__(self, board: Any, timeout_s: float) -> None:
+        self.board = board
+        self.timeout_s = timeout_s
+        self.failed: str | None = None
+        self.last_snapshot: dict[str, Any] | None = None
+        self.lags: list[int] = []
+
+    def record(self, rows: list[dict[str, Any]], step: int) -> None:
+        self.lags.extend(step - int(r["allocation_step"]) for r in rows
+                         if int(r.get("allocation_step", -1)) >= 0)
+        if self.failed is not None or not rows:
+            return
+        classes = [int(r.get("class_id", -1)) for r in rows]
+        options = [int(r.get("prompt_option", -1)) for r in rows]
+        accepted = [bool(r.get("accepted", False)) for r in rows]
+        try:
+            self.board.record.remote(classes, options, accepted, step)
+        except Exception as exc:  # noqa: BLE001 - the actor is gone: training goes on
+            self.failed = f"{type(exc).__name__}: {exc}"
+
+    def _ask(self, method: str) -> Any:
+        import ray
+
+        if self.failed is not None:
+            return None
+        try:
+            return ray.get(getattr(self.board, method).remote(), timeout=self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - timeout or a dead actor
+            self.failed = f"{type(exc).__name__}"
+            return None
+
+    def report(self) -> dict[str, Any]:
+        lags, self.lags = self.lags, []
+        lag = ({"lag_steps_median": float(np.median(lags)), "lag_steps_max": int(max(lags)),
+                "lag_rows": len(lags)} if lags else {})
+        answer = self._ask("report")
+        if answer is None:
+            return {"unavailable": f"demand actor: {self.failed}; generation draws open loop",
+                    **lag}
+        return {**answer, **lag}
+
+    def snapshot(self) -> dict[str, Any] | None:
+        answer = self._ask("snapshot")
+        if answer is not None:
+            self.last_snapshot = answer
+        return self.last_snapshot
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

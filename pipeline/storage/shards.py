@@ -55,8 +55,12 @@ SCHEMA_VERSION_KEY = b"bsgal.schema_version"
 #: selects the columns it knows and ignores the rest), and this reader reads 2.0 files with
 #: the newer columns null. 2.1 appended ``judged_by`` (which detector state decided the row:
 #: ``""`` for the run's own trainer, the checkpoint for ``bsgal rescore``); 2.2 appended the
-#: cost columns (device-seconds per stage, ``cost_units`` naming GPU or CPU per stage).
-SHARD_SCHEMA_MINOR = 2
+#: cost columns (device-seconds per stage, ``cost_units`` naming GPU or CPU per stage); 2.3
+#: appended the closed loop's ``prompt_option`` (which of its class's prompt options the
+#: candidate was drawn with), ``stream_position`` (its prompt stream position) and
+#: ``allocation_step`` (the trainer step of the allocation it was drawn with; null or -1 open
+#: loop).
+SHARD_SCHEMA_MINOR = 3
 SCHEMA_MINOR_KEY = b"bsgal.schema_minor"
 #: The hive partitions of the shards, one per kind of reason.
 DECISIONS = DECISION_KINDS
@@ -107,6 +111,10 @@ SCHEMA = pa.schema(
         ("cost_score", pa.float64()),
         ("cost_train", pa.float64()),
         ("cost_units", pa.string()),
+        # 2.3
+        ("prompt_option", pa.int64()),
+        ("stream_position", pa.int64()),
+        ("allocation_step", pa.int64()),
     ],
     metadata={SCHEMA_VERSION_KEY: str(SHARD_SCHEMA_VERSION).encode(),
               SCHEMA_MINOR_KEY: str(SHARD_SCHEMA_MINOR).encode()},

@@ -1,0 +1,121 @@
+"""The closed loop read back: acceptance by prompt option, the loop's lag, allocation over time.
+
+From the shards (schema 2.3 columns ``prompt_option``, ``allocation_step``, ``step``):
+:func:`option_acceptance` (decided and accepted candidates per class and prompt option) and
+:func:`loop_lag` (trainer steps between the allocation a candidate was drawn with and its
+decision). From ``metrics.jsonl``: :func:`allocation_history`, the ``allocation`` records rank 0
+writes every ``output.log_every`` steps (each class's share of generation then).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.inspection.query import DecisionQuery
+from pipeline.inspection.summary import Column, Table
+
+NO_OPTIONS = ("no prompt options in these shards (written before shard schema 2.3, or drawn "
+              "from a pool)")
+NO_LAG = "no closed-loop rows here (feedback.policy open_loop): no allocation lag to report"
+
+
+def _columns(q: DecisionQuery) -> set[str]:
+    return {d[0] for d in q.con.execute("SELECT * FROM selected LIMIT 0").description}
+
+
+def option_acceptance(q: DecisionQuery) -> Table | None:
+    """Per prompt option and class: candidates, accepted, acceptance rate; the prompt text of
+    each option is its most frequent prompt (None without ``prompt_option``)."""
+    if "prompt_option" not in _columns(q):
+        return None
+    rows = q.rows(
+        "SELECT prompt_option AS option, count(*) AS total, "
+        "count(*) FILTER (WHERE decision = 'accepted') AS accepted, "
+        "count(DISTINCT class_id) AS classes, mode(prompt) AS example "
+        "FROM selected WHERE prompt_option IS NOT NULL AND prompt_option >= 0 "
+        "GROUP BY 1 ORDER BY 1")
+    if not rows:
+        return None
+    for r in rows:
+        r["accept_rate"] = r["accepted"] / r["total"] if r["total"] else None
+    return Table("options", "Acceptance by prompt option (0.. = the templates, then the extra "
+                 "prompts)", [Column("option", "int"), Column("total", "int"),
+                              Column("accepted", "int"), Column("accept_rate", "rate"),
+                              Column("classes", "int"), Column("example")], rows)
+
+
+def loop_lag(q: DecisionQuery) -> dict[str, Any] | None:
+    """Steps from allocation to decision over the closed-loop rows: ``rows``, ``median``,
+    ``p95``, ``max`` (None when no row was drawn with an allocation)."""
+    if "allocation_step" not in _columns(q):
+        return None
+    r = q.rows("SELECT count(*) AS rows, median(step - allocation_step) AS median, "
+               "quantile_cont(step - allocation_step, 0.95) AS p95, "
+               "max(step - allocation_step) AS max, "
+               "count(*) FILTER (WHERE allocation_step < 0) AS open_loop "
+               "FROM selected WHERE allocation_step IS NOT NULL AND allocation_step >= 0 "
+               "AND step >= 0")[0]
+    if not r["rows"]:
+        return None
+    return {"rows": int(r["rows"]), "median": float(r["median"]), "p95": float(r["p95"]),
+            "max": int(r["max"])}
+
+
+def open_loop_rows(q: DecisionQuery) -> int:
+    """Rows of a closed-loop run drawn open loop (``allocation_step`` -1: before the first
+    decision, or while the demand actor did not answer)."""
+    if "allocation_step" not in _columns(q):
+        return 0
+    return int(q.rows("SELECT count(*) AS n FROM selected WHERE allocation_step < 0")[0]["n"])
+
+
+def allocation_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``allocation`` metrics records as ``{step, shares: {class: share}, stopped,
+    unavailable}`` in step order."""
+    out = []
+    for r in records:
+        if r.get("kind") != "allocation":
+            continue
+        shares = {name: float(c.get("share", 0.0)) for name, c in (r.get("classes") or {}).items()}
+        out.append({"step": int(r.get("step", 0)), "shares": shares,
+                    "stopped": list(r.get("stopped") or []),
+                    "unavailable": r.get("unavailable")})
+    return sorted(out, key=lambda h: h["step"])
+
+
+def feedback_summary(q: DecisionQuery) -> dict[str, Any] | None:
+    """The run summary's ``feedback``: the lag and the acceptance by prompt option (None for an
+    open-loop run)."""
+    lag = loop_lag(q)
+    if lag is None:
+        return None
+    options = option_acceptance(q)
+    return {"lag_steps": lag, "open_loop_rows": open_loop_rows(q),
+            "options": options.records() if options is not None else []}
+
+
+def feedback_line(feedback: dict[str, Any] | None) -> str | None:
+    """One line for the printed summary."""
+    if not feedback:
+        return None
+    lag = feedback["lag_steps"]
+    parts = ", ".join(f"option {o['option']} {100 * (o['accept_rate'] or 0):.0f}%"
+                      for o in feedback["options"])
+    return (f"closed loop: decisions reached generation within {lag['median']:.0f} steps "
+            f"(median; max {lag['max']}), {feedback['open_loop_rows']} candidates drawn open "
+            f"loop; accepted by prompt option: {parts or '-'}")
+
+
+def run_allocation_history(uri: str, storage_options: dict | None = None
+                           ) -> list[dict[str, Any]]:
+    """:func:`allocation_history` of the run folder ``uri`` (or of the run whose ``shards``
+    folder it is); empty when there is no metrics log or it cannot be read."""
+    from pipeline.storage.run_dir import RunDir, read_metrics
+
+    root = uri.rstrip("/")
+    if root.endswith("/shards"):
+        root = root[: -len("/shards")]
+    try:
+        return allocation_history(read_metrics(RunDir(root, storage_options or {})))
+    except Exception:  # noqa: BLE001 - the report is still useful without it
+        return []
