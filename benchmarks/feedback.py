@@ -62,6 +62,8 @@ POLICIES = {
 #: Runs at a reduced budget: open loop and the policy fixed in advance.
 REDUCED = ("open_loop", "yield_bandit")
 REDUCED_FRACTION = 0.7
+#: Name of the result files in --out (.md and .json).
+RESULTS = "feedback"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,12 +291,12 @@ def main() -> None:
     out = Path(args.out if not args.quick else work)
     out.mkdir(parents=True, exist_ok=True)
     text = report(results, seeds, sizes, loop, wall)
-    (out / "feedback.md").write_text(text)
-    (out / "feedback.json").write_text(json.dumps(
+    (out / f"{RESULTS}.md").write_text(text)
+    (out / f"{RESULTS}.json").write_text(json.dumps(
         {"machine": machine(), "seeds": seeds, "sizes": dataclasses.asdict(sizes),
          "loop": dataclasses.asdict(loop), "results": results}, indent=1, default=float))
     print(text)
-    log(f"wrote {out / 'feedback.md'}")
+    log(f"wrote {out / RESULTS}.md")
 
 
 if __name__ == "__main__":

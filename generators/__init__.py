@@ -12,6 +12,8 @@ Set by :class:`PromptSampler` (the input rows of the Ray graph):
 - ``class_id`` int64: LVIS category id the prompt asks for.
 - ``class_name`` str: its LVIS name.
 - ``prompt`` str: the text prompt.
+- ``prompt_option`` int64: which of the class's prompt options (templates, then extra prompts)
+  it is; a closed-loop run steers these (:mod:`generators.allocation`).
 - ``seed`` int64: per-sample seed in [0, 2**53); the generator reproduces the image from it.
 
 Added by a generator (:class:`ProceduralGenerator`, :class:`StableDiffusionGenerator`):

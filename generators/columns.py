@@ -68,7 +68,7 @@ INVALID_PREFIX = "invalid_"
 DECISION_KINDS = ("accepted", "rejected", "invalid")
 
 #: Columns every prompt row carries (the input rows of the Ray graph).
-PROMPT_COLUMNS = (SAMPLE_ID, CLASS_ID, CLASS_NAME, PROMPT, SEED)
+PROMPT_COLUMNS = (SAMPLE_ID, CLASS_ID, CLASS_NAME, PROMPT, PROMPT_OPTION, SEED)
 #: Provenance of a candidate drawn from a pool (empty for online candidates): the pool's URI
 #: and the entry's own id there (X-Paste entry as written, or the earlier sample id).
 SOURCE = "source"

@@ -121,7 +121,9 @@ class GenerationConfig:
     # (its pool.json), or an earlier run's folder (its decision shards). The candidates are
     # placed on image_size x image_size white canvases, longer side pool_fill x image_size.
     pool: Optional[str] = None
-    pool_format: Literal["auto", "xpaste", "bsgal", "shards"] = "auto"
+    # images: ROOT/<class name>/<image> without masks, cut out by the annotation stage (never
+    # guessed by auto).
+    pool_format: Literal["auto", "xpaste", "bsgal", "shards", "images"] = "auto"
     # Shards pools: which decisions of the earlier run are the pool.
     pool_decisions: list = field(default_factory=lambda: ["accepted"])
     # {old path prefix: new prefix} applied to the pool's entry paths (e.g. an X-Paste JSON

@@ -64,7 +64,8 @@ def _unit(cpus: float, gpus: float, custom: Mapping[str, float] | None = None
 
 def run_requests(cfg: RunConfig) -> list[ResourceRequest]:
     """Each stage pool and the trainer workers as counts of per-unit resource requests (a run
-    over a pool has no annotation stage: the pool reader stands where generation is)."""
+    over a pool has no annotation stage, unless its images still need masks: the pool reader
+    stands where generation is)."""
     g, a, t = cfg.generation, cfg.annotation, cfg.training
     requests = [
         ResourceRequest("generation", _unit(g.num_cpus, g.num_gpus, g.resources),
@@ -81,7 +82,7 @@ def run_requests(cfg: RunConfig) -> list[ResourceRequest]:
                         t.num_workers, "training.num_workers", "training.num_cpus_per_worker",
                         "training.use_gpu", "training.resources_per_worker"),
     ]
-    if g.backend == "pool":
+    if g.backend == "pool" and g.pool_format != "images":
         requests = [r for r in requests if r.part != "annotation"]
     return requests
 

@@ -163,3 +163,39 @@ def test_config_checks_the_feedback_section() -> None:
                           "generation": {"backend": "pool", "pool": "/x/pool.json"}})
     with pytest.raises(ConfigError, match="prompt_template"):
         config_from_dict({"generation": {"prompt_template": []}})
+
+
+def test_inspection_reads_options_lag_and_the_allocation_history(tmp_path) -> None:
+    from pipeline.inspection.feedback import feedback_summary, option_acceptance
+    from pipeline.inspection.query import DecisionQuery
+    from pipeline.inspection.report import allocation_svg, build_report
+    from pipeline.storage.run_dir import MetricsLog, RunDir
+    from tests.conftest import make_rows, write_run
+
+    rows = make_rows()
+    for i, r in enumerate(rows):
+        r["prompt_option"] = i % 2
+        r["allocation_step"] = -1 if i < 4 else max(0, r["step"] - 3)
+        r["stream_position"] = i
+    out = str(tmp_path / "run")
+    write_run(out, rows)
+    log = MetricsLog(RunDir(out))
+    for step, share in ((2, 0.2), (4, 0.6)):
+        log.log("allocation", step=step, rank=0, classes={
+            "<b>evil</b>": {"share": share}, "plain": {"share": 1 - share}}, stopped=[])
+    log.close()
+    with DecisionQuery(out) as q:
+        table = option_acceptance(q)
+        fb = feedback_summary(q)
+        page, meta = build_report(q)
+    by_option = {r["option"]: r for r in table.rows}
+    for option in (0, 1):
+        mine = [r for i, r in enumerate(rows) if i % 2 == option]
+        assert by_option[option]["total"] == len(mine)
+        assert by_option[option]["accepted"] == sum(r["accepted"] for r in mine)
+    lags = sorted(r["step"] - r["allocation_step"] for r in rows[4:])
+    assert fb["lag_steps"]["rows"] == len(rows) - 4 and fb["lag_steps"]["max"] == lags[-1]
+    assert fb["open_loop_rows"] == 4
+    assert meta["allocation_records"] == 2 and 'id="allocation-chart"' in page
+    assert "<b>evil</b>" not in page and "&lt;b&gt;evil&lt;/b&gt;" in page
+    assert "Open loop" in allocation_svg([])

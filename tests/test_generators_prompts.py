@@ -70,7 +70,9 @@ def test_same_seed_and_run_same_stream_and_start_continues_it(lvis_json: Path) -
 def test_rows_have_the_contract_columns_and_ids_hash_their_fields(lvis_json: Path) -> None:
     sampler = PromptSampler.from_lvis_json(lvis_json, run_id="run-x", generator="procedural")
     batch = sampler.sample_batch(6, start=3)
-    assert set(batch) == {"sample_id", "class_id", "class_name", "prompt", "seed"}
+    assert set(batch) == {"sample_id", "class_id", "class_name", "prompt", "prompt_option",
+                          "seed"}
+    assert (batch["prompt_option"] == 0).all()  # one template
     assert batch["class_id"].dtype == np.int64 and batch["seed"].dtype == np.int64
     assert ((batch["seed"] >= 0) & (batch["seed"] < 2**53)).all()
     rows = sampler.sample(6, start=3)

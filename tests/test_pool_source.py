@@ -337,3 +337,42 @@ def test_pool_on_s3(s3_server, tmp_path: Path) -> None:
             sid = batch["source_id"][i]
             sid = sid if sid in cutouts else Path(sid).stem
             np.testing.assert_array_equal(rgba, cutouts[sid])
+
+
+def test_a_folder_of_plain_images_per_class_is_annotated_during_the_run(tmp_path: Path) -> None:
+    from annotators import build_annotator
+    from generators.looks import make_looks, render_object
+    from pipeline.demand import run_requests
+    from pipeline.run.graph import stage_specs
+
+    root = tmp_path / "images"
+    looks = make_looks(3)
+    rng = np.random.default_rng(0)
+    for cid, name in ((1, "cat"), (2, "dog")):
+        (root / name).mkdir(parents=True)
+        for n in range(3):
+            image = np.full((48, 40, 3), 255, np.uint8)
+            rgb, m = render_object(looks[cid - 1], 24, 20, rng)
+            image[12:36, 10:30][m] = rgb[m]
+            Image.fromarray(image).save(root / name / f"{n}.png")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG truncated")
+    cfg = pool_config(str(root), "generation.pool_format=images")
+    assert [s.name for s in stage_specs(cfg, CATEGORIES)] == ["generate", "annotate", "check"]
+    assert "annotation" in {r.part for r in run_requests(cfg)}
+    draws = pool_draws(cfg, CATEGORIES)
+    assert sorted(draws.index.class_ids.tolist()) == [1, 2] and len(draws.index) == 7
+    batch = draws.sample_batch(14)
+    out = QualityCheck()(build_annotator("builtin")(PoolReader(image_size=64)(batch)))
+    broken = np.array(["broken.png" in s for s in out["source_id"]])
+    assert broken.any() and (out["status"][broken] == "invalid_pool_entry").all()
+    assert all("broken.png" in e for e in out["error"][broken])
+    good = ~broken
+    assert (out["status"][good] == "ok").all(), out["error"][good]
+    assert all(out["mask"][i].sum() > 50 for i in np.flatnonzero(good))  # cut out here
+    assert np.isfinite(out["mask_score"][good]).all()
+    assert not any("notes.txt" in s for s in out["source_id"])
+    (root / "wolf").mkdir()
+    (root / "wolf" / "0.png").write_bytes((root / "cat" / "0.png").read_bytes())
+    with pytest.raises(PoolFormatError, match="folder 'wolf' is not a class"):
+        pool_draws(cfg, CATEGORIES)

@@ -108,9 +108,9 @@ def stage_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> list
 
     Online (``generation.backend`` procedural or stable_diffusion): generate, annotate, check.
     From a pool (``pool``): the pool reader stands in the ``generate`` place (the entries
-    bring their masks, so there is no annotation stage), then the same checks.
+    bring their masks, so there is no annotation stage, except for an ``images`` pool, whose
+    plain images the annotator cuts out), then the same checks.
     """
-    from annotators import build_annotator
     from generators import build_generator
 
     g, a = cfg.generation, cfg.annotation
@@ -123,8 +123,11 @@ def stage_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> list
     if g.backend == "pool":
         pool_kwargs = {"image_size": g.image_size,
                        "fill": g.pool_fill, "storage_options": dict(g.pool_storage_options)}
-        return [StageSpec("generate", _build_pool_reader, pool_kwargs, g.batch_size,
-                          g.concurrency, g.num_cpus, g.num_gpus, dict(g.resources)), check]
+        reader = StageSpec("generate", _build_pool_reader, pool_kwargs, g.batch_size,
+                           g.concurrency, g.num_cpus, g.num_gpus, dict(g.resources))
+        if g.pool_format == "images":  # plain images: the annotator cuts them out
+            return [reader, _annotate_spec(cfg), check]
+        return [reader, check]
     if g.backend == "procedural":
         gen_kwargs: dict[str, Any] = {"backend": "procedural", "categories": list(categories),
                                       "image_size": g.image_size,
@@ -135,18 +138,25 @@ def stage_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> list
         gen_kwargs = {"backend": "stable_diffusion", "model": g.model, "scheduler": g.scheduler,
                       "steps": g.steps, "guidance": g.guidance, "resolution": g.resolution,
                       "dtype": g.dtype, "safety_checker": g.safety_checker}
+    return [
+        StageSpec("generate", build_generator, gen_kwargs, g.batch_size, g.concurrency,
+                  g.num_cpus, g.num_gpus, dict(g.resources)),
+        _annotate_spec(cfg),
+        check,
+    ]
+
+
+def _annotate_spec(cfg: RunConfig) -> StageSpec:
+    from annotators import build_annotator
+
+    a = cfg.annotation
     if a.backend == "builtin":
         ann_kwargs: dict[str, Any] = {"backend": "builtin"}
     else:
         ann_kwargs = {"backend": "sam", "model_type": a.sam_model_type,
                       "checkpoint": a.sam_checkpoint, "prompt": a.prompt}
-    return [
-        StageSpec("generate", build_generator, gen_kwargs, g.batch_size, g.concurrency,
-                  g.num_cpus, g.num_gpus, dict(g.resources)),
-        StageSpec("annotate", build_annotator, ann_kwargs, a.batch_size, a.concurrency,
-                  a.num_cpus, a.num_gpus, dict(a.resources)),
-        check,
-    ]
+    return StageSpec("annotate", build_annotator, ann_kwargs, a.batch_size, a.concurrency,
+                     a.num_cpus, a.num_gpus, dict(a.resources))
 
 
 def _build_steered(**kwargs: Any) -> Any:

@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from generators.columns import STREAM_POSITION
 from pipeline.config import ConfigError, RunConfig, config_to_dict, feedback_settings
 from pipeline.errors import UserError
 from pipeline.paths import absolute_paths
-from generators.columns import STREAM_POSITION
 from pipeline.run.graph import StageKill
 from pipeline.storage.checkpoints import read_info
 from pipeline.storage.filesystem import fast_fail_options

@@ -6,7 +6,9 @@ An entry reference (:mod:`pipeline.storage.pool_index`) is one of:
 - ``IMG|MASK``: an image and a greyscale mask of the same size; the mask is ``grey > 128``;
 - ``PATH``: an RGBA image, thresholded at ``alpha > 128`` and reduced to its largest
   8-connected part (X-Paste's loader does the same);
-- ``shard:URI#ROW``: row ``ROW`` of a decision shard (its ``image_png`` and ``mask_rle``).
+- ``shard:URI#ROW``: row ``ROW`` of a decision shard (its ``image_png`` and ``mask_rle``);
+- ``image:PATH``: a plain image that still needs a mask (:meth:`EntryReader.plain_image`; the
+  run's annotator cuts it out).
 
 Every form gives ``(rgba h x w x 4 uint8, mask h x w bool)`` cropped to the mask's box.
 Problems raise :class:`EntryError` whose ``status`` is the candidate status to record:
@@ -26,7 +28,7 @@ from annotators.components import largest_component
 from annotators.cutout import mask_box, rgba_cutout
 from generators.columns import INVALID_POOL_ENTRY, INVALID_POOL_MISSING
 from pipeline.storage.filesystem import filesystem
-from pipeline.storage.pool_index import SHARD_REF
+from pipeline.storage.pool_index import IMAGE_REF, SHARD_REF
 from pipeline.storage.shards import decode_rle
 
 ALPHA_THRESHOLD = 128
@@ -78,6 +80,18 @@ class EntryReader:
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise EntryError(INVALID_POOL_ENTRY, f"{path}: not a readable image ({exc})") \
                 from None
+
+    def plain_image(self, ref: str) -> np.ndarray:
+        """The RGB pixels (H x W x 3 uint8) of an ``image:PATH`` reference; transparency is
+        composited onto white."""
+        path = ref[len(IMAGE_REF):]
+        arr = self.image(path)
+        if arr.ndim == 2:
+            return np.repeat(arr[..., None], 3, axis=2)
+        if arr.shape[2] == 4:
+            alpha = arr[..., 3:4].astype(np.float32) / 255.0
+            return np.rint(arr[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+        return np.ascontiguousarray(arr[..., :3])
 
     def read(self, ref: str) -> tuple[np.ndarray, np.ndarray]:
         """``(rgba, mask)`` of an entry reference (module docstring)."""

@@ -140,9 +140,11 @@ def pool_draws(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> PoolD
     """
     g = cfg.generation
     index = read_pool(g.pool, g.pool_format, decisions=tuple(g.pool_decisions),
-                      storage_options=g.pool_storage_options, path_map=dict(g.pool_path_map))
+                      storage_options=g.pool_storage_options, path_map=dict(g.pool_path_map),
+                      class_ids={str(c["name"]): int(c["id"]) for c in categories})
     gates = cfg.selection.quality_gates if cfg.selection.granularity == "instance" else {}
-    if MASK_SCORE in gates and cfg.selection.method in ("composite", "quality_gate",
+    # An images pool is annotated during the run: the annotator gives every mask its score.
+    if index.format != "images" and MASK_SCORE in gates and cfg.selection.method in ("composite", "quality_gate",
                                                         "gated_loss") \
             and np.isnan(index.mask_scores).all():
         raise ConfigError(

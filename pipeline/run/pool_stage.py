@@ -11,6 +11,8 @@ Input columns: the draw rows of :mod:`pipeline.run.pool_source` (``sample_id``, 
 ``source_id``, ``pool_ref``, ``mask_score``, ``status``, ``error``). Output: those plus
 ``image`` uint8 [B, S, S, 3], ``mask`` bool [B, S, S], ``annotator`` (``pool-mask@1``: the
 mask is the pool's), ``truth_failure`` ``""`` and ``truth_class_id`` -1 (a pool knows no truth).
+An ``image:`` entry (an images pool) is a plain image: it is fitted into the canvas (longer side
+S, white around it) with an empty mask, and the annotation stage that follows cuts it out.
 A row whose entry cannot be used keeps flowing with ``invalid_pool_missing`` /
 ``invalid_pool_entry`` and the file in ``error``; a row that arrived invalid is passed on.
 """
@@ -38,6 +40,7 @@ from generators.columns import (
     string_column,
 )
 from pipeline.run.pool_entries import EntryError, EntryReader
+from pipeline.storage.pool_index import IMAGE_REF
 
 POOL_REF = "pool_ref"
 MASK = "mask"
@@ -90,8 +93,15 @@ class PoolReader:
         for i in range(n):
             if status[i] != STATUS_OK:
                 continue
+            ref = str(batch[POOL_REF][i])
             try:
-                rgba, mask = self.reader.read(str(batch[POOL_REF][i]))
+                if ref.startswith(IMAGE_REF):
+                    rgb = self.reader.plain_image(ref)
+                    full = np.ones(rgb.shape[:2], dtype=bool)
+                    images[i], _ = place_on_canvas(np.dstack([rgb, full * 255]).astype(
+                        np.uint8), full, self.size, 1.0)
+                    continue
+                rgba, mask = self.reader.read(ref)
                 images[i], masks[i] = place_on_canvas(rgba, mask, self.size, self.fill)
             except EntryError as exc:
                 status[i], error[i] = exc.status, str(exc)[:300]

@@ -9,7 +9,10 @@ A pool is one of (``generation.pool_format``; ``auto`` tells them apart):
 - ``bsgal``: the ``pool.json`` that ``bsgal export-pool`` writes (by class id, entries with
   ``file``, ``sample_id``, ``class_name``, ``mask_score``), or the folder holding it;
 - ``shards``: the decision shards of an earlier run (its folder or its ``shards/``), the rows
-  of ``generation.pool_decisions`` (default: accepted).
+  of ``generation.pool_decisions`` (default: accepted);
+- ``images``: a folder of plain images per class, ``ROOT/<class name>/<file>.{png,jpg,...}``
+  (e.g. a text-to-image model's output kept by prompt), which still need masks: the run's
+  annotator (SAM or the built-in one) cuts them out. Never guessed by ``auto``.
 
 Entry paths are opened as written when absolute or a URI, else against the JSON's folder;
 ``path_map`` (``{prefix: replacement}``, longest prefix first) rewrites them first, e.g. the
@@ -36,9 +39,12 @@ from pipeline.errors import UserError
 from pipeline.storage.filesystem import filesystem, is_uri
 from pipeline.storage.shards import DECISIONS, ShardSchemaError, locate_shards
 
-POOL_FORMATS = ("xpaste", "bsgal", "shards")
+POOL_FORMATS = ("xpaste", "bsgal", "shards", "images")
 #: The reference prefix of an entry that is one row of a shard file: ``shard:<uri>#<row>``.
 SHARD_REF = "shard:"
+#: The reference prefix of a plain image that still needs a mask: ``image:<path>``.
+IMAGE_REF = "image:"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 XPASTE_LAYOUT = ('{"<LVIS id - 1>": ["*/path/cut-out.png", "/path/img.jpg|/path/mask.png", '
                  '"/path/rgba.png", ...], ...}')
 
@@ -120,7 +126,8 @@ def _grouped(uri: str, fmt: str, by_class: dict[int, list[tuple[str, str, float]
         raise PoolFormatError(f"{uri}: the pool holds no entries; "
                               + ("check generation.pool_decisions" if fmt == "shards" else
                                  f"expected {XPASTE_LAYOUT}" if fmt == "xpaste" else
-                                 "export one with `bsgal export-pool RUN POOL`"))
+                                 "expected ROOT/<class name>/<image>.png|jpg" if fmt == "images"
+                                 else "export one with `bsgal export-pool RUN POOL`"))
     return PoolIndex(uri=uri, format=fmt, class_ids=np.asarray(ids, dtype=np.int64),
                      starts=starts, refs=PackedStrings(e[0] for e in entries),
                      source_ids=PackedStrings(e[1] for e in entries),
@@ -284,9 +291,45 @@ def read_shard_pool(uri: str, decisions: Sequence[str] = ("accepted",),
     return _grouped(uri, "shards", by_class, names)
 
 
+def read_image_folder(uri: str, class_ids: dict[str, int],
+                      storage_options: dict | None = None) -> PoolIndex:
+    """The index of ``ROOT/<class name>/<image>`` (``class_ids``: class name → id of the
+    run's vocabulary). A folder whose name is no class is an error naming it; files that are
+    not images by their suffix are left out (a ``README`` beside them is not a candidate)."""
+    import difflib
+
+    fs, root = filesystem(uri, storage_options)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise PoolFormatError(f"generation.pool: {uri} is not a folder; an images pool is "
+                              "ROOT/<class name>/<image>.png|jpg")
+    by_class: dict[int, list[tuple[str, str, float]]] = {}
+    names: dict[int, str] = {}
+    for folder in sorted(fs.ls(root, detail=False)):
+        name = posixpath.basename(folder.rstrip("/"))
+        if not fs.isdir(folder) or name.startswith("."):
+            continue
+        if name not in class_ids:
+            close = difflib.get_close_matches(name, list(class_ids), n=1, cutoff=0.6)
+            raise PoolFormatError(
+                f"{uri}: folder {name!r} is not a class of the training set"
+                + (f"; did you mean {close[0]!r}?" if close else "")
+                + " (an images pool has one folder per class, named as in train.json)")
+        cid = class_ids[name]
+        names[cid] = name
+        rows = by_class.setdefault(cid, [])
+        for path in sorted(fs.ls(folder, detail=False)):
+            if posixpath.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+                where = fs.unstrip_protocol(path) if is_uri(uri) else path
+                rows.append((IMAGE_REF + where, f"{name}/{posixpath.basename(path)}",
+                             float("nan")))
+    return _grouped(uri, "images", {c: r for c, r in by_class.items() if r}, names)
+
+
 def read_pool(uri: str, fmt: str = "auto", *, decisions: Sequence[str] = ("accepted",),
               storage_options: dict | None = None,
-              path_map: dict[str, str] | None = None) -> PoolIndex:
+              path_map: dict[str, str] | None = None,
+              class_ids: dict[str, int] | None = None) -> PoolIndex:
     """The :class:`PoolIndex` of a pool (``fmt``: ``auto`` or one of :data:`POOL_FORMATS`).
 
     Raises:
@@ -304,5 +347,7 @@ def read_pool(uri: str, fmt: str = "auto", *, decisions: Sequence[str] = ("accep
         return read_bsgal_pool(target, storage_options, path_map)
     if fmt == "shards":
         return read_shard_pool(target, decisions, storage_options)
+    if fmt == "images":
+        return read_image_folder(target, class_ids or {}, storage_options)
     raise PoolFormatError(f"generation.pool_format: {fmt!r} is not auto or one of "
                           f"{POOL_FORMATS}")
