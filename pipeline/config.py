@@ -291,6 +291,11 @@ class FeedbackConfig:
     exploration: float = 0.1
     # Seconds a generation actor waits for the demand actor before it draws open loop.
     timeout_s: float = 2.0
+    # How many candidates generation may run ahead of the trainer's decisions (bounds the
+    # loop's lag; Ray Data would otherwise read far ahead); 0: twice what the stages' and the
+    # trainer's batches hold. A generation actor waits at most max_wait_s for it.
+    max_ahead: int = 0
+    max_wait_s: float = 30.0
 
 
 @dataclass
@@ -625,6 +630,9 @@ def feedback_settings(cfg: "RunConfig") -> Any:
 
 def _check_feedback(cfg: "RunConfig") -> None:
     settings = feedback_settings(cfg)
+    if cfg.feedback.max_ahead < 0 or not cfg.feedback.max_wait_s > 0:
+        raise ConfigError("feedback.max_ahead must be >= 0 (0: automatic) and "
+                          "feedback.max_wait_s > 0")
     if not cfg.feedback.timeout_s > 0:
         raise ConfigError(f"feedback.timeout_s: must be > 0 seconds, got {cfg.feedback.timeout_s}")
     templates = cfg.generation.prompt_template

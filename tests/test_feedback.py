@@ -110,7 +110,8 @@ def test_demand_board_reports_shares_and_continues_a_snapshot() -> None:
     snap = json.loads(json.dumps(board.snapshot()))
     again = DemandBoard(settings, BASE, IDS, ["a", "b", "c", "d"], FREQ, [2, 2, 2, 2],
                         state=snap["state"], step=snap["step"])
-    assert again.allocation() == board.allocation()
+    for key in ("weights", "option_probs", "stopped", "version", "step"):
+        assert again.allocation()[key] == board.allocation()[key]
     with pytest.raises(ValueError, match="vocabulary"):
         DemandBoard(settings, BASE[:3], IDS[:3], ["a", "b", "c"], FREQ[:3], [2, 2, 2],
                     state=snap["state"])
@@ -199,3 +200,17 @@ def test_inspection_reads_options_lag_and_the_allocation_history(tmp_path) -> No
     assert meta["allocation_records"] == 2 and 'id="allocation-chart"' in page
     assert "<b>evil</b>" not in page and "&lt;b&gt;evil&lt;/b&gt;" in page
     assert "Open loop" in allocation_svg([])
+
+
+def test_generation_may_run_only_so_far_ahead_of_the_decisions() -> None:
+    board = DemandBoard(FeedbackSettings(policy="yield_aware"), BASE, IDS, ["a", "b", "c", "d"],
+                        FREQ, [1, 1, 1, 1])
+    assert board.allocation(8, max_ahead=12)["granted"]
+    refused = board.allocation(8, max_ahead=12)
+    assert not refused["granted"] and refused["ahead"] == 8
+    board.record([1] * 8, [0] * 8, [True] * 8, step=3)  # the trainer decided them
+    assert board.allocation(8, max_ahead=12)["granted"]
+    assert board.report()["ahead"] == 8
+    # A batch larger than the bound is still granted when nothing is ahead (no deadlock).
+    board.record([2] * 8, [0] * 8, [True] * 8, step=4)
+    assert board.allocation(20, max_ahead=12)["granted"]

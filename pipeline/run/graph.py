@@ -165,6 +165,20 @@ def _build_steered(**kwargs: Any) -> Any:
     return SteeredGeneration(**kwargs)
 
 
+def max_ahead(cfg: RunConfig) -> int:
+    """Candidates generation may run ahead of the decisions in a closed-loop run:
+    ``feedback.max_ahead``, or (0) twice what the stages' batches and the trainers' batches in
+    hand and prefetched hold, so that every stage can always fill its next batch."""
+    if cfg.feedback.max_ahead:
+        return int(cfg.feedback.max_ahead)
+    from pipeline.run.train_worker import candidate_batch_size
+
+    g, a, t = cfg.generation, cfg.annotation, cfg.training
+    held = g.batch_size + a.batch_size + a.check_batch_size + \
+        t.num_workers * candidate_batch_size(cfg) * (t.prefetch_batches + 2)
+    return 2 * held
+
+
 def steered_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]],
                   specs: Sequence[StageSpec], demand: Any) -> list[StageSpec]:
     """``specs`` with the generate stage drawing its prompts from the demand actor
@@ -178,7 +192,8 @@ def steered_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]],
         if spec.name == "generate":
             kwargs = {"sampler": functools.partial(online_sampler, cfg, list(categories)),
                       "generator": functools.partial(spec.build, **spec.kwargs),
-                      "board": demand, "timeout_s": cfg.feedback.timeout_s}
+                      "board": demand, "timeout_s": cfg.feedback.timeout_s,
+                      "max_ahead": max_ahead(cfg), "max_wait_s": cfg.feedback.max_wait_s}
             spec = dataclasses.replace(spec, build=_build_steered, kwargs=kwargs)
         out.append(spec)
     return out

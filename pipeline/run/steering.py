@@ -66,6 +66,9 @@ class DemandBoard:
             raise ValueError("feedback state: its classes are not this run's vocabulary")
         self.step = int(step)
         self._current: Allocation | None = None
+        # Candidates drawn with an allocation so far (a resumed run starts where its decisions
+        # are): issued - decided is how far generation runs ahead of the trainer.
+        self.issued = self.state.decisions
 
     def record(self, class_ids: Sequence[int], options: Sequence[int],
                accepted: Sequence[bool], step: int) -> int:
@@ -81,12 +84,20 @@ class DemandBoard:
                                      self.options_per_class, self.settings)
         return self._current
 
-    def allocation(self) -> dict[str, Any]:
-        """The allocation as plain data: ``weights`` [C], ``option_probs`` [C, T],
-        ``stopped`` (class ids), ``version`` (decisions seen), ``step``."""
+    def allocation(self, rows: int = 0, max_ahead: float = float("inf")) -> dict[str, Any]:
+        """The allocation for a batch of ``rows`` candidates as plain data: ``weights`` [C],
+        ``option_probs`` [C, T], ``stopped`` (class ids), ``version`` (decisions seen),
+        ``step``, ``ahead`` (candidates drawn but not decided yet) and ``granted``: False when
+        drawing ``rows`` more would put generation more than ``max_ahead`` candidates ahead of
+        the trainer (then nothing is counted: ask again later)."""
+        ahead = self.issued - self.state.decisions
+        granted = rows == 0 or ahead + rows <= max_ahead or ahead <= 0
+        if granted:
+            self.issued += int(rows)
         a = self.current()
         return {"weights": a.weights.tolist(), "option_probs": a.option_probs.tolist(),
-                "stopped": list(a.stopped), "version": a.version, "step": self.step}
+                "stopped": list(a.stopped), "version": a.version, "step": self.step,
+                "ahead": int(ahead), "granted": bool(granted)}
 
     def report(self) -> dict[str, Any]:
         """What the metrics' ``allocation`` records hold: per class its share of generation,
@@ -104,7 +115,8 @@ class DemandBoard:
                    for t in range(self.state.options)}
         names = dict(zip(self.class_ids, self.class_names))
         return {"version": a.version, "allocation_step": self.step, "classes": classes,
-                "options": options, "stopped": [names[c] for c in a.stopped]}
+                "options": options, "stopped": [names[c] for c in a.stopped],
+                "ahead": int(self.issued - self.state.decisions)}
 
     def snapshot(self) -> dict[str, Any]:
         """The state for a checkpoint (JSON-safe)."""
@@ -146,13 +158,13 @@ class DemandClient:
         self.dead = False
         self.warned = False
 
-    def fetch(self) -> dict[str, Any] | None:
+    def fetch(self, rows: int = 0, max_ahead: float = float("inf")) -> dict[str, Any] | None:
         import ray
 
         if self.dead:
             return None
         if self._pending is None:
-            self._pending = self.board.allocation.remote()
+            self._pending = self.board.allocation.remote(rows, max_ahead)
         # A stalled actor got its full wait once; until it answers, do not wait again.
         timeout = 0.0 if self._stalled else self.timeout_s
         ready, _ = ray.wait([self._pending], timeout=timeout)
@@ -190,13 +202,33 @@ class SteeredGeneration:
     """
 
     def __init__(self, sampler: Callable[[], Any], generator: Callable[[], Any],
-                 board: Any, timeout_s: float) -> None:
+                 board: Any, timeout_s: float, max_ahead: float = float("inf"),
+                 max_wait_s: float = 30.0, poll_s: float = 0.2) -> None:
         self.sampler = sampler()
         self.generator = generator()
         self.client = DemandClient(board, timeout_s)
+        self.max_ahead, self.max_wait_s, self.poll_s = float(max_ahead), float(max_wait_s), \
+            float(poll_s)
+
+    def _allocation(self, rows: int) -> dict[str, Any] | None:
+        """The allocation for ``rows`` candidates, waiting (up to ``max_wait_s``) while
+        generation is more than ``max_ahead`` candidates ahead of the trainer's decisions."""
+        deadline = time.monotonic() + self.max_wait_s
+        while True:
+            answer = self.client.fetch(rows, self.max_ahead)
+            if answer is None or answer.get("granted", True):
+                return answer
+            if time.monotonic() >= deadline:
+                # Never hang on the bound: draw anyway, and say so once.
+                log.warning("bsgal feedback: generation stayed %d candidates ahead of the "
+                            "trainer for %g s; drawing without waiting longer (raise "
+                            "feedback.max_ahead if this repeats)", answer["ahead"],
+                            self.max_wait_s)
+                return self.client.fetch(rows)
+            time.sleep(self.poll_s)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        answer = self.client.fetch()
+        answer = self._allocation(len(batch[STREAM_POSITION]))
         if answer is None:
             self.sampler.set_weights(self.sampler.base_weights)
             self.sampler.set_option_weights(None)
