@@ -293,9 +293,10 @@ class FeedbackConfig:
     timeout_s: float = 2.0
     # How many candidates generation may run ahead of the trainer's decisions (bounds the
     # loop's lag; Ray Data would otherwise read far ahead); 0: twice what the stages' and the
-    # trainer's batches hold. A generation actor waits at most max_wait_s for it.
+    # trainer's batches hold. A generation actor waits at most max_wait_s for it (during the
+    # trainer's real-only warm-up nothing is decided: the stream waits at the bound).
     max_ahead: int = 0
-    max_wait_s: float = 30.0
+    max_wait_s: float = 600.0
 
 
 @dataclass

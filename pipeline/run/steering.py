@@ -148,11 +148,9 @@ class DemandClient:
     or is gone (then open-loop weights apply).
     """
 
-    def __init__(self, board: Any, timeout_s: float, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+    def __init__(self, board: Any, timeout_s: float) -> None:
         self.board = board
         self.timeout_s = float(timeout_s)
-        self.clock = clock
         self._pending: Any = None
         self._stalled = False
         self.dead = False
@@ -203,12 +201,13 @@ class SteeredGeneration:
 
     def __init__(self, sampler: Callable[[], Any], generator: Callable[[], Any],
                  board: Any, timeout_s: float, max_ahead: float = float("inf"),
-                 max_wait_s: float = 30.0, poll_s: float = 0.2) -> None:
+                 max_wait_s: float = 600.0, poll_s: float = 0.2) -> None:
         self.sampler = sampler()
         self.generator = generator()
         self.client = DemandClient(board, timeout_s)
         self.max_ahead, self.max_wait_s, self.poll_s = float(max_ahead), float(max_wait_s), \
             float(poll_s)
+        self.waited_out = False
 
     def _allocation(self, rows: int) -> dict[str, Any] | None:
         """The allocation for ``rows`` candidates, waiting (up to ``max_wait_s``) while
@@ -220,10 +219,12 @@ class SteeredGeneration:
                 return answer
             if time.monotonic() >= deadline:
                 # Never hang on the bound: draw anyway, and say so once.
-                log.warning("bsgal feedback: generation stayed %d candidates ahead of the "
-                            "trainer for %g s; drawing without waiting longer (raise "
-                            "feedback.max_ahead if this repeats)", answer["ahead"],
-                            self.max_wait_s)
+                if not self.waited_out:
+                    log.warning("bsgal feedback: generation stayed %d candidates ahead of the "
+                                "trainer for %g s; drawing without waiting longer (raise "
+                                "feedback.max_ahead if this repeats)", answer["ahead"],
+                                self.max_wait_s)
+                    self.waited_out = True
                 return self.client.fetch(rows)
             time.sleep(self.poll_s)
 
