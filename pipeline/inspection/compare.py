@@ -25,7 +25,7 @@ _COLUMNS = "sample_id, class_id, class_name, class_frequency, decision, reason, 
 
 
 def _side(q: DecisionQuery) -> Any:
-    present = set(q.con.sql("SELECT * FROM selected LIMIT 0").columns)
+    present = q.columns()
     # Shards before schema 2.1 have no judged_by: their trainer judged them.
     judged = "judged_by" if "judged_by" in present else "'' AS judged_by"
     return q.con.sql(f"SELECT {_COLUMNS}, {judged} FROM selected").to_arrow_table()

@@ -23,7 +23,7 @@ NO_COSTS = ("no cost columns in these shards (written before shard schema 2.2): 
 def has_costs(q: DecisionQuery) -> bool:
     """Whether the selection holds costed rows (the columns exist and some row has them:
     rows written without a cost hold NaN, "not measured")."""
-    names = {d[0] for d in q.con.execute("SELECT * FROM selected LIMIT 0").description}
+    names = q.columns()
     if not all(f"cost_{s}" in names for s in COST_STAGES):
         return False
     return bool(q.rows("SELECT count(*) AS n FROM selected WHERE cost_train IS NOT NULL "

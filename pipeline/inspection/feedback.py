@@ -16,17 +16,12 @@ from pipeline.inspection.summary import Column, Table
 
 NO_OPTIONS = ("no prompt options in these shards (written before shard schema 2.3, or drawn "
               "from a pool)")
-NO_LAG = "no closed-loop rows here (feedback.policy open_loop): no allocation lag to report"
-
-
-def _columns(q: DecisionQuery) -> set[str]:
-    return {d[0] for d in q.con.execute("SELECT * FROM selected LIMIT 0").description}
 
 
 def option_acceptance(q: DecisionQuery) -> Table | None:
     """Per prompt option and class: candidates, accepted, acceptance rate; the prompt text of
     each option is its most frequent prompt (None without ``prompt_option``)."""
-    if "prompt_option" not in _columns(q):
+    if "prompt_option" not in q.columns():
         return None
     rows = q.rows(
         "SELECT prompt_option AS option, count(*) AS total, "
@@ -47,12 +42,11 @@ def option_acceptance(q: DecisionQuery) -> Table | None:
 def loop_lag(q: DecisionQuery) -> dict[str, Any] | None:
     """Steps from allocation to decision over the closed-loop rows: ``rows``, ``median``,
     ``p95``, ``max`` (None when no row was drawn with an allocation)."""
-    if "allocation_step" not in _columns(q):
+    if "allocation_step" not in q.columns():
         return None
     r = q.rows("SELECT count(*) AS rows, median(step - allocation_step) AS median, "
                "quantile_cont(step - allocation_step, 0.95) AS p95, "
-               "max(step - allocation_step) AS max, "
-               "count(*) FILTER (WHERE allocation_step < 0) AS open_loop "
+               "max(step - allocation_step) AS max "
                "FROM selected WHERE allocation_step IS NOT NULL AND allocation_step >= 0 "
                "AND step >= 0")[0]
     if not r["rows"]:
@@ -64,7 +58,7 @@ def loop_lag(q: DecisionQuery) -> dict[str, Any] | None:
 def open_loop_rows(q: DecisionQuery) -> int:
     """Rows of a closed-loop run drawn open loop (``allocation_step`` -1: before the first
     decision, or while the demand actor did not answer)."""
-    if "allocation_step" not in _columns(q):
+    if "allocation_step" not in q.columns():
         return 0
     return int(q.rows("SELECT count(*) AS n FROM selected WHERE allocation_step < 0")[0]["n"])
 

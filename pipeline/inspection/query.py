@@ -361,6 +361,10 @@ class DecisionQuery:
                     "image_png": r["image_png"], "mask_rle": r["mask_rle"]}
         return out
 
+    def columns(self, view: str = "selected") -> set[str]:
+        """The column names of ``view`` (shards of older schemas lack the newer columns)."""
+        return set(self.con.sql(f"SELECT * FROM {view} LIMIT 0").columns)
+
     def count(self, view: str = "selected") -> int:
         (n,) = self.con.execute(f"SELECT count(*) FROM {view}").fetchone()
         return int(n)

@@ -83,7 +83,8 @@ class TimedStage:
                 os._exit(1)
         started = time.perf_counter()
         out = self.stage(batch)
-        seconds = time.perf_counter() - started
+        # A stage may wait without working (the closed loop's read-ahead bound): not busy.
+        seconds = time.perf_counter() - started - getattr(self.stage, "idle_seconds", 0.0)
         n = len(out["sample_id"])
         out[self.column] = np.full(n, seconds / max(n, 1), dtype=np.float32)
         if self.progress is not None:

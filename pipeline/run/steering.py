@@ -208,6 +208,9 @@ class SteeredGeneration:
         self.max_ahead, self.max_wait_s, self.poll_s = float(max_ahead), float(max_wait_s), \
             float(poll_s)
         self.waited_out = False
+        # Seconds the last batch waited at the bound (TimedStage leaves them out of the
+        # stage's busy time: waiting holds no device work).
+        self.idle_seconds = 0.0
 
     def _allocation(self, rows: int) -> dict[str, Any] | None:
         """The allocation for ``rows`` candidates, waiting (up to ``max_wait_s``) while
@@ -229,7 +232,9 @@ class SteeredGeneration:
             time.sleep(self.poll_s)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         answer = self._allocation(len(batch[STREAM_POSITION]))
+        self.idle_seconds = time.perf_counter() - started
         if answer is None:
             self.sampler.set_weights(self.sampler.base_weights)
             self.sampler.set_option_weights(None)

@@ -30,8 +30,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
-
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.run.costs import TIMING_PREFIX, row_costs, stage_devices, units_text
 from pipeline.run.feed import END, CandidateFeed
@@ -364,7 +362,8 @@ class TrainWorker:
     # -- checkpoints and the end -----------------------------------------------------------
 
     def _log_allocation(self, step: int) -> None:
-        """Rank 0: the allocation now in force, and the loop's lag over the last window."""
+        """Rank 0: the allocation now in force (the loop's lag is in the shards:
+        ``step - allocation_step``)."""
         if self.feedback is None or self.rank != 0:
             return
         record = self.feedback.report()
@@ -455,11 +454,8 @@ class FeedbackLink:
         self.timeout_s = timeout_s
         self.failed: str | None = None
         self.last_snapshot: dict[str, Any] | None = None
-        self.lags: list[int] = []
 
     def record(self, rows: list[dict[str, Any]], step: int) -> None:
-        self.lags.extend(step - int(r["allocation_step"]) for r in rows
-                         if int(r.get("allocation_step", -1)) >= 0)
         if self.failed is not None or not rows:
             return
         classes = [int(r.get("class_id", -1)) for r in rows]
@@ -482,14 +478,10 @@ class FeedbackLink:
             return None
 
     def report(self) -> dict[str, Any]:
-        lags, self.lags = self.lags, []
-        lag = ({"lag_steps_median": float(np.median(lags)), "lag_steps_max": int(max(lags)),
-                "lag_rows": len(lags)} if lags else {})
         answer = self._ask("report")
         if answer is None:
-            return {"unavailable": f"demand actor: {self.failed}; generation draws open loop",
-                    **lag}
-        return {**answer, **lag}
+            return {"unavailable": f"demand actor: {self.failed}; generation draws open loop"}
+        return answer
 
     def snapshot(self) -> dict[str, Any] | None:
         answer = self._ask("snapshot")
