@@ -328,6 +328,8 @@ def run_fault(index: int, kind: str, data: Path, work: Path, moto: Moto | None,
                 break
             time.sleep(0.05 if kind == "stage_actor_killed" else 0.2)
         result.first_exit = wait_exit(proc, timeout)
+        if not result.injected:
+            result.error = "the fault was never injected (the run ended first)"
         if result.first_exit is None:
             result.error = f"the run did not end within {timeout:.0f} s after the fault (hang)"
             return result

@@ -286,7 +286,10 @@ def test_a_trainer_waiting_for_candidates_sees_an_interrupt() -> None:
     feed.close()
 
 
-def test_a_second_interrupt_exits_at_once() -> None:
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_second_interrupt_exits_at_once(name: str) -> None:
+    """Ctrl-C and SIGTERM (what a scheduler sends) take the same handler."""
+    import signal
     import subprocess
     import sys
 
@@ -300,15 +303,15 @@ def test_a_second_interrupt_exits_at_once() -> None:
         "        @staticmethod\n"
         "        def remote(reason): print('stop asked:', reason, flush=True)\n"
         "with StopOnSignal(Board(), print):\n"
-        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        f"    os.kill(os.getpid(), signal.{name})\n"
         "    time.sleep(0.2)\n"
-        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        f"    os.kill(os.getpid(), signal.{name})\n"
         "    time.sleep(30)\n"
         "print('not reached')\n")
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=60)
     assert time.monotonic() - started < 20
-    assert done.returncode == 130, done.stdout + done.stderr
-    assert "stop asked: SIGINT" in done.stdout and "second interrupt: exiting now" in done.stdout
+    assert done.returncode == 128 + getattr(signal, name), done.stdout + done.stderr
+    assert f"stop asked: {name}" in done.stdout and "second interrupt: exiting now" in done.stdout
     assert "not reached" not in done.stdout

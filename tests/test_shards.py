@@ -172,6 +172,24 @@ def test_s3_round_trip_and_resume(s3_server) -> None:
 
 
 @pytest.mark.s3
+def test_listing_sees_files_another_writer_added_since(s3_server) -> None:
+    """s3fs caches listings in its (shared) instance: a process that watches a run's shards,
+    as the fault benchmark does, must see what the run wrote since its last look."""
+    bucket = s3_server.make_bucket("shards-listing")
+    out = f"{bucket}/runs/a"
+    opts = s3_server.storage_options
+    # Another filesystem instance, as in another process: its writes do not touch our cache.
+    other = {**opts, "skip_instance_cache": True}
+    writer = ShardWriter(out, max_rows=4, flush_seconds=60, storage_options=other)
+    writer.add(_rows(4))
+    writer.flush()
+    first = list_shard_files(f"{out}/shards", opts)
+    writer.add(_rows(8, start=4))
+    writer.close()
+    assert len(list_shard_files(f"{out}/shards", opts)) > len(first) > 0
+
+
+@pytest.mark.s3
 def test_preflight_unreachable_s3_fails_fast(s3_server) -> None:
     import time
 

@@ -368,11 +368,16 @@ class ShardWriter:
 def list_shard_files(root: str, storage_options: dict | None = None) -> list[str]:
     """Every finished shard file under a shards folder (URIs/paths as the filesystem names them)."""
     fs, path = filesystem(root, storage_options)
+    # fsspec keeps one instance per storage options and s3fs caches listings in it (a path's
+    # entry only: not its children's): a process that lists again while a run writes must see
+    # the files written since.
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     files = []
     for decision in DECISIONS:
         folder = f"{path.rstrip('/')}/decision={decision}"
+        fs.invalidate_cache(folder)
         if fs.exists(folder):
             files.extend(p for p in fs.ls(folder, detail=False)
                          if PART_NAME.match(posixpath.basename(p)))
