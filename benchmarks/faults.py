@@ -178,10 +178,9 @@ def visible_files_problems(out: str, storage_options: dict | None) -> list[str]:
 
 
 def decisions(out: str, storage_options: dict | None) -> Any:
-    from pipeline.storage.filesystem import filesystem
-    from pipeline.storage.shards import read_decisions, shards_root
+    from pipeline.storage.shards import read_decisions
 
-    filesystem(shards_root(out), storage_options)[0].invalidate_cache()
+    # read_decisions lists through list_shard_files, which lists afresh.
     return read_decisions(out, columns=["sample_id", *COMPARED],
                           storage_options=storage_options).to_pandas()
 
