@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.run import job
-from pipeline.run.job import RunExistsError, TrainingFailed, run_job
+from pipeline.run.job import TrainingFailed, run_job
+from pipeline.storage.run_dir import RunExistsError
 from pipeline.run.preflight import PreflightError, preflight, probe_ray_address, ray_host_port
 from pipeline.storage.run_config import resume_config, write_run_config
 from pipeline.storage.run_dir import RunDir

@@ -16,7 +16,8 @@ from pipeline.cli import main
 from pipeline.demand import check_fits
 from pipeline.config import ConfigError, load_config
 from pipeline.run.feed import END, CandidateFeed
-from pipeline.run.job import RunExistsError, run_job
+from pipeline.run.job import run_job
+from pipeline.storage.run_dir import RunExistsError
 from pipeline.storage.redaction import redact, redacted_config
 from pipeline.storage.run_config import resume_config
 from pipeline.storage.run_dir import RunDir

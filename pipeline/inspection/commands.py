@@ -148,7 +148,7 @@ def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ..
                        f"({time.monotonic() - t0:.1f} s)")
             return
         from pipeline.inspection.render import summary_json, summary_text, table_csv
-        from pipeline.inspection.summary import summarize
+        from pipeline.inspection.tables import summarize
 
         summary = summarize(q, tuple(names) or None, step_bins=step_bins, row_limit=limit)
         if as_json:

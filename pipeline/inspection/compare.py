@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.inspection.query import DecisionQuery
-from pipeline.inspection.summary import FREQUENCY_NAMES, Column, Summary, Table
+from pipeline.inspection.table import FREQUENCY_NAMES, Column, Summary, Table
 
 _COLUMNS = "sample_id, class_id, class_name, class_frequency, decision, reason, score"
 

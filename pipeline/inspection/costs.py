@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.inspection.query import DecisionQuery
-from pipeline.inspection.summary import FREQUENCY_NAMES, Column, Table
+from pipeline.inspection.table import FREQUENCY_NAMES, Column, Table
+from pipeline.storage.row_names import COST_STAGES
 
-COST_STAGES = ("generate", "annotate", "check", "score", "train")
 NO_COSTS = ("no cost columns in these shards (written before shard schema 2.2): the cost per "
             "accepted instance is unknown")
 

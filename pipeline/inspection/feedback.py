@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.inspection.query import DecisionQuery
-from pipeline.inspection.summary import Column, Table
+from pipeline.inspection.table import Column, Table
 
 NO_OPTIONS = ("no prompt options in these shards (written before shard schema 2.3, or drawn "
               "from a pool)")

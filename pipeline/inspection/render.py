@@ -8,7 +8,7 @@ import json
 import math
 from typing import Any
 
-from pipeline.inspection.summary import Summary, Table
+from pipeline.inspection.table import Summary, Table
 
 
 def format_value(value: Any, kind: str) -> str:

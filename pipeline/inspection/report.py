@@ -28,9 +28,8 @@ from pipeline.inspection.costs import NO_COSTS, cost_by_class, cost_by_stage
 from pipeline.inspection.feedback import option_acceptance, run_allocation_history
 from pipeline.inspection.query import DecisionQuery, sql_string
 from pipeline.inspection.render import describe_filters, format_value
+from pipeline.inspection.table import FREQUENCY_NAMES, Table
 from pipeline.inspection.summary import (
-    FREQUENCY_NAMES,
-    Table,
     acceptance_over_steps,
     class_acceptance,
     decision_counts,

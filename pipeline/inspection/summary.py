@@ -12,14 +12,12 @@ failed a quality check before the selector saw them (``invalid_*``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
-from pipeline.inspection import TABLE_NAMES
 from pipeline.inspection.query import DecisionQuery
+from pipeline.inspection.table import FREQUENCY_NAMES, Column, Table
 
-FREQUENCY_NAMES = {"f": "frequent", "c": "common", "r": "rare", "": "unknown"}
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 # Per-decision counts, reused by several tables.
@@ -29,30 +27,6 @@ _COUNTS = (
     "count(*) FILTER (WHERE decision = 'rejected') AS rejected, "
     "count(*) FILTER (WHERE decision = 'invalid') AS invalid"
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Column:
-    """One column: ``kind`` says how to print it (``str``, ``int``, ``float``, ``rate``)."""
-
-    name: str
-    kind: str = "str"
-
-
-@dataclasses.dataclass
-class Table:
-    """A named table: column specs, rows as dicts keyed by column name, an optional note."""
-
-    name: str
-    title: str
-    columns: list[Column]
-    rows: list[dict[str, Any]]
-    note: str = ""
-    # Text output may elide the middle of a long ranked table (best and worst rows kept).
-    ranked: bool = False
-
-    def records(self) -> list[dict[str, Any]]:
-        return [{c.name: row.get(c.name) for c in self.columns} for row in self.rows]
 
 
 def _rate(num: int, den: int) -> float | None:
@@ -234,61 +208,3 @@ def matching_rows(q: DecisionQuery, limit: int = 20) -> Table:
     total = q.count()
     note = f"first {len(rows)} of {total} rows" if len(rows) < total else ""
     return Table("rows", "Matching decisions", columns, rows, note)
-
-
-# ------------------------------------------------------------------------------------ summary
-
-@dataclasses.dataclass
-class Summary:
-    """All tables of one inspection plus what they cover."""
-
-    uri: str
-    files: int
-    total_rows: int
-    selected_rows: int
-    filters: dict[str, Any]
-    tables: list[Table]
-    notes: list[str]
-
-
-def summarize(q: DecisionQuery, names: tuple[str, ...] | None = None, step_bins: int = 10,
-              row_limit: int = 20) -> Summary:
-    """Compute the tables ``names`` (default: all except ``rows``) over ``q``'s selection."""
-    wanted = tuple(names) if names else tuple(n for n in TABLE_NAMES if n != "rows")
-    tables: list[Table] = []
-    notes: list[str] = []
-    builders = {
-        "counts": lambda: decision_counts(q),
-        "groups": lambda: frequency_groups(q),
-        "classes": lambda: class_acceptance(q),
-        "scores": lambda: score_quantiles(q),
-        "steps": lambda: acceptance_over_steps(q, step_bins),
-        "truth": lambda: truth_precision_recall(q),
-        "truth_failures": lambda: truth_by_failure(q),
-        "cost": lambda: cost_by_stage(q),
-        "cost_classes": lambda: cost_by_class(q),
-        "options": lambda: option_acceptance(q),
-        "rows": lambda: matching_rows(q, row_limit),
-    }
-    from pipeline.inspection.costs import NO_COSTS, cost_by_class, cost_by_stage
-    from pipeline.inspection.feedback import NO_OPTIONS, option_acceptance
-
-    skipped = {"truth": "precision/recall skipped: no generator truth in these rows "
-                        "(truth_failure is empty, e.g. Stable Diffusion candidates)",
-               "truth_failures": "truth", "cost": NO_COSTS, "cost_classes": NO_COSTS,
-               "options": NO_OPTIONS}
-    for name in wanted:
-        table = builders[name]()
-        if table is None:
-            note = skipped[name]
-            note = skipped[note] if note in skipped else note
-            if note not in notes:
-                notes.append(note)
-            continue
-        tables.append(table)
-    selected = q.count()
-    if not selected:
-        notes.append("no decision matches the filters")
-    return Summary(uri=q.uri, files=len(q.files), total_rows=q.count("decisions"),
-                   selected_rows=selected, filters=q.filters.describe(), tables=tables,
-                   notes=notes)

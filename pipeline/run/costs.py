@@ -20,11 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.storage.row_names import COST_STAGES, TRAINER_SECONDS, cost_column, timing_column
 
-COST_STAGES = ("generate", "annotate", "check", "score", "train")
-#: The trainer's shares of a row (`trainer.loop.CandidatePool.seconds`): (score, train).
-TRAINER_SECONDS = {"score": 0, "train": 1}
-TIMING_PREFIX = "_seconds_"
 
 
 def _held(gpus: float, cpus: float) -> tuple[str, float]:
@@ -52,8 +49,8 @@ def row_costs(row: Mapping[str, Any], trainer: Sequence[float] | None,
     trainer's (scoring, training) seconds of the row, or None."""
     out: dict[str, Any] = {"cost_units": units}
     for stage in COST_STAGES:
-        seconds = row.get(f"{TIMING_PREFIX}{stage}")
+        seconds = row.get(timing_column(stage))
         if seconds is None and stage in TRAINER_SECONDS and trainer is not None:
             seconds = trainer[TRAINER_SECONDS[stage]]
-        out[f"cost_{stage}"] = float(seconds or 0.0) * devices[stage][1]
+        out[cost_column(stage)] = float(seconds or 0.0) * devices[stage][1]
     return out

@@ -30,9 +30,8 @@ import numpy as np
 
 from pipeline.config import RunConfig
 from pipeline.demand import stage_cpus
+from pipeline.storage.row_names import STAGES, timing_column
 
-STAGES = ("generate", "annotate", "check")
-TIMING_PREFIX = "_seconds_"
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ class TimedStage:
                  progress: Any = None, kill: StageKill | None = None) -> None:
         self.name = name
         self.stage = build(**kwargs)
-        self.column = f"{TIMING_PREFIX}{name}"
+        self.column = timing_column(name)
         self.progress = progress
         self.kill = kill if kill is not None and kill.stage == name else None
 

@@ -46,16 +46,12 @@ from pipeline.run.graph import StageKill
 from pipeline.storage.checkpoints import read_info
 from pipeline.storage.filesystem import fast_fail_options
 from pipeline.storage.run_config import resume_config, write_run_config
-from pipeline.storage.run_dir import MetricsLog, RunDir
+from pipeline.storage.run_dir import MetricsLog, RunDir, check_fresh_output, remove_failed_start
 from pipeline.storage.shards import StorageError, drop_after, preflight_writable, read_decisions
 
 
 class TrainingFailed(UserError, RuntimeError):
     """The Ray Train workers failed; the message is one line naming the worker's error."""
-
-
-class RunExistsError(ConfigError):
-    """``output.dir`` already holds a run and ``--resume`` was not asked for."""
 
 
 class Interrupted(UserError):
@@ -228,40 +224,6 @@ def plan_resume(cfg: RunConfig, sampler: Any) -> ResumePoint:
 
 
 # ------------------------------------------------------------------------------ the run
-
-
-def check_fresh_output(run: RunDir) -> None:
-    """Refuse an ``output.dir`` that holds a run; a run that stopped before its first
-    checkpoint (nothing decided is kept) is named as such, with the retry that fixes it."""
-    for marker in ("config.yaml", "checkpoints", "shards"):
-        if run.exists(marker):
-            if run.latest_checkpoint() is None and not run.exists("summary.json"):
-                raise RunExistsError(
-                    f"output.dir: {run.out} holds a run that stopped before its first "
-                    f"checkpoint ({marker}); unless it is still running, retry it with "
-                    f"`bsgal run --resume {run.out} [key=value ...]` (with no checkpoint yet any "
-                    "key may change) or choose another output.dir")
-            raise RunExistsError(
-                f"output.dir: {run.out} already holds a run ({marker}); continue it with "
-                f"`bsgal run --resume {run.out}` or choose another output.dir")
-
-
-def remove_failed_start(run: RunDir) -> bool:
-    """Delete what a fresh run wrote when it ends before its first checkpoint, so that the
-    same command can simply be run again; a run with a checkpoint is kept for ``--resume``.
-    Returns whether anything was removed."""
-    run.fs.invalidate_cache()
-    if run.latest_checkpoint() is not None or run.exists("summary.json"):
-        return False
-    removed = False
-    for name in ("config.yaml", "metrics.jsonl", "eval.json", "shards", "checkpoints"):
-        if run.exists(name):
-            run.fs.rm(run.path_of(name), recursive=True)
-            removed = True
-    for path in run.fs.glob(run.path_of("metrics-r*.jsonl")):
-        run.fs.rm(path)
-        removed = True
-    return removed
 
 
 def cluster_capacity(cfg: RunConfig) -> tuple[float, float]:

@@ -90,8 +90,7 @@ class PreflightError(ConfigError):
 
 
 def check_output(cfg: RunConfig, report: PreflightReport, *, resume: bool) -> None:
-    from pipeline.run.job import check_fresh_output
-    from pipeline.storage.run_dir import RunDir
+    from pipeline.storage.run_dir import RunDir, check_fresh_output
     from pipeline.storage.shards import StorageError, preflight_writable
 
     out, opts = cfg.output.dir.rstrip("/"), cfg.output.storage_options

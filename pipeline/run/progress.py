@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from pipeline.run.graph import STAGES
+from pipeline.storage.row_names import STAGES
 
 
 class ProgressBoard:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from generators.columns import reason_kind
-from pipeline.run.graph import STAGES, TIMING_PREFIX
+from pipeline.storage.row_names import STAGES, timing_column
 
 SCORE_QUANTILES = (0.1, 0.5, 0.9)
 
@@ -86,7 +86,7 @@ class WindowStats:
         self.arrived += n
         self.wait_seconds += waited
         for stage in STAGES:
-            col = batch.get(f"{TIMING_PREFIX}{stage}")
+            col = batch.get(timing_column(stage))
             if col is not None:
                 self.stage_seconds[stage] += float(np.sum(col, dtype=np.float64))
 
