@@ -22,6 +22,7 @@ from benchmarks._candidate_stream import (
     good_only,
     load_stream,
 )
+from trainer.candidates import nan_if_none
 
 #: LVIS metrics reported per method (both ``segm`` and ``bbox``).
 METRICS = ("AP", "APr", "APc", "APf")
@@ -257,14 +258,15 @@ def run_candidate_steps(trainer: Any, stream: Mapping[str, np.ndarray], steps: i
                                   "score": math.nan if d.score is None else d.score,
                                   "step": trainer.step - 1})
             continue
-        step_rows.append({"step": trainer.step - 1, "accepted": outcome.accepted,
-                          "reason": outcome.reason, "score": outcome.score,
-                          "threshold": outcome.threshold,
+        verdict = outcome.verdict
+        score, threshold = nan_if_none(verdict.score), nan_if_none(verdict.threshold)
+        step_rows.append({"step": trainer.step - 1, "accepted": verdict.accepted,
+                          "reason": verdict.reason, "score": score, "threshold": threshold,
                           "num_candidates": len(pasted.candidates),
                           "seconds": time.perf_counter() - started})
         for c in pasted.candidates:
-            decisions.append({"sample_id": c.sample_id, "accepted": outcome.accepted,
-                              "reason": outcome.reason, "score": outcome.score,
+            decisions.append({"sample_id": c.sample_id, "accepted": verdict.accepted,
+                              "reason": verdict.reason, "score": score,
                               "step": trainer.step - 1})
     return decisions, step_rows
 

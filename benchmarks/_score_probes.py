@@ -18,6 +18,7 @@ import numpy as np
 
 from benchmarks._candidate_stream import GOOD, add_object_noise, batches, load_stream
 from benchmarks._method_runs import RunJob, build_finetune_trainer, one_thread
+from trainer.candidates import nan_if_none
 
 BSGAL_FIXED = {"method": "bsgal", "score": "cosine", "cache_update": "momentum", "momentum": 0.1,
                "threshold": "fixed", "fixed_threshold": -0.05}
@@ -42,10 +43,9 @@ def _score_once(trainer: Any, pool: list[Any]) -> tuple[float, str, list[Any]]:
     """Paste the next step's candidates from ``pool`` and score them like a training step, but
     without an optimizer step; returns (score, reason, pasted candidates)."""
     pasted = trainer.paste_next(pool)
-    outcome = trainer.step_fn.run(trainer.step, pasted.pasted, pasted.real_test,
-                                  class_ids=pasted.class_ids, fields=pasted.fields)
+    outcome = trainer.step_fn.run(trainer.step, pasted).verdict
     trainer.optimizer.zero_grad(set_to_none=True)
-    return outcome.score, outcome.reason, pasted.candidates
+    return nan_if_none(outcome.score), outcome.reason, pasted.candidates
 
 
 def noise_probe(job: RunJob) -> dict[str, Any]:
@@ -129,8 +129,7 @@ def fidelity_probe(job: RunJob) -> dict[str, Any]:
             module.load_state_dict(weights)
 
         torch.manual_seed(rng_seed)
-        faithful = trainer.step_fn.run(trainer.step, pasted.pasted, pasted.real_test,
-                                       class_ids=pasted.class_ids)
+        faithful = trainer.step_fn.run(trainer.step, pasted).verdict
         restore()
         pasted_batch = pasted_inputs(pasted.pasted, backend.device)
         real_batch = real_inputs(pasted.real_test, backend.device)
@@ -146,7 +145,8 @@ def fidelity_probe(job: RunJob) -> dict[str, Any]:
             gains[str(alpha)] = result.gain
         restore()
         bad = [truth[c.sample_id] != GOOD for c in pasted.candidates]
-        rows.append({"batch": j, "faithful": faithful.score, "faithful_reason": faithful.reason,
+        rows.append({"batch": j, "faithful": nan_if_none(faithful.score),
+                     "faithful_reason": faithful.reason,
                      "gain": gains,
                      "bad_fraction": float(np.mean(bad)), "num_candidates": len(bad)})
     return {"seed": job.seed, "alphas": alphas, "rows": rows}

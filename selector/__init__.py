@@ -25,41 +25,58 @@ storage. `build.build_selector` maps the run config's ``selection`` section to t
 
 from __future__ import annotations
 
-from selector.baselines import AcceptAll, FieldThreshold, RandomAcceptance
-from selector.batch_selector import BatchSelector
-from selector.build import METHODS, build_selection_policy, build_selector
-from selector.decision import (
-    ACCEPTED,
-    INVALID_EMPTY_BATCH,
-    INVALID_EMPTY_CACHE,
-    INVALID_MISSING_FIELD,
-    INVALID_NAN_CANDIDATE_GRAD,
-    INVALID_NAN_FIELD,
-    INVALID_NAN_REAL_GRAD,
-    INVALID_NAN_SCORE,
-    INVALID_REASONS,
-    REASONS,
-    REJECTED_SCORE,
-    Decision,
-    is_invalid,
-)
-from selector.flat_gradient import (
-    FlatGradient,
-    GradientLike,
-    ParameterLayout,
-    gradient_norm,
-    parameter_gradients,
-)
-from selector.gradient_cache import GradientCache
-from selector.lookahead import LookaheadResult, exact_lookahead_gain
-from selector.score import ContributionScore, contribution_score, cosine
-from selector.thresholds import (
-    DynamicPercentileThreshold,
-    FixedThreshold,
-    LinearKeepFraction,
-    RareClassMinAcceptRate,
-    SelectionPolicy,
-)
+#: Public names -> their module, imported on first use (PEP 562): importing the package, or
+#: its torch-free `selector.methods`, does not import torch.
+_LAZY = {
+    "ACCEPTED": "selector.decision",
+    "AcceptAll": "selector.baselines",
+    "BatchSelector": "selector.batch_selector",
+    "ContributionScore": "selector.score",
+    "Decision": "selector.decision",
+    "DynamicPercentileThreshold": "selector.thresholds",
+    "FieldThreshold": "selector.baselines",
+    "FixedThreshold": "selector.thresholds",
+    "FlatGradient": "selector.flat_gradient",
+    "GradientCache": "selector.gradient_cache",
+    "GradientLike": "selector.flat_gradient",
+    "INVALID_EMPTY_BATCH": "selector.decision",
+    "INVALID_EMPTY_CACHE": "selector.decision",
+    "INVALID_MISSING_FIELD": "selector.decision",
+    "INVALID_NAN_CANDIDATE_GRAD": "selector.decision",
+    "INVALID_NAN_FIELD": "selector.decision",
+    "INVALID_NAN_REAL_GRAD": "selector.decision",
+    "INVALID_NAN_SCORE": "selector.decision",
+    "INVALID_REASONS": "selector.decision",
+    "LinearKeepFraction": "selector.thresholds",
+    "LookaheadResult": "selector.lookahead",
+    "METHODS": "selector.build",
+    "ParameterLayout": "selector.flat_gradient",
+    "REASONS": "selector.decision",
+    "REJECTED_SCORE": "selector.decision",
+    "RandomAcceptance": "selector.baselines",
+    "RareClassMinAcceptRate": "selector.thresholds",
+    "SelectionPolicy": "selector.thresholds",
+    "build_selection_policy": "selector.build",
+    "build_selector": "selector.build",
+    "contribution_score": "selector.score",
+    "cosine": "selector.score",
+    "exact_lookahead_gain": "selector.lookahead",
+    "gradient_norm": "selector.flat_gradient",
+    "is_invalid": "selector.decision",
+    "parameter_gradients": "selector.flat_gradient",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'selector' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ACCEPTED",

@@ -33,6 +33,7 @@ from torch import Tensor
 from selector.baselines import AcceptAll, FieldThreshold, RandomAcceptance
 from selector.batch_selector import LOOKAHEAD, BatchSelector
 from selector.gradient_cache import GradientCache
+from selector.methods import method_names
 from selector.thresholds import (
     DynamicPercentileThreshold,
     FixedThreshold,
@@ -41,7 +42,8 @@ from selector.thresholds import (
     SelectionPolicy,
 )
 
-METHODS = ("bsgal", "accept_all", "random", "field_threshold", LOOKAHEAD, "none")
+#: The batch-level methods (`selector.methods`).
+METHODS = method_names("batch")
 THRESHOLDS = ("fixed", "dynamic", "schedule")
 
 

@@ -43,16 +43,9 @@ from selector.decision import (
 )
 from selector.flat_gradient import GradientLike
 from selector.gradient_cache import GradientCache
+from selector.methods import SelectionMethod, selection_method
 from selector.score import contribution_score
 
-INSTANCE_METHODS = ("bsgal", "composite", "quality_gate", "loss", "gated_loss", "accept_all",
-                    "random")
-#: Methods that score with the contribution cosine (need the class gradient caches).
-CONTRIBUTION_METHODS = ("bsgal", "composite")
-#: Methods whose candidates pass the quality gates first.
-GATED_METHODS = ("composite", "quality_gate", "gated_loss")
-#: Methods that score with minus the detector's own loss on the candidate.
-LOSS_METHODS = ("loss", "gated_loss")
 
 
 class QualityGates:
@@ -190,11 +183,14 @@ class PerClassPercentileThreshold:
 class InstanceSelector:
     """Decides on each generated candidate of a step (module docstring).
 
+    What the method does comes from its description (`selector.methods`): whether its
+    candidates pass the gates, which signal it scores with, how it decides.
+
     Args:
-        method: one of `INSTANCE_METHODS`.
-        gates: the quality gates (``quality_gate`` and ``composite``; required there).
-        threshold: the per-class threshold (``bsgal``, ``composite``, ``loss``).
-        caches: the class gradient caches (``bsgal``, ``composite``).
+        method: an instance-level method of `selector.methods` (not ``none``).
+        gates: the quality gates (gated methods; required there).
+        threshold: the per-class threshold (methods that decide by threshold).
+        caches: the class gradient caches (methods whose signal reads them).
         random_p, seed: acceptance probability and seed of ``random``.
     """
 
@@ -202,18 +198,17 @@ class InstanceSelector:
                  threshold: PerClassPercentileThreshold | None = None,
                  caches: ClassGradientCaches | None = None, random_p: float = 0.5,
                  seed: int = 0) -> None:
-        if method not in INSTANCE_METHODS:
-            raise ValueError(f"instance-level method {method!r} is unknown; use one of "
-                             f"{INSTANCE_METHODS}")
-        if method in GATED_METHODS and gates is None:
+        spec = selection_method("instance", method)
+        if not spec.trains_on_generated:
+            raise ValueError(f"method {method!r} judges no candidate (real data only)")
+        if spec.gated and gates is None:
             raise ValueError(f"method {method!r} needs quality gates (selection.quality_gates, "
                              "e.g. {mask_score: 0.8})")
-        if method in CONTRIBUTION_METHODS and caches is None:
-            raise ValueError(f"method {method!r} needs the class gradient caches")
-        if method in (*CONTRIBUTION_METHODS, *LOSS_METHODS) and threshold is None:
+        if spec.thresholded and threshold is None:
             raise ValueError(f"method {method!r} needs a threshold")
         if not 0.0 <= random_p <= 1.0:
             raise ValueError(f"random_p={random_p} must be in [0, 1]")
+        self.spec: SelectionMethod = spec
         self.method = method
         self.gates = gates
         self.threshold = threshold
@@ -222,23 +217,19 @@ class InstanceSelector:
         self.generator = torch.Generator().manual_seed(int(seed))
 
     @property
-    def needs_contribution(self) -> bool:
-        return self.method in CONTRIBUTION_METHODS
-
-    @property
-    def needs_loss(self) -> bool:
-        return self.method in LOSS_METHODS
+    def signal(self) -> str | None:
+        """The name of the per-candidate score the trainer computes (None: no score)."""
+        return self.spec.signal
 
     @property
     def policy_name(self) -> str:
         if self.threshold is not None:
             return self.threshold.name
-        return {"accept_all": "accept_all", "random": "random",
-                "quality_gate": "quality_gate"}[self.method]
+        return self.method
 
     def gate(self, fields: Mapping[str, Any]) -> str | None:
         """The gate's reason for a candidate, or None when it passes (or the method has none)."""
-        if self.method not in GATED_METHODS:
+        if not self.spec.gated:
             return None
         assert self.gates is not None
         return self.gates.check(fields)
@@ -246,7 +237,8 @@ class InstanceSelector:
     def contribution(self, class_id: int, grad: GradientLike) -> tuple[float | None, float | None]:
         """(cosine score, cache norm) of a candidate gradient against its class's cache;
         (None, None) when the class has no cache yet."""
-        assert self.caches is not None
+        if self.caches is None:
+            raise ValueError(f"method {self.method!r} was built without class gradient caches")
         cache = self.caches.get(class_id)
         if cache is None:
             return None, None
@@ -269,21 +261,16 @@ class InstanceSelector:
         scores = list(scores) if scores is not None else [None] * n
         norms = list(cache_norms) if cache_norms is not None else [None] * n
         decisions: list[Decision | None] = [None] * n
-        if self.method == "accept_all":
-            return [Decision(True, ACCEPTED, step, policy="accept_all") for _ in range(n)]
-        if self.method == "random":
-            draws = torch.rand((n,), generator=self.generator, dtype=torch.float64).tolist()
-            return [Decision(u < self.random_p, ACCEPTED if u < self.random_p
-                             else REJECTED_SCORE, step, policy="random") for u in draws]
-        to_score = []
+        decide = self.spec.decision
+        to_judge = []
         for k in range(n):
             reason = self.gate(fields[k])
             if reason == REJECTED_QUALITY:
                 decisions[k] = Decision(False, REJECTED_QUALITY, step, policy="quality_gate")
             elif reason is not None:
                 decisions[k] = invalid_decision(reason, step=step, policy="quality_gate")
-            elif self.method == "quality_gate":
-                decisions[k] = Decision(True, ACCEPTED, step, policy="quality_gate")
+            elif decide != "threshold":
+                to_judge.append(k)
             elif scores[k] is None:
                 decisions[k] = invalid_decision(INVALID_EMPTY_CACHE, step=step,
                                                 policy=self.policy_name)
@@ -291,12 +278,21 @@ class InstanceSelector:
                 decisions[k] = invalid_decision(INVALID_NAN_SCORE, step=step,
                                                 policy=self.policy_name, cache_norm=norms[k])
             else:
-                to_score.append(k)
-        if to_score:
+                to_judge.append(k)
+        if decide == "accept":
+            for k in to_judge:
+                decisions[k] = Decision(True, ACCEPTED, step, policy=self.policy_name)
+        elif decide == "random":
+            draws = torch.rand((len(to_judge),), generator=self.generator,
+                               dtype=torch.float64).tolist()
+            for k, u in zip(to_judge, draws):
+                decisions[k] = Decision(u < self.random_p, ACCEPTED if u < self.random_p
+                                        else REJECTED_SCORE, step, policy=self.policy_name)
+        elif to_judge:
             assert self.threshold is not None
-            judged = self.threshold.decide_all([float(scores[k]) for k in to_score],
-                                               [class_ids[k] for k in to_score], step=step)
-            for k, d in zip(to_score, judged):
+            judged = self.threshold.decide_all([float(scores[k]) for k in to_judge],
+                                               [class_ids[k] for k in to_judge], step=step)
+            for k, d in zip(to_judge, judged):
                 decisions[k] = d.with_cache_norm(norms[k])
         return [d for d in decisions if d is not None]
 

@@ -219,13 +219,13 @@ def test_instance_trainer_decides_each_candidate_and_trains_only_on_the_accepted
     trainer = _trainer(train_set, method=method, keep_fraction=0.5,
                        quality_gates={"mask_score": 0.5})
     seen: list[tuple[int, int]] = []
-    original = trainer.instance_step._backward_stock
+    original = trainer.step_fn.backward_stock
 
     def recording(images, targets, step, batch):
         seen.append((step, sum(int(t["generated"].sum()) for t in targets)))
         return original(images, targets, step, batch)
 
-    trainer.instance_step._backward_stock = recording
+    trainer.step_fn.backward_stock = recording
     rows = real_cutouts(train_set, 16, seed=3, mask_scores=True)
     result = trainer.train_on_candidates(rows)
     assert [d["sample_id"] for d in result.decisions] == [r["sample_id"] for r in rows]

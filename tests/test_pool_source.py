@@ -20,7 +20,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.run.pool_entries import EntryReader
 from pipeline.run.pool_source import pool_draws
 from pipeline.run.pool_stage import PoolReader, place_on_canvas
-from pipeline.run.train_worker import CANDIDATE_COLUMNS
+from pipeline.run.rows import CANDIDATE_COLUMNS
 from pipeline.storage.pool_index import PoolFormatError, read_pool
 from pipeline.storage.shards import list_shard_files, read_decisions
 from tests.conftest import invoke_cli, make_rows, write_run

@@ -14,7 +14,8 @@ from benchmarks._candidate_stream import real_cutouts
 from selector import AcceptAll, BatchSelector, FixedThreshold, build_selector
 from trainer.backends import SplitLosses, image_tensor
 from trainer.backends.torchvision_maskrcnn import TorchvisionMaskRCNN
-from trainer.bsgal_step import BsgalStep, NonFiniteLossError
+from trainer.bsgal_step import BsgalStep
+from trainer.step import NonFiniteLossError, PastedBatch
 from trainer.candidates import cut_out
 from trainer.datasets import LvisDataset
 from trainer.loop import DetectorTrainer
@@ -160,7 +161,7 @@ def _pasted_batch(trainer: DetectorTrainer, rows: list[dict[str, Any]]):
     pasted = [trainer.paster.paste(s, [c]) for s, c in zip(samples, cands)]
     real_test = [trainer.real[i] for i in trainer.test_sampler.sample(
         [c.class_id for c in cands], 2)]
-    return pasted, real_test
+    return PastedBatch(pasted, cands, [c.class_id for c in cands], real_test, {})
 
 
 @pytest.mark.parametrize("threshold, accepted", [(1.5, False), (-1.5, True)])
@@ -171,12 +172,15 @@ def test_faithful_trains_on_pasted_if_accepted_else_on_original_pixels(
     selector = build_selector(backend.trainable_parameters(), method="bsgal",
                               fixed_threshold=threshold)
     trainer = make_trainer(train_set, backend=backend, selector=selector)
-    pasted, real_test = _pasted_batch(trainer, good_rows[:2])
+    batch = _pasted_batch(trainer, good_rows[:2])
+    pasted = batch.pasted
     assert all(p.num_generated == 1 for p in pasted)
-    outcome = BsgalStep(backend, selector).run(0, pasted, real_test)
-    assert outcome.accepted is accepted
+    result = BsgalStep(backend, selector).run(0, batch)
+    outcome = result.verdict
+    assert outcome is not None and outcome.accepted is accepted
     assert outcome.reason == ("accepted" if accepted else "rejected_score")
     assert math.isfinite(outcome.score) and outcome.threshold == threshold
+    assert set(result.decisions.values()) == {outcome}
     (score_images, _, score_only), (images, targets, train_only) = backend.calls
     assert score_only and not train_only
     for p, img in zip(pasted, score_images):
@@ -269,7 +273,7 @@ def test_lookahead_baseline_scores_with_the_exact_gain(train_set, good_rows) -> 
         lambda: backend.real_classification_loss(*real),
         lr=lr, buffers=list(backend.module.buffers())).gain
     torch.manual_seed(1)
-    outcome, _ = trainer.train_pasted(batch)
+    outcome = trainer.train_pasted(batch)[0].verdict
     assert expected != 0.0 and math.isfinite(expected)
     assert outcome.score == pytest.approx(expected, rel=1e-5, abs=1e-12)
     assert outcome.reason == ("accepted" if expected >= 0 else "rejected_score")

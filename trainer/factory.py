@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from selector import build_selector
+from selector.methods import selection_method
 from selector.instance_selector import (
     ClassGradientCaches,
     InstanceSelector,
@@ -30,6 +31,7 @@ from trainer.backends import build_backend
 from trainer.backends.base import DetectorBackend
 from trainer.datasets.lvis_format import LvisDataset
 from trainer.defaults import SELECTION_DEFAULTS, TRAINING_DEFAULTS
+from trainer.instance_signals import score_signal
 from trainer.loop import DetectorTrainer
 
 #: ``training`` keys that the caller uses (the pipeline's); accepted here and not read.
@@ -148,22 +150,24 @@ def build_trainer(train_set: LvisDataset, val_set: LvisDataset | None = None, *,
 
 def build_instance_selector(detector: DetectorBackend, s: Mapping[str, Any],
                             seed: int) -> InstanceSelector | None:
-    """The instance-level selector of ``selection`` settings ``s`` (None for ``none``)."""
-    method = s["method"]
-    if method == "none":
+    """The instance-level selector of ``selection`` settings ``s`` (None for ``none``): what
+    it holds follows the method's description (`selector.methods`) and its signal
+    (`trainer.instance_signals`)."""
+    spec = selection_method("instance", s["method"])
+    if not spec.trains_on_generated:
         return None
     caches = threshold = gates = None
-    if method in ("composite", "bsgal"):
+    if spec.signal is not None and score_signal(spec.signal).uses_caches:
         params = (detector.classifier_parameters() if s["score_parameters"] == "heads"
                   else detector.trainable_parameters())
         caches = ClassGradientCaches(params, mode=s["class_cache_update"],
                                      momentum=s["momentum"], dtype=s["cache_dtype"])
-    if method in ("composite", "bsgal", "loss", "gated_loss"):
+    if spec.thresholded:
         threshold = PerClassPercentileThreshold(s["keep_fraction"], window=s["window"],
                                                 per_class=s["per_class_threshold"])
-    if method in ("composite", "quality_gate", "gated_loss"):
+    if spec.gated:
         gates = QualityGates(s["quality_gates"])
-    return InstanceSelector(method, gates=gates, threshold=threshold, caches=caches,
+    return InstanceSelector(spec.name, gates=gates, threshold=threshold, caches=caches,
                             random_p=s["random_p"], seed=seed)
 
 

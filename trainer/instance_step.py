@@ -1,13 +1,16 @@
 """One training step with a decision per generated candidate (``selection.granularity: instance``).
 
-Rows that cannot be judged say why: a real gradient of the candidate's class that is not finite
-leaves that class's cache untouched and makes its candidates ``invalid_nan_real_grad``; a
-candidate loss that is not finite gives ``invalid_nan_score``.
+`InstanceStep` follows the step interface of `trainer.step`: ``score`` (the signals, no
+decision), ``decide`` (the selector), ``train`` (the accepted candidates only); ``run`` is the
+three in order. Rows that cannot be judged say why: a real gradient of the candidate's class
+that is not finite leaves that class's cache untouched and makes its candidates
+``invalid_nan_real_grad``; a candidate loss that is not finite gives ``invalid_nan_score``.
 
 1. Candidates pasted but not visible any more (covered by later pastes, or too small once
    resized) are ``invalid_not_visible``: there is nothing of them to judge or to train on.
 2. The selector's quality gates reject candidates before any scoring (``rejected_quality``).
-3. Scores of the remaining candidates k (label y_k), all at the current weights, in train mode:
+3. Scores of the remaining candidates k (label y_k), all at the current weights, in train mode,
+   by the method's signal (`trainer.instance_signals`):
 
    - contribution (``bsgal``, ``composite``): the real "test" batch's box-classifier loss on its
      ground-truth boxes of class y, per class present among the candidates → its gradient →
@@ -29,54 +32,36 @@ Each candidate's row keeps its own score, threshold, reason and cache norm.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from selector.decision import (
-    INVALID_NAN_REAL_GRAD,
-    INVALID_NOT_VISIBLE,
-    Decision,
-    invalid_decision,
-)
+from selector.decision import INVALID_NOT_VISIBLE, Decision, invalid_decision
 from selector.instance_selector import InstanceSelector
 from trainer.backends.base import DetectorBackend
-from trainer.bsgal_step import TRAINED_ON_ORIGINAL, TRAINED_ON_PASTED, check_finite
 from trainer.candidates import Candidate
 from trainer.copy_paste import PastedImage
 from trainer.instance_scores import exact_gradients, flat, generated_instances
-from trainer.real_data import original_inputs, pasted_inputs, real_inputs
+from trainer.instance_signals import (
+    CandidateScore,
+    RefreshCaches,
+    ScoringInputs,
+    score_signal,
+)
+from trainer.real_data import pasted_inputs, real_inputs
+from trainer.step import (
+    PastedBatch,
+    StepResult,
+    TrainingStep,
+    Verdict,
+)
 
 SCORE_PARAMETERS = ("heads", "all")
 
 
-@dataclass
-class InstanceOutcome:
-    """What one instance-level step decided and trained on.
-
-    Attributes:
-        decisions: candidate position → its `selector.Decision`.
-        trained_on: ``"pasted"`` (the accepted candidates re-rendered) or ``"original"``.
-        losses: the trained loss terms (floats).
-        num_generated: visible generated instances before the decision.
-        num_accepted: candidates accepted (all visible; the trained images hold them).
-        score_seconds: wall time of the scoring and the decisions (the rest of the step is
-            training: re-rendering, the stock loss and its backward).
-    """
-
-    decisions: dict[int, Decision]
-    trained_on: str
-    losses: dict[str, float] = field(default_factory=dict)
-    num_generated: int = 0
-    num_accepted: int = 0
-    score_seconds: float = 0.0
-
-
-class InstanceStep:
+class InstanceStep(TrainingStep):
     """Scores, decides and trains one instance-level step (module docstring).
 
     Args:
@@ -90,9 +75,13 @@ class InstanceStep:
         if score_parameters not in SCORE_PARAMETERS:
             raise ValueError(f"selection.score_parameters {score_parameters!r} is unknown; use "
                              f"one of {SCORE_PARAMETERS}")
-        self.backend = backend
+        super().__init__(backend)
         self.selector = selector
         self.score_parameters = score_parameters
+        self.signal = score_signal(selector.signal) if selector.signal else None
+        if self.signal is not None and self.signal.uses_caches and selector.caches is None:
+            raise ValueError(f"method {selector.method!r} scores with the {self.signal.name} "
+                             "signal, which needs the class gradient caches")
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -101,65 +90,78 @@ class InstanceStep:
             return self.backend.classifier_parameters()
         return self.backend.trainable_parameters()
 
-    def run(self, step: int, pasted: Sequence[PastedImage], candidates: Sequence[Candidate],
-            real_test: Sequence[dict[str, Any]] | None,
-            rerender: Callable[[PastedImage, set[int]], PastedImage]) -> InstanceOutcome:
-        """Decide on every candidate of ``pasted`` and leave the training gradients."""
+    @property
+    def needs_real_test(self) -> bool:
+        return self.signal is not None and self.signal.uses_caches
+
+    # -- the step --------------------------------------------------------------------------
+
+    def run(self, step: int, batch: PastedBatch, *,
+            rerender: Callable[[PastedImage, set[int]], PastedImage],
+            lookahead_lr: float | None = None) -> StepResult:
+        """Score, decide and train on ``batch``; leaves the training gradients."""
         started = time.perf_counter()
-        device = self.backend.device
-        instances = generated_instances(pasted)
-        row_of = {int(p): int(r) for p, r in zip(instances.positions, instances.rows)}
-        decisions: dict[int, Decision] = {}
-        visible = [c for c in candidates if c.position in row_of]
-        for c in candidates:
-            if c.position not in row_of:
-                decisions[c.position] = invalid_decision(INVALID_NOT_VISIBLE, step=step,
-                                                         policy=self.selector.policy_name)
-        scores: list[float | None] | None = None
-        norms: list[float | None] | None = None
-        if visible and (self.selector.needs_contribution or self.selector.needs_loss):
-            passing = [c for c in visible if self.selector.gate(c.fields) is None]
-            images, targets = pasted_inputs(pasted, device)
-            by_position: dict[int, tuple[float | None, float | None]] = {}
-            if passing and self.selector.needs_contribution:
-                if not real_test:
-                    raise ValueError("contribution scores need the real 'test' batch")
-                poisoned = self.update_caches(real_test, {c.class_id: c.label for c in passing})
-                for c in [c for c in passing if c.class_id in poisoned]:
-                    decisions[c.position] = invalid_decision(INVALID_NAN_REAL_GRAD, step=step,
-                                                             policy=self.selector.policy_name)
-                passing = [c for c in passing if c.class_id not in poisoned]
-                visible = [c for c in visible if c.position not in decisions]
-                grads = self.instance_gradients(images, targets,
-                                                 [row_of[c.position] for c in passing],
-                                                 [c.label for c in passing])
-                for c, g in zip(passing, grads):
-                    by_position[c.position] = self.selector.contribution(c.class_id, g)
-            elif passing:  # loss
-                with torch.no_grad():
-                    own_losses = self.instance_losses(images, targets,
-                                                       [row_of[c.position] for c in passing],
-                                                       [c.label for c in passing])
-                for c, loss in zip(passing, own_losses.tolist()):
-                    by_position[c.position] = (-loss, None)
-            scores = [by_position.get(c.position, (math.nan, None))[0] for c in visible]
-            norms = [by_position.get(c.position, (None, None))[1] for c in visible]
-        judged = self.selector.decide(step=step, class_ids=[c.class_id for c in visible],
-                                      fields=[c.fields for c in visible], scores=scores,
-                                      cache_norms=norms)
-        for c, d in zip(visible, judged):
-            decisions[c.position] = d
+        real_test = batch.real_test
+
+        def refresh(labels: Mapping[int, int]) -> set[int]:
+            if not real_test:
+                raise ValueError("contribution scores need the real 'test' batch")
+            return self.update_caches(real_test, labels)
+
+        scored = self.score(batch.pasted, batch.candidates, refresh)
+        decisions = self.decide(step, batch.candidates, scored)
         keep = {p for p, d in decisions.items() if d.accepted}
         score_seconds = time.perf_counter() - started
-        if keep:
-            trained = [rerender(p, keep) for p in pasted]
-            losses = self._backward_stock(*pasted_inputs(trained, device), step, "pasted")
-            trained_on = TRAINED_ON_PASTED
-        else:
-            losses = self._backward_stock(*original_inputs(pasted, device), step, "original")
-            trained_on = TRAINED_ON_ORIGINAL
-        return InstanceOutcome(decisions, trained_on, losses, len(instances), len(keep),
-                               score_seconds)
+        trained_on, losses = self.train(step, batch.pasted, keep, rerender)
+        verdicts = {p: Verdict.of(d) for p, d in decisions.items()}
+        return StepResult(verdicts, trained_on, losses, len(generated_instances(batch.pasted)),
+                          score_seconds, log={"accepted": bool(keep),
+                                              "num_accepted": len(keep)})
+
+    def score(self, pasted: Sequence[PastedImage], candidates: Sequence[Candidate],
+              refresh: RefreshCaches | None) -> dict[int, CandidateScore]:
+        """The method's signal for every candidate that can be scored: not visible any more →
+        ``invalid_not_visible``; failing a gate → no entry (the gate decides); else the
+        signal's `CandidateScore`. ``refresh`` brings the real gradients of the classes about
+        to be scored into their caches (signals that use caches)."""
+        instances = generated_instances(pasted)
+        row_of = {int(p): int(r) for p, r in zip(instances.positions, instances.rows)}
+        out = {c.position: CandidateScore(INVALID_NOT_VISIBLE) for c in candidates
+               if c.position not in row_of}
+        if self.signal is None:
+            return out
+        passing = [c for c in candidates
+                   if c.position in row_of and self.selector.gate(c.fields) is None]
+        if passing:
+            images, targets = pasted_inputs(pasted, self.backend.device)
+            out.update(self.signal.score(self, ScoringInputs(images, targets, row_of),
+                                         passing, refresh))
+        return out
+
+    def decide(self, step: int, candidates: Sequence[Candidate],
+               scored: Mapping[int, CandidateScore]) -> dict[int, Decision]:
+        """One decision per candidate: its reason where it could not be scored, else the
+        selector's (gates, then the threshold on the scores, in candidate order)."""
+        policy = self.selector.policy_name
+        decisions = {c.position: invalid_decision(scored[c.position].reason, step=step,
+                                                  policy=policy)
+                     for c in candidates if c.position in scored and scored[c.position].reason}
+        judged = [c for c in candidates if c.position not in decisions]
+        none = CandidateScore()
+        verdicts = self.selector.decide(
+            step=step, class_ids=[c.class_id for c in judged], fields=[c.fields for c in judged],
+            scores=[scored.get(c.position, none).score for c in judged],
+            cache_norms=[scored.get(c.position, none).cache_norm for c in judged])
+        decisions.update({c.position: d for c, d in zip(judged, verdicts)})
+        return decisions
+
+    def train(self, step: int, pasted: Sequence[PastedImage], keep: set[int],
+              rerender: Callable[[PastedImage, set[int]], PastedImage]
+              ) -> tuple[str, dict[str, float]]:
+        """The stock loss on the images re-rendered with the ``keep`` candidates only (the
+        originals when none is kept); returns (trained_on, losses)."""
+        trained = [rerender(p, keep) for p in pasted] if keep else None
+        return self.train_on(step, pasted, trained)
 
     # -- scoring ---------------------------------------------------------------------------
 
@@ -206,12 +208,3 @@ class InstanceStep:
             if caches.update(class_id, flat(grads, params)) is not None:
                 poisoned.add(class_id)
         return poisoned
-
-    # -- training --------------------------------------------------------------------------
-
-    def _backward_stock(self, images: list[torch.Tensor], targets: list[dict[str, Any]],
-                        step: int, batch: str) -> dict[str, float]:
-        split = self.backend.losses(images, targets)
-        check_finite(split.stock, step, batch)
-        torch.stack(list(split.stock.values())).sum().backward()
-        return {k: float(v.detach()) for k, v in split.stock.items()}

@@ -45,17 +45,18 @@ import torch
 from selector import BatchSelector
 from selector.instance_selector import InstanceSelector
 from trainer.backends.base import DetectorBackend, image_tensor
-from trainer.bsgal_step import BsgalStep, NonFiniteLossError, StepOutcome
+from trainer.bsgal_step import BsgalStep
 from trainer.candidates import Candidate, batch_rows, check_candidate, cut_out, decision_record
 from trainer.copy_paste import ClassSizeStatistics, CopyPaste, PastedImage
 from trainer.datasets.lvis_format import LvisDataset
 from trainer.defaults import SELECTION_DEFAULTS as _S
 from trainer.defaults import TRAINING_DEFAULTS as _T
 from trainer.evaluation import LvisEvaluator
-from trainer.instance_step import InstanceOutcome, InstanceStep
+from trainer.instance_step import InstanceStep
 from trainer.optim import ModelEma, build_optimizer, build_scheduler
 from trainer.real_data import RealImages
 from trainer.sampling import ClassAwareSampler, RepeatFactorSampler
+from trainer.step import NonFiniteLossError, PastedBatch, StepResult, TrainingStep
 
 CHECKPOINT_FORMAT = "bsgal-trainer/1"
 
@@ -63,25 +64,6 @@ CHECKPOINT_FORMAT = "bsgal-trainer/1"
 def derive_seed(seed: int, *keys: int) -> int:
     """A 32-bit seed for one purpose (``keys``) derived from the run seed."""
     return int(np.random.SeedSequence([int(seed), *keys]).generate_state(1)[0])
-
-
-@dataclass
-class PastedBatch:
-    """One step's input: pasted images, the candidates on them, and the real "test" batch.
-
-    Attributes:
-        pasted: the pasted images (each keeps its original).
-        candidates: the candidates pasted in this step (all get this step's decision).
-        class_ids: their category ids.
-        real_test: real samples containing those classes (faithful BSGAL/look-ahead), or None.
-        fields: numeric candidate fields by name, one value per candidate.
-    """
-
-    pasted: list[PastedImage]
-    candidates: list[Candidate]
-    class_ids: list[int]
-    real_test: list[dict[str, Any]] | None
-    fields: dict[str, list[float]]
 
 
 @dataclass
@@ -184,10 +166,15 @@ class DetectorTrainer:
         self.selector = selector
         self.method = "none" if selector is None else selector.method
         self.granularity = "instance" if isinstance(selector, InstanceSelector) else "batch"
-        self.instance_step = (InstanceStep(backend, selector, score_parameters)
-                              if isinstance(selector, InstanceSelector) else None)
-        self.step_fn = BsgalStep(backend, selector if self.instance_step is None else None,
-                                 mode)
+        # The one place where the step kind is chosen; everything after calls its interface.
+        self.step_fn: TrainingStep
+        if isinstance(selector, InstanceSelector):
+            self.step_fn = InstanceStep(backend, selector, score_parameters)
+        elif selector is not None:
+            self.step_fn = BsgalStep(backend, selector, mode)
+        else:
+            BsgalStep.check_mode(mode)
+            self.step_fn = TrainingStep(backend)
         self.mode = mode
         self.batch_size = int(batch_size)
         self.real_batch_size = int(real_batch_size)
@@ -309,42 +296,23 @@ class DetectorTrainer:
         # the scoring gradients are the training backward's split, so all of it is training)
         # and the rest (pasting, training, the optimizer).
         n = max(1, len(batch.candidates))
-        scoring = outcome.score_seconds if isinstance(outcome, InstanceOutcome) else 0.0
+        scoring = outcome.score_seconds
         share = (scoring / n, max(0.0, log["seconds"] - scoring) / n)
         log["score_seconds"] = scoring
         for c in batch.candidates:
             pool.seconds[c.position] = share
-        if isinstance(outcome, InstanceOutcome):
-            for c in batch.candidates:
-                d = outcome.decisions[c.position]
-                pool.records[c.position] = decision_record(
-                    c.sample_id, reason=d.reason, accepted=d.accepted, step=log["step"],
-                    rank=self.rank, method=self.method,
-                    stream_offset=pool.first_offset + c.position, batch_id=log["batch_id"],
-                    score=d.score, threshold=d.threshold, cache_norm=d.cache_norm)
-            return log
-        for c in batch.candidates:
+            v = outcome.decisions[c.position]
             pool.records[c.position] = decision_record(
-                c.sample_id, reason=outcome.reason, accepted=outcome.accepted, step=log["step"],
+                c.sample_id, reason=v.reason, accepted=v.accepted, step=log["step"],
                 rank=self.rank, method=self.method,
                 stream_offset=pool.first_offset + c.position, batch_id=log["batch_id"],
-                score=outcome.score, threshold=outcome.threshold, cache_norm=outcome.cache_norm)
+                score=v.score, threshold=v.threshold, cache_norm=v.cache_norm)
         return log
 
     def _cache_norm(self) -> float | None:
-        if self.selector is None or self.instance_step is not None:
-            return None
-        cache = self.selector.cache
+        """The batch selector's cache norm (recorded on rows decided before pasting)."""
+        cache = getattr(self.selector, "cache", None)
         return None if cache is None else cache.norm()
-
-    def _needs_real_test(self) -> bool:
-        """Faithful BSGAL and the exact look-ahead score against a real "test" batch."""
-        assert self.selector is not None
-        if isinstance(self.selector, InstanceSelector):
-            return self.selector.needs_contribution
-        if self.selector.needs_gradients:
-            return self.mode == "faithful"
-        return self.selector.uses_lookahead
 
     def paste_next(self, pool: list[Candidate], real_test: bool = True) -> PastedBatch:
         """Take candidates out of ``pool`` and paste them onto the next ``batch_size`` real
@@ -356,44 +324,28 @@ class DetectorTrainer:
         used = [c for chosen in per_image for c in chosen]
         class_ids = [c.class_id for c in used]
         test: list[dict[str, Any]] | None = None
-        if real_test and self._needs_real_test():
+        if real_test and self.step_fn.needs_real_test:
             count = self.real_batch_size
-            if self.instance_step is not None:  # one real image per candidate class at least
+            if self.granularity == "instance":  # one real image per candidate class at least
                 count = max(count, len(set(class_ids)))
             test = [self.real[i] for i in self.test_sampler.sample(class_ids, count)]
         names = sorted(set.intersection(*(set(c.fields) for c in used))) if used else []
         fields = {name: [c.fields[name] for c in used] for name in names}
         return PastedBatch(pasted, used, class_ids, test, fields)
 
-    def train_pasted(self, batch: PastedBatch
-                     ) -> tuple[StepOutcome | InstanceOutcome, dict[str, Any]]:
-        """One optimizer step on a pasted batch (decisions included); returns the outcome (a
-        `StepOutcome`, or an `InstanceOutcome` at instance granularity) and the step's log."""
+    def train_pasted(self, batch: PastedBatch) -> tuple[StepResult, dict[str, Any]]:
+        """One optimizer step on a pasted batch (decisions included); returns the step's
+        `trainer.step.StepResult` and its log."""
         started = time.perf_counter()
         step = self.step
-        if self.instance_step is not None:
-            instance_step = self.instance_step
-            result, norm = self._optimizer_step(lambda: instance_step.run(
-                step, batch.pasted, batch.candidates, batch.real_test, self.paster.rerender))
-            log = self._log(started, norm, result.losses, kind="candidates",
-                            batch_id=f"rank{self.rank}-step{step}",
-                            accepted=result.num_accepted > 0, trained_on=result.trained_on,
-                            num_candidates=len(batch.candidates),
-                            num_accepted=result.num_accepted,
-                            num_generated=result.num_generated)
-            return result, log
         lr = self.optimizer.param_groups[0]["lr"]
-        outcome: StepOutcome
-        outcome, norm = self._optimizer_step(lambda: self.step_fn.run(
-            step, batch.pasted, batch.real_test, class_ids=batch.class_ids,
-            fields=batch.fields, lookahead_lr=lr))
-        log = self._log(started, norm, outcome.losses, kind="candidates",
-                        batch_id=f"rank{self.rank}-step{step}", accepted=outcome.accepted,
-                        reason=outcome.reason, score=outcome.score,
-                        threshold=outcome.threshold, trained_on=outcome.trained_on,
-                        num_candidates=len(batch.candidates),
-                        num_generated=outcome.num_generated)
-        return outcome, log
+        result, norm = self._optimizer_step(lambda: self.step_fn.run(
+            step, batch, rerender=self.paster.rerender, lookahead_lr=lr))
+        log = self._log(started, norm, result.losses, kind="candidates",
+                        batch_id=f"rank{self.rank}-step{step}", **result.log,
+                        trained_on=result.trained_on, num_candidates=len(batch.candidates),
+                        num_generated=result.num_generated)
+        return result, log
 
     # -- evaluation -------------------------------------------------------------------------
 

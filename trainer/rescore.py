@@ -1,9 +1,9 @@
 """Judging stored candidates at one fixed detector state, without training (``bsgal rescore``).
 
-A `DetectorTrainer` restored from a checkpoint scores candidate batches the way its
-instance-level step does (`trainer.instance_step`: paste onto real images, the quality gates,
-the contribution cosine of each candidate's own loss gradient with its class's real-gradient
-cache, or minus its loss), but takes no optimizer step, and puts the model's buffers
+A `DetectorTrainer` restored from a checkpoint scores candidate batches with its instance-level
+step's own ``score`` (`trainer.instance_step.InstanceStep.score`: paste onto real images, the
+quality gates, the method's signal: the contribution cosine of each candidate's own loss
+gradient with its class's real-gradient cache, or minus its loss), but takes no optimizer step, and puts the model's buffers
 (BatchNorm running statistics) back after every batch: every batch is judged at exactly the
 checkpoint's weights.
 
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selector.decision import INVALID_EMPTY_CACHE, INVALID_NAN_REAL_GRAD, INVALID_NOT_VISIBLE
+from selector.decision import INVALID_EMPTY_CACHE
 from selector.instance_selector import InstanceSelector
 from trainer.candidates import (
     batch_rows,
@@ -47,9 +47,9 @@ from trainer.candidates import (
     decision_record,
     numeric_fields,
 )
-from trainer.instance_scores import generated_instances
+from trainer.instance_step import InstanceStep
 from trainer.loop import DetectorTrainer, derive_seed
-from trainer.real_data import pasted_inputs
+from trainer.step import PastedBatch
 
 CACHE_MODES = ("real", "checkpoint")
 #: The per-candidate result of `Rescorer.score`: a reason decided before the threshold (an
@@ -70,7 +70,8 @@ class Rescorer:
 
     def __init__(self, trainer: DetectorTrainer, *, cache: str = "real", real_images: int = 8,
                  seed: int = 0) -> None:
-        if trainer.instance_step is None or not isinstance(trainer.selector, InstanceSelector):
+        if not isinstance(trainer.step_fn, InstanceStep) or \
+                not isinstance(trainer.selector, InstanceSelector):
             raise ValueError("rescoring judges candidates one by one: the checkpoint's run must "
                              "use selection.granularity=instance")
         if cache not in CACHE_MODES:
@@ -79,7 +80,7 @@ class Rescorer:
             raise ValueError(f"real_images={real_images} must be at least 1")
         self.trainer = trainer
         self.selector: InstanceSelector = trainer.selector
-        self.step = trainer.instance_step
+        self.step: InstanceStep = trainer.step_fn
         self.cache = cache
         self.real_images = int(real_images)
         self.seed = int(seed)
@@ -111,16 +112,19 @@ class Rescorer:
         rng = np.random.default_rng(derive_seed(self.seed, class_id, 13))
         return sorted(int(i) for i in rng.choice(holding, self.real_images, replace=False))
 
-    def _ensure_caches(self, labels: Mapping[int, int]) -> None:
-        """``cache="real"``: the caches of the classes in ``labels`` not met before."""
-        for class_id, label in sorted(labels.items()):
-            if class_id in self._cached:
-                continue
-            self._cached.add(class_id)
-            indices = self.real_indices(class_id)
-            if indices:
-                self.poisoned |= self.step.update_caches(
-                    [self.trainer.real[i] for i in indices], {class_id: label})
+    def _ensure_caches(self, labels: Mapping[int, int]) -> set[int]:
+        """The classes' caches (``cache="real"``: computed when a class is first met; with
+        ``checkpoint`` the checkpoint's, held fixed); returns the poisoned classes so far."""
+        if self.cache == "real":
+            for class_id, label in sorted(labels.items()):
+                if class_id in self._cached:
+                    continue
+                self._cached.add(class_id)
+                indices = self.real_indices(class_id)
+                if indices:
+                    self.poisoned |= self.step.update_caches(
+                        [self.trainer.real[i] for i in indices], {class_id: label})
+        return self.poisoned
 
     def score(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]],
               first_offset: int) -> list[dict[str, Any]]:
@@ -144,39 +148,17 @@ class Rescorer:
             self._restore_buffers()
         return out
 
-    def _score_pasted(self, batch: Any, out: list[dict[str, Any]]) -> None:
-        instances = generated_instances(batch.pasted)
-        row_of = {int(p): int(r) for p, r in zip(instances.positions, instances.rows)}
-        passing = []
-        for c in batch.candidates:
-            if c.position not in row_of:
-                out[c.position][PRE_REASON] = INVALID_NOT_VISIBLE
-            elif self.selector.gate(c.fields) is None:
-                passing.append(c)
-        sel = self.selector
-        if not passing or not (sel.needs_contribution or sel.needs_loss):
-            return
-        images, targets = pasted_inputs(batch.pasted, self.trainer.backend.device)
-        rows = [row_of[c.position] for c in passing]
-        labels = [c.label for c in passing]
-        if sel.needs_loss:
-            with torch.no_grad():
-                losses = self.step.instance_losses(images, targets, rows, labels).tolist()
-            for c, loss in zip(passing, losses):
-                out[c.position][SCORE] = -float(loss)
-            return
-        if self.cache == "real":
-            self._ensure_caches({c.class_id: c.label for c in passing})
-        grads = self.step.instance_gradients(images, targets, rows, labels)
-        for c, g in zip(passing, grads):
-            if c.class_id in self.poisoned:
-                out[c.position][PRE_REASON] = INVALID_NAN_REAL_GRAD
-                continue
-            value, norm = sel.contribution(c.class_id, g)
-            if value is None:
-                out[c.position][PRE_REASON] = INVALID_EMPTY_CACHE
+    def _score_pasted(self, batch: PastedBatch, out: list[dict[str, Any]]) -> None:
+        for position, scored in self.step.score(batch.pasted, batch.candidates,
+                                                self._ensure_caches).items():
+            if scored.reason:
+                out[position][PRE_REASON] = scored.reason
+            elif scored.score is None:
+                out[position][PRE_REASON] = INVALID_EMPTY_CACHE
             else:
-                out[c.position].update({SCORE: float(value), CACHE_NORM: float(norm)})
+                out[position][SCORE] = float(scored.score)
+                if scored.cache_norm is not None:
+                    out[position][CACHE_NORM] = float(scored.cache_norm)
 
 
 def decide(selector: InstanceSelector, rows: Sequence[Mapping[str, Any]],

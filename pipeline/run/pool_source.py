@@ -37,6 +37,7 @@ from generators.columns import (
 )
 from generators.pool_sampler import POOL_ENTRY, PoolSampler
 from generators.prompts import make_sample_id
+from selector.methods import selection_method
 from pipeline.config import ConfigError, RunConfig
 from pipeline.run.pool_stage import POOL_REF
 from pipeline.storage.pool_index import PoolFormatError, PoolIndex, read_pool
@@ -142,11 +143,10 @@ def pool_draws(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> PoolD
     index = read_pool(g.pool, g.pool_format, decisions=tuple(g.pool_decisions),
                       storage_options=g.pool_storage_options, path_map=dict(g.pool_path_map),
                       class_ids={str(c["name"]): int(c["id"]) for c in categories})
-    gates = cfg.selection.quality_gates if cfg.selection.granularity == "instance" else {}
+    sel = cfg.selection
+    gated = sel.granularity == "instance" and selection_method("instance", sel.method).gated
     # An images pool is annotated during the run: the annotator gives every mask its score.
-    if index.format != "images" and MASK_SCORE in gates and cfg.selection.method in ("composite", "quality_gate",
-                                                        "gated_loss") \
-            and np.isnan(index.mask_scores).all():
+    if gated and MASK_SCORE in sel.quality_gates and not index.has_mask_scores:
         raise ConfigError(
             f"selection.quality_gates: the gate on {MASK_SCORE} cannot be applied to "
             f"{g.pool} (a {index.format} pool records no mask score, every candidate would be "

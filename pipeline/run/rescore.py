@@ -115,7 +115,7 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
     import ray
 
     from generators.columns import reason_kind
-    from pipeline.run.costs import row_costs, stage_devices, units_text
+    from pipeline.run.costs import stage_devices, units_text
     from pipeline.run.datasets import train_categories
     from pipeline.run.graph import (
         StageSpec,
@@ -125,7 +125,8 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
     )
     from pipeline.run.pool_source import pool_draws
     from pipeline.run.rescore_stage import STREAM_OFFSET, RescoreStage, restored_trainer
-    from pipeline.run.train_worker import CANDIDATE_COLUMNS, candidate_batch_size
+    from pipeline.run.rows import decision_row
+    from pipeline.run.train_worker import candidate_batch_size
     from trainer.candidates import batch_rows
     from trainer.rescore import CACHE_MODES, decide
 
@@ -185,13 +186,10 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
                                    method=driver.method)
                 out_rows = []
                 for row, d in zip(batch_list, decisions):
-                    record = {k: row[k] for k in CANDIDATE_COLUMNS if k in row}
-                    record.update(d)
-                    record.update(row_costs(row, None, devices, units))
-                    record.update(run_id=f"rescore:{cfg.name}", judged_by=judged_by,
-                                  class_frequency=frequency.get(int(row["class_id"]), ""))
                     counts[reason_kind(d["reason"])] += 1
-                    out_rows.append(record)
+                    out_rows.append(decision_row(row, d, run_id=f"rescore:{cfg.name}",
+                                                 frequency=frequency, devices=devices,
+                                                 units=units, judged_by=judged_by))
                 writer.add(out_rows)
     finally:
         if conn.started:

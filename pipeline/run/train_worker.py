@@ -31,28 +31,19 @@ import time
 from typing import Any
 
 from pipeline.config import RunConfig, config_from_dict
-from pipeline.run.costs import TIMING_PREFIX, row_costs, stage_devices, units_text
+from pipeline.run.costs import stage_devices, units_text
 from pipeline.run.feed import END, CandidateFeed
+from pipeline.run.rows import decision_row
 from pipeline.run.window import RunCounters, WindowStats
 from pipeline.storage.checkpoints import config_hash, load_trainer_state, read_info, save_main, \
     save_rank_state
 from pipeline.storage.run_dir import MetricsLog, RunDir
 from generators.columns import reason_kind
-from pipeline.storage.shards import ENCODED_FIELDS, SCHEMA, ShardWriter
-from trainer.candidates import DECISION_FIELDS
+from pipeline.storage.shards import ShardWriter
 
 #: TrainingConfig keys that belong to the pipeline, not to `trainer.factory.build_trainer`.
 PIPELINE_TRAINING_KEYS = ("num_cpus_per_worker", "candidate_batch_size", "prefetch_batches",
                           "late_candidates", "resources_per_worker")
-#: Shard fields the run fills in (not copied from the candidate).
-RUN_FIELDS = ("run_id", "class_frequency")
-#: Candidate columns copied into a decision row: the shard's fields that are neither the
-#: trainer's decision, the run's, nor encoded by the writer (``image``/``mask`` are encoded).
-CANDIDATE_COLUMNS = tuple(
-    name for name in SCHEMA.names
-    if name not in (*DECISION_FIELDS, *RUN_FIELDS, *ENCODED_FIELDS)) + ("image", "mask")
-
-
 @dataclasses.dataclass(frozen=True)
 class WorkerPlan:
     """What the driver tells every worker (``train_loop_config``; plain data + actor handle).
@@ -301,13 +292,10 @@ class TrainWorker:
         cost (``seconds``: the trainer's scoring and training shares per row)."""
         rows = []
         for i, decision in enumerate(decisions):
-            row = {k: batch[k][i] for k in CANDIDATE_COLUMNS if k in batch}
-            row.update(decision)
-            row.update(row_costs({k: batch[k][i] for k in batch if k.startswith(TIMING_PREFIX)},
-                                 seconds[i], self.devices, self.cost_units))
-            row["run_id"] = self.cfg.name
-            row["class_frequency"] = self.frequency.get(int(row.get("class_id", -1)), "")
-            rows.append(row)
+            rows.append(decision_row(
+                {k: v[i] for k, v in batch.items()}, decision, run_id=self.cfg.name,
+                frequency=self.frequency, devices=self.devices, units=self.cost_units,
+                trainer_seconds=seconds[i]))
             self.window.add_decision(decision)
             self.counters.count(reason_kind(decision["reason"]))
         self.writer.add(rows)

@@ -110,6 +110,12 @@ class PoolIndex:
         return len(self.refs)
 
     @property
+    def has_mask_scores(self) -> bool:
+        """Whether every candidate will have a mask score: an images pool is annotated in
+        the run (the annotator scores each mask); other pools where they record one."""
+        return self.format == "images" or not bool(np.isnan(self.mask_scores).all())
+
+    @property
     def nbytes(self) -> int:
         """Memory of the index's arrays (bytes)."""
         return (self.refs.nbytes + self.source_ids.nbytes + self.mask_scores.nbytes

@@ -1,0 +1,47 @@
+"""The one builder of a decision row: a candidate's columns, its decision, its costs and the
+run's fields (docs/contracts.md, Decision). The train worker and ``bsgal rescore`` both use it,
+so a shard row means the same whoever wrote it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pipeline.run.costs import row_costs
+from pipeline.storage.shards import ENCODED_FIELDS, SCHEMA
+from trainer.candidates import DECISION_FIELDS
+
+#: Shard fields the run fills in (not copied from the candidate).
+RUN_FIELDS = ("run_id", "class_frequency", "judged_by")
+#: Candidate columns copied into a decision row: the shard's fields that are neither the
+#: trainer's decision, the run's, nor encoded by the writer (``image``/``mask`` are encoded).
+CANDIDATE_COLUMNS = tuple(
+    name for name in SCHEMA.names
+    if name not in (*DECISION_FIELDS, *RUN_FIELDS, *ENCODED_FIELDS)) + ("image", "mask")
+
+
+def decision_row(candidate: Mapping[str, Any], decision: Mapping[str, Any], *, run_id: str,
+                 frequency: Mapping[int, str], devices: Mapping[str, tuple[str, float]],
+                 units: str, trainer_seconds: Sequence[float] | None = None,
+                 judged_by: str = "") -> dict[str, Any]:
+    """One decision row.
+
+    Args:
+        candidate: the candidate's columns (one row of a stream batch: its stage timings
+            ``_seconds_<stage>`` included).
+        decision: `trainer.candidates.decision_record`'s fields.
+        run_id: the run's name (``rescore:<name>`` for a rescoring).
+        frequency: class id → LVIS frequency letter.
+        devices, units: what each stage holds (`pipeline.run.costs.stage_devices`).
+        trainer_seconds: the trainer's (scoring, training) seconds of the row, or None.
+        judged_by: ``""`` for the run's own trainer, the checkpoint for a rescoring.
+    """
+    row = {k: candidate[k] for k in CANDIDATE_COLUMNS if k in candidate}
+    row.update(decision)
+    row.update(row_costs(candidate, trainer_seconds, devices, units))
+    row["run_id"] = run_id
+    row["class_frequency"] = frequency.get(int(row.get("class_id", -1)), "")
+    row["judged_by"] = judged_by
+    return row
+
