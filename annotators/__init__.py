@@ -41,29 +41,39 @@ is safe. Ray Data costs roughly 10-40 ms per batch on a small CPU machine
 
 Backends
 --------
-:func:`build_annotator` picks a backend by name. A new annotator is one new module with a
-:class:`annotators.stage.MaskAnnotator` subclass plus one line in :data:`ANNOTATOR_BACKENDS`.
+:data:`ANNOTATORS` (a :class:`generators.backends.BackendRegistry`) holds the backends by name;
+each backend module has its stage class, ``build(section)`` from the ``annotation`` config
+section and the checks of the keys it reads. A new annotator is one new module with a
+:class:`annotators.stage.MaskAnnotator` subclass and those functions, plus one line in
+:data:`ANNOTATORS` (or ``ANNOTATORS.register``).
 """
 
 from __future__ import annotations
 
-from generators.columns import lazy_attribute, registered_class
+from generators.backends import BackendRegistry
+from generators.columns import lazy_attribute
 
-#: backend name -> "module:Class" (imported on use, so the builtin path never loads torch).
-ANNOTATOR_BACKENDS = {
-    "builtin": "annotators.builtin:BuiltinAnnotator",
-    "sam": "annotators.sam:SamAnnotator",
-}
+#: The annotator backends: name -> module (imported on use, so the builtin path never loads
+#: torch).
+ANNOTATORS = BackendRegistry("annotator", "annotation", {
+    "builtin": "annotators.builtin",
+    "sam": "annotators.sam",
+})
 
 
 def annotator_class(backend: str) -> type:
     """The stage class registered for ``backend``."""
-    return registered_class(ANNOTATOR_BACKENDS, backend, "annotator")
+    return ANNOTATORS.get(backend).STAGE
 
 
 def build_annotator(backend: str, **kwargs):
     """Construct the annotator stage for ``backend`` with its keyword arguments."""
     return annotator_class(backend)(**kwargs)
+
+
+def build_annotator_stage(backend: str, section):
+    """The annotator stage of ``backend`` from the ``annotation`` section (a mapping)."""
+    return ANNOTATORS.build(backend, section)
 
 
 #: Lazy re-exports: importing the package must stay cheap (no torch, no segment-anything).
@@ -84,7 +94,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ANNOTATOR_BACKENDS",
+    "ANNOTATORS",
     "Annotation",
     "BuiltinAnnotator",
     "ClipScorer",
@@ -93,6 +103,7 @@ __all__ = [
     "SamAnnotator",
     "annotator_class",
     "build_annotator",
+    "build_annotator_stage",
     "build_sam",
     "rgba_cutout",
 ]

@@ -8,13 +8,15 @@ No model, no torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from annotators.components import EIGHT_CONNECTED, largest_component
 from annotators.stage import Annotation, MaskAnnotator
+from generators.backends import options
 
 VERSION = 1
 
@@ -80,3 +82,23 @@ class BuiltinAnnotator(MaskAnnotator):
             except Exception as exc:  # one bad image must not kill the batch
                 out.append(exc)
         return out
+
+
+# ------------------------------------------------------------------ the backend (annotators)
+
+STAGE = BuiltinAnnotator
+#: The annotator's own settings, given in ``annotation.options`` (defaults as above).
+OPTIONS = ("threshold", "border")
+
+
+def build(section: Mapping[str, Any]) -> BuiltinAnnotator:
+    """The stage from the ``annotation`` section (its ``options``: ``threshold``,
+    ``border``)."""
+    return BuiltinAnnotator(**options(section))
+
+
+def check_section(section: Mapping[str, Any]) -> list[str]:
+    """Unknown ``annotation.options`` keys for this backend."""
+    unknown = sorted(set(options(section)) - set(OPTIONS))
+    return [f"annotation.options: {unknown} are not options of the builtin annotator; it takes "
+            f"{list(OPTIONS)}"] if unknown else []

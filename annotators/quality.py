@@ -7,9 +7,10 @@ For each row that is still "ok", in this order:
 2. it must have the image's H x W (``invalid_size_mismatch``);
 3. it must not be empty (``invalid_empty_mask``);
 4. only its largest 8-connected component is kept (``largest_component=True``, X-Paste);
-5. its area ratio must lie in [``min_area_ratio``, ``max_area_ratio``] (X-Paste: [0.05, 0.95];
-   ``invalid_area_ratio``);
-6. optionally it must not touch the image border (``invalid_border_touch``).
+5. the checks of :mod:`annotators.checks`, in their order: its area ratio must lie in
+   [``min_area_ratio``, ``max_area_ratio``] (X-Paste: [0.05, 0.95]; ``invalid_area_ratio``);
+   optionally it must not touch the image border (``invalid_border_touch``); and any check
+   registered there.
 
 Rows that fail become ``invalid_<check>`` with a message in ``error``; none raises, none is
 dropped. Optionally the CLIP score of the cut-out against "a photo of a single {name}" is added
@@ -20,17 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from annotators.checks import check_fields, check_settings, mask_checks
 from annotators.columns import (
-    AREA_RATIO,
     CLASS_NAME,
     CLIP_SCORE,
     ERROR,
     IMAGE,
-    INVALID_AREA_RATIO,
-    INVALID_BORDER_TOUCH,
     INVALID_EMPTY_MASK,
     INVALID_IMAGE,
     INVALID_MISSING_MASK,
@@ -61,23 +61,28 @@ class MaskCheckError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-        self.area_ratio = float("nan")
+        self.fields: dict[str, float] = {}
         self.num_components = -1
 
-    def with_fields(self, area_ratio: float, num_components: int) -> "MaskCheckError":
+    def with_fields(self, fields: Mapping[str, float], num_components: int) -> "MaskCheckError":
         """Attach what was measured before the check failed (reported on the row)."""
-        self.area_ratio = float(area_ratio)
+        self.fields = dict(fields)
         self.num_components = int(num_components)
         return self
 
 
 @dataclass(frozen=True)
 class CheckedMask:
-    """A mask that passed: the kept mask (bool H x W), its area ratio and raw component count."""
+    """A mask that passed: the kept mask (bool H x W), the checks' fields (``area_ratio``, ...)
+    and the raw mask's component count."""
 
     mask: np.ndarray
-    area_ratio: float
+    fields: dict[str, float]
     num_components: int
+
+    @property
+    def area_ratio(self) -> float:
+        return self.fields["area_ratio"]
 
 
 def as_bool_mask(value: object) -> np.ndarray:
@@ -110,10 +115,10 @@ class QualityCheck:
     Input columns: ``image``, ``mask`` (bool/int/float B x H x W, or an object column), and
     optionally ``status``/``error``, ``num_components`` (an annotator's raw count) and
     ``class_name`` (for the CLIP score).
-    Output: ``mask`` (bool, largest component kept), ``area_ratio`` (float32, kept mask pixels /
-    image pixels; NaN when not measured), ``num_components`` (int32, components of the raw
-    mask; -1 when not measured), ``clip_score`` (float32, NaN when not computed), ``status``,
-    ``error``.
+    Output: ``mask`` (bool, largest component kept), the fields of the checks
+    (:mod:`annotators.checks`; ``area_ratio``: float32, kept mask pixels / image pixels; NaN
+    when not measured), ``num_components`` (int32, components of the raw mask; -1 when not
+    measured), ``clip_score`` (float32, NaN when not computed), ``status``, ``error``.
 
     Args:
         min_area_ratio, max_area_ratio: accepted range of the kept mask's area ratio.
@@ -125,6 +130,7 @@ class QualityCheck:
         clip_template: text for the CLIP score, with ``{name}`` (class name, underscores as
             spaces).
         clip_device, clip_offline: passed to :class:`annotators.clip_score.ClipScorer`.
+        **settings: the settings of checks registered beyond the built-in ones.
     """
 
     def __init__(
@@ -139,6 +145,7 @@ class QualityCheck:
         clip_template: str = CLIP_TEMPLATE,
         clip_device: str | None = None,
         clip_offline: bool | None = None,
+        **settings: Any,
     ) -> None:
         if not 0.0 <= min_area_ratio < max_area_ratio <= 1.0:
             raise ValueError(
@@ -149,6 +156,17 @@ class QualityCheck:
             raise ValueError(f"border_px must be >= 1, got {border_px}")
         if "{name}" not in clip_template:
             raise ValueError(f"clip_template {clip_template!r} must contain {{name}}")
+        given = {"min_area_ratio": float(min_area_ratio), "max_area_ratio": float(max_area_ratio),
+                 "reject_border_touch": bool(reject_border_touch), "border_px": int(border_px),
+                 **settings}
+        self.settings = {**check_settings({}), **given}
+        unknown = sorted(set(self.settings) - set(check_settings({})))
+        if unknown:
+            raise ValueError(f"unknown quality-check setting(s) {unknown}; the checks "
+                             f"({[c.name for c in mask_checks()]}) read "
+                             f"{sorted(check_settings({}))}")
+        self.checks = [c for c in mask_checks() if c.enabled(self.settings)]
+        self.fields = check_fields()
         self.min_area_ratio = float(min_area_ratio)
         self.max_area_ratio = float(max_area_ratio)
         self.largest_component = bool(largest_component)
@@ -173,26 +191,20 @@ class QualityCheck:
                 f"{image_shape[0]} x {image_shape[1]}",
             )
         if not m.any():
-            raise MaskCheckError(INVALID_EMPTY_MASK, "mask is empty").with_fields(0.0, 0)
+            raise MaskCheckError(INVALID_EMPTY_MASK, "mask is empty").with_fields(
+                {"area_ratio": 0.0}, 0)
         kept, count = largest_component(m)
         if not self.largest_component:
             kept = m
         if num_components is not None and num_components >= 0:
             count = int(num_components)
-        ratio = float(kept.sum()) / kept.size
-        if not self.min_area_ratio <= ratio <= self.max_area_ratio:
-            raise MaskCheckError(
-                INVALID_AREA_RATIO,
-                f"mask area ratio {ratio:.3f} is outside [{self.min_area_ratio}, "
-                f"{self.max_area_ratio}]",
-            ).with_fields(ratio, count)
-        if self.reject_border_touch:
-            b = self.border_px
-            if kept[:b].any() or kept[-b:].any() or kept[:, :b].any() or kept[:, -b:].any():
-                raise MaskCheckError(
-                    INVALID_BORDER_TOUCH, f"mask touches the image border ({b} px band)"
-                ).with_fields(ratio, count)
-        return CheckedMask(kept, ratio, count)
+        fields: dict[str, float] = {}
+        for c in self.checks:
+            measured, problem = c.run(kept, self.settings)
+            fields.update(measured)
+            if problem is not None:
+                raise MaskCheckError(c.reason, problem).with_fields(fields, count)
+        return CheckedMask(kept, fields, count)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         require_columns(batch, (IMAGE, MASK), "QualityCheck")
@@ -201,7 +213,7 @@ class QualityCheck:
         given_components = batch.get(NUM_COMPONENTS)
         masks: list[np.ndarray | None] = [None] * n
         shapes: list[tuple[int, int] | None] = [None] * n
-        area = np.full(n, np.nan, dtype=np.float32)
+        measured = {name: np.full(n, np.nan, dtype=dtype) for name, dtype in self.fields.items()}
         components = np.full(n, -1, dtype=np.int32)
         clip = np.full(n, np.nan, dtype=np.float32)
         images: dict[int, np.ndarray] = {}
@@ -222,14 +234,15 @@ class QualityCheck:
                 checked = self.check(shapes[i], raw, known)
             except MaskCheckError as exc:
                 status[i], error[i] = exc.reason, str(exc)
-                area[i], components[i] = exc.area_ratio, exc.num_components
+                _record(measured, i, exc.fields)
+                components[i] = exc.num_components
                 masks[i] = _passthrough_mask(raw, shapes[i])
                 continue
             except Exception as exc:  # anything unforeseen stays on its row
                 status[i], error[i] = INVALID_QUALITY_ERROR, short_error(exc)
                 continue
             masks[i] = checked.mask
-            area[i] = checked.area_ratio
+            _record(measured, i, checked.fields)
             components[i] = checked.num_components
             images[i] = image
         if self.clip is not None and images:
@@ -237,7 +250,7 @@ class QualityCheck:
             self._clip_scores(batch, clip_rows, images, masks, clip, status, error)
         out = dict(batch)
         out[MASK] = mask_column(masks, shapes)
-        out[AREA_RATIO] = area
+        out.update(measured)
         out[NUM_COMPONENTS] = components
         out[CLIP_SCORE] = clip
         out[STATUS] = status
@@ -259,6 +272,21 @@ class QualityCheck:
                 error[i] = f"clip_score not computed: {short_error(exc, 200)}"
             return
         clip[rows] = scores
+
+
+def _record(columns: dict[str, np.ndarray], i: int, fields: Mapping[str, float]) -> None:
+    for name, value in fields.items():
+        if name in columns:
+            columns[name][i] = value
+
+
+def build_quality_check(section: Mapping[str, Any]) -> QualityCheck:
+    """The check stage from the ``annotation`` section: the registered checks' settings
+    (:func:`annotators.checks.check_settings`), ``largest_component`` and the CLIP score
+    (``clip_score``, ``clip_model``)."""
+    return QualityCheck(largest_component=bool(section.get("largest_component", True)),
+                        clip_model=section.get("clip_model") if section.get("clip_score")
+                        else None, **check_settings(section))
 
 
 def _passthrough_mask(raw: object, shape: tuple[int, int]) -> np.ndarray | None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -228,3 +229,53 @@ class SamAnnotator(MaskAnnotator):
                     except Exception as exc:
                         results.append(exc)
         return results
+
+
+# ------------------------------------------------------------------ the backend (annotators)
+
+STAGE = SamAnnotator
+
+
+def build(section: Mapping[str, Any]) -> SamAnnotator:
+    """The stage from the ``annotation`` section (``sam_model_type``, ``sam_checkpoint``,
+    ``prompt``)."""
+    return SamAnnotator(model_type=section["sam_model_type"],
+                        checkpoint=section["sam_checkpoint"], prompt=section["prompt"])
+
+
+def check_section(section: Mapping[str, Any]) -> list[str]:
+    """The problems of the ``annotation`` keys this backend reads."""
+    if not section.get("sam_checkpoint"):
+        return ["annotation.sam_checkpoint: required when annotation.backend=sam; download e.g. "
+                "sam_vit_h_4b8939.pth and pass annotation.sam_checkpoint=/path/to/it"]
+    return []
+
+
+def check_sam_checkpoint(path: str) -> str | None:
+    """None when ``path`` is a tensor state dict that ``weights_only=True`` opens, else why
+    not. The file is memory-mapped, not read."""
+    import torch
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return f"{path!r} does not exist; " + CHECKPOINT_HELP.format(name="sam_vit_h_4b8939.pth")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # truncated, not a zip checkpoint, or pickled objects
+        return (f"{path} cannot be opened as a tensor state dict with weights_only=True "
+                f"({type(exc).__name__}: {str(exc)[:160]})")
+    if not isinstance(state, dict) or not state:
+        return f"{path} holds no state dict"
+    return None
+
+
+def check_weights(section: Mapping[str, Any], report: Any) -> None:
+    """``annotation.sam_checkpoint`` opens as a tensor state dict (memory-mapped, not read)."""
+    path = section.get("sam_checkpoint")
+    if not path:
+        return
+    problem = check_sam_checkpoint(path)
+    if problem:
+        report.add("annotation.sam_checkpoint", f"annotation.sam_checkpoint: {problem}")
+    else:
+        report.passed.append(f"SAM checkpoint {path} opens")

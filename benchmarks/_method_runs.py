@@ -157,11 +157,11 @@ def _metrics(raw: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, floa
 
 def pretrain(job: RunJob) -> dict[str, Any]:
     """Train the real-data-only baseline of a seed and write its checkpoint (model weights)."""
+    import json
+
     import torch
 
     from trainer.factory import build_trainer
-
-    import json
 
     one_thread()
     summary = f"{job.checkpoint}.json"

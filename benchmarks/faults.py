@@ -138,7 +138,8 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
 
 def decided_rows(out: str, storage_options: dict | None) -> int:
     """Rows visible in the shards now (from the part files' names: no Parquet read)."""
-    from pipeline.storage.shards import PART_NAME, list_shard_files, shards_root
+    from pipeline.storage.shard_schema import PART_NAME, shards_root
+    from pipeline.storage.shards import list_shard_files
 
     try:
         files = list_shard_files(shards_root(out), storage_options)
@@ -157,7 +158,7 @@ def visible_files_problems(out: str, storage_options: dict | None) -> list[str]:
     import pyarrow.parquet as pq
 
     from pipeline.storage.filesystem import filesystem
-    from pipeline.storage.shards import PART_NAME, shards_root
+    from pipeline.storage.shard_schema import PART_NAME, shards_root
 
     fs, root = filesystem(shards_root(out), storage_options)
     fs.invalidate_cache()

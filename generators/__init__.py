@@ -36,31 +36,42 @@ is safe. Ray Data costs roughly 10-40 ms per batch on a small CPU machine
 
 Backends
 --------
-:func:`build_generator` picks a backend by name. A new generator is one new module with a class
-following the same contract plus one line in :data:`GENERATOR_BACKENDS`.
+:data:`GENERATORS` (a :class:`generators.backends.BackendRegistry`) holds the backends by name;
+each backend module has its stage class, ``build(section, categories=...)`` from the
+``generation`` config section and the checks of the keys it reads. A new generator is one new
+module with those plus one line in :data:`GENERATORS` (or ``GENERATORS.register``).
 """
 
 from __future__ import annotations
 
-from generators.columns import lazy_attribute, registered_class
+from generators.backends import BackendRegistry
+from generators.columns import lazy_attribute
 from generators.prompts import DEFAULT_TEMPLATE, PromptSampler, make_sample_id
 from generators.vocabulary import ClassInfo, ClassVocabulary, UnknownClassError
 
-#: backend name -> "module:Class" (imported on use, so the procedural path never loads torch).
-GENERATOR_BACKENDS = {
-    "procedural": "generators.procedural:ProceduralGenerator",
-    "stable_diffusion": "generators.stable_diffusion:StableDiffusionGenerator",
-}
+#: The generator backends: name -> module (imported on use, so the procedural path never loads
+#: torch). ``generation.backend: pool`` is not a generator: the pool is the other source
+#: (pipeline/run/pool_source.py).
+GENERATORS = BackendRegistry("generator", "generation", {
+    "procedural": "generators.procedural",
+    "stable_diffusion": "generators.stable_diffusion",
+})
 
 
 def generator_class(backend: str) -> type:
     """The stage class registered for ``backend``."""
-    return registered_class(GENERATOR_BACKENDS, backend, "generator")
+    return GENERATORS.get(backend).STAGE
 
 
 def build_generator(backend: str, **kwargs):
     """Construct the generator stage for ``backend`` with its keyword arguments."""
     return generator_class(backend)(**kwargs)
+
+
+def build_generator_stage(backend: str, section, categories=()):
+    """The generator stage of ``backend`` from the ``generation`` section (a mapping) and the
+    training set's category dicts (what Ray Data actors call)."""
+    return GENERATORS.build(backend, section, categories=list(categories))
 
 
 #: Lazy re-exports: importing the package must stay cheap (no torch/diffusers).
@@ -77,7 +88,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "DEFAULT_TEMPLATE",
-    "GENERATOR_BACKENDS",
+    "GENERATORS",
     "ClassInfo",
     "ClassVocabulary",
     "ModelNotFoundError",
@@ -86,6 +97,7 @@ __all__ = [
     "StableDiffusionGenerator",
     "UnknownClassError",
     "build_generator",
+    "build_generator_stage",
     "generator_class",
     "make_sample_id",
 ]

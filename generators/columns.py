@@ -8,8 +8,8 @@ it and `trainer.candidates` imports it (plain numpy, no model code), so the cand
 values and the reason vocabulary of decision rows (`reason_kind`) are written down only here.
 The batch selector's own decision reasons stay in `selector.decision` (selector imports nothing
 from the project); they follow the same ``accepted`` / ``rejected_*`` / ``invalid_*`` forms.
-It also holds the backend-registry lookup that the `generators` and `annotators` packages share
-(`registered_class`, `lazy_attribute`).
+It also holds the lazy re-export that the `generators` and `annotators` packages share
+(`lazy_attribute`).
 """
 
 from __future__ import annotations
@@ -134,16 +134,6 @@ def reason_kind(reason: str) -> str:
         return "invalid"
     raise ValueError(f"reason {reason!r} is not {ACCEPTED!r}, '{REJECTED_PREFIX}*' or "
                      f"'{INVALID_PREFIX}*'")
-
-
-def registered_class(registry: Mapping[str, str], backend: str, kind: str) -> type:
-    """The stage class that ``registry`` (backend name → ``"module:Class"``) names for
-    ``backend``, imported now; ``kind`` (``"generator"``, ``"annotator"``) names the registry in
-    the error for an unknown backend."""
-    if backend not in registry:
-        raise ValueError(f"unknown {kind} backend {backend!r}; expected one of {sorted(registry)}")
-    module, _, name = registry[backend].partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def lazy_attribute(package: str, lazy: Mapping[str, str], name: str):

@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +55,9 @@ FAILURES = ("wrong_class", "broken", "clutter", "noise")
 DEFAULT_FAILURE_RATES = {"wrong_class": 0.1, "broken": 0.1, "clutter": 0.1, "noise": 0.1}
 # Fraction of the image the object covers on a successful sample (the issue asks ~15-60 %).
 COVERAGE = (0.18, 0.5)
+
+#: The smallest image side the built-in generator draws (px).
+MIN_IMAGE_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -152,8 +156,8 @@ class ProceduralGenerator:
             vocab = ClassVocabulary.builtin(12 if num_classes is None else num_classes)
         self.looks = _looks_from_vocabulary(vocab)
         self.class_ids = sorted(self.looks)
-        if image_size < 16:
-            raise ValueError(f"image_size must be >= 16 px, got {image_size}")
+        if image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} px, got {image_size}")
         self.image_size = int(image_size)
         self.failure_rates = check_failure_rates(failure_rates)
         self.failure_by_class = {}
@@ -386,3 +390,44 @@ def _heavy_noise(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     salt = rng.random(canvas.shape[:2]) < 0.15
     noisy[salt] = rng.choice([0.0, 255.0], size=(int(salt.sum()), 1))
     return noisy
+
+
+# ------------------------------------------------------------------ the backend (generators)
+
+STAGE = ProceduralGenerator
+
+
+def build(section: Mapping[str, Any], *, categories: Sequence[Mapping] = ()) -> ProceduralGenerator:
+    """The stage from the ``generation`` section (``image_size``, ``failure_rates``,
+    ``failure_by_class``, ``failure_by_option``) and the training set's category dicts (each
+    class's ``look``)."""
+    return ProceduralGenerator(categories=list(categories), image_size=int(section["image_size"]),
+                               failure_rates=dict(section["failure_rates"]),
+                               failure_by_class=dict(section["failure_by_class"]),
+                               failure_by_option=list(section["failure_by_option"]))
+
+
+def check_section(section: Mapping[str, Any]) -> list[str]:
+    """The problems of the ``generation`` keys this backend reads."""
+    import difflib
+
+    problems = []
+    size = section.get("image_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < MIN_IMAGE_SIZE:
+        problems.append(f"generation.image_size: must be >= {MIN_IMAGE_SIZE} px, got {size!r}")
+    rates = section.get("failure_rates") or {}
+    for kind, rate in rates.items():
+        if kind not in FAILURES:
+            close = difflib.get_close_matches(str(kind), FAILURES, n=1, cutoff=0.5)
+            problems.append(f"generation.failure_rates: unknown failure {kind!r}"
+                            + (f"; did you mean '{close[0]}'?" if close else
+                               f"; use one of {list(FAILURES)}"))
+        elif not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            problems.append(f"generation.failure_rates.{kind}: must be within [0, 1]")
+    if all(isinstance(r, (int, float)) for r in rates.values()) and sum(rates.values()) > 1.0:
+        problems.append("generation.failure_rates: the rates must sum to at most 1")
+    for m in section.get("failure_by_option") or []:
+        if not isinstance(m, (int, float)) or isinstance(m, bool) or not m >= 0:
+            problems.append(f"generation.failure_by_option: multipliers must be numbers >= 0, "
+                            f"got {m!r}")
+    return problems

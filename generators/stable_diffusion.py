@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from generators.columns import (
     short_error,
     string_column,
 )
-from generators.hub import hub_offline
+from generators.hub import check_hub_model, hub_offline, looks_like_path
 
 SCHEDULERS = {
     "dpm_multistep": "DPMSolverMultistepScheduler",
@@ -53,14 +54,6 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 class ModelNotFoundError(FileNotFoundError):
     """The model folder or hub id could not be loaded; the message says how to provide it."""
-
-
-def looks_like_path(model: str) -> bool:
-    return (
-        model.startswith(("/", "./", "../", "~"))
-        or os.path.exists(os.path.expanduser(model))
-        or model.count("/") != 1
-    )
 
 
 def missing_model_message(model: str, offline: bool, cause: BaseException | None) -> str:
@@ -278,3 +271,38 @@ def _dtype_keyword() -> str:
         return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
     except ImportError:
         return "torch_dtype"
+
+
+# ------------------------------------------------------------------ the backend (generators)
+
+STAGE = StableDiffusionGenerator
+
+
+def build(section: Mapping[str, Any], *, categories: Any = ()) -> StableDiffusionGenerator:
+    """The stage from the ``generation`` section (``model``, ``scheduler``, ``steps``,
+    ``guidance``, ``resolution``, ``dtype``, ``safety_checker``)."""
+    return StableDiffusionGenerator(
+        model=section["model"], scheduler=section["scheduler"], steps=int(section["steps"]),
+        guidance=float(section["guidance"]), resolution=int(section["resolution"]),
+        dtype=section["dtype"], safety_checker=bool(section["safety_checker"]))
+
+
+def check_section(section: Mapping[str, Any]) -> list[str]:
+    """The problems of the ``generation`` keys this backend reads."""
+    problems = []
+    resolution, steps = section.get("resolution"), section.get("steps")
+    if not isinstance(resolution, int) or resolution <= 0 or resolution % 8:
+        problems.append(f"generation.resolution: must be a positive multiple of 8 px, got "
+                        f"{resolution!r}")
+    if not isinstance(steps, int) or steps < 1:
+        problems.append(f"generation.steps: must be >= 1 denoising step, got {steps!r}")
+    guidance = section.get("guidance")
+    if not isinstance(guidance, (int, float)) or not guidance == guidance or guidance < 0:
+        problems.append(f"generation.guidance: must be a number >= 0, got {guidance!r}")
+    return problems
+
+
+def check_weights(section: Mapping[str, Any], report: Any) -> None:
+    """``generation.model``: a diffusers folder holding model_index.json, or a cached hub id."""
+    check_hub_model(report, "generation.model", section["model"], "model_index.json",
+                    lambda m: missing_model_message(m, True, None))

@@ -69,13 +69,20 @@ class DataConfig:
     storage_options: dict = field(default_factory=dict)
 
 
+#: ``generation.backend`` of the other source: an existing instance pool, not a generator.
+POOL_BACKEND = "pool"
+
+
 @dataclass
 class GenerationConfig:
     """Text-to-image generation of candidate objects (Ray Data stage 1)."""
 
-    # procedural / stable_diffusion: generate online; pool: draw from an existing instance
-    # pool (the `pool*` keys below), class-balanced, cycled over epochs.
-    backend: Literal["procedural", "stable_diffusion", "pool"] = "procedural"
+    # A generator backend of generators/__init__.py (procedural, stable_diffusion): generate
+    # online; pool: draw from an existing instance pool (the `pool*` keys below),
+    # class-balanced, cycled over epochs.
+    backend: str = "procedural"
+    # Keys of a generator backend outside the built-in set (checked by that backend).
+    options: dict = field(default_factory=dict)
     # Hub id or local folder of a diffusers text-to-image pipeline (SD 1.x/2.x/SDXL).
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     scheduler: Literal["dpm_multistep", "ddim", "euler", "pndm", "default"] = "dpm_multistep"
@@ -123,7 +130,9 @@ class GenerationConfig:
     pool: Optional[str] = None
     # images: ROOT/<class name>/<image> without masks, cut out by the annotation stage (never
     # guessed by auto).
-    pool_format: Literal["auto", "xpaste", "bsgal", "shards", "images"] = "auto"
+    # auto (never guesses images) or a format of pipeline/storage/pool_index.py: xpaste |
+    # bsgal | shards | images.
+    pool_format: str = "auto"
     # Shards pools: which decisions of the earlier run are the pool.
     pool_decisions: list = field(default_factory=lambda: ["accepted"])
     # {old path prefix: new prefix} applied to the pool's entry paths (e.g. an X-Paste JSON
@@ -138,7 +147,11 @@ class GenerationConfig:
 class AnnotationConfig:
     """Mask annotation of generated images (Ray Data stage 2) and quality checks."""
 
-    backend: Literal["builtin", "sam"] = "builtin"
+    # An annotator backend of annotators/__init__.py: builtin, sam.
+    backend: str = "builtin"
+    # Keys of the annotator backend that are not section keys (checked by that backend; the
+    # builtin annotator takes threshold and border).
+    options: dict = field(default_factory=dict)
     sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
     sam_checkpoint: Optional[str] = None
     prompt: Literal["corners", "box", "point"] = "corners"
@@ -596,23 +609,30 @@ def validate(cfg: RunConfig) -> None:
             )
         if not isinstance(weight, (int, float)) or weight < 0:
             raise ConfigError(f"generation.group_weights.{group}: must be a number >= 0")
-    for kind, rate in cfg.generation.failure_rates.items():
-        valid = ("wrong_class", "broken", "clutter", "noise")
-        if kind not in valid:
-            raise ConfigError(
-                f"generation.failure_rates: unknown failure {kind!r}{_suggest(kind, valid)}"
-            )
-        if not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
-            raise ConfigError(f"generation.failure_rates.{kind}: must be within [0, 1]")
-    if sum(cfg.generation.failure_rates.values()) > 1.0:
-        raise ConfigError("generation.failure_rates: the rates must sum to at most 1")
-    if cfg.annotation.backend == "sam" and cfg.annotation.sam_checkpoint is None:
-        raise ConfigError(
-            "annotation.sam_checkpoint: required when annotation.backend=sam; download e.g. "
-            "sam_vit_h_4b8939.pth and pass annotation.sam_checkpoint=/path/to/it"
-        )
+    _check_backends(cfg)
     _check_pool(cfg.generation)
     _check_feedback(cfg)
+
+
+def _check_backends(cfg: "RunConfig") -> None:
+    """The stage backends exist, and each finds its own keys well formed."""
+    from annotators import ANNOTATORS
+    from generators import GENERATORS
+
+    g, a = cfg.generation, cfg.annotation
+    if g.backend != POOL_BACKEND and g.backend not in GENERATORS:
+        raise ConfigError(GENERATORS.unknown(g.backend, extra=(POOL_BACKEND,)))
+    if a.backend not in ANNOTATORS:
+        raise ConfigError(ANNOTATORS.unknown(a.backend))
+    for section in ("generation", "annotation"):
+        if not isinstance(getattr(cfg, section).options, dict):
+            raise ConfigError(f"{section}.options: must be a mapping of key to value")
+    problems = []
+    if g.backend != POOL_BACKEND:
+        problems += GENERATORS.check_section(g.backend, dataclasses.asdict(g))
+    problems += ANNOTATORS.check_section(a.backend, dataclasses.asdict(a))
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def feedback_settings(cfg: "RunConfig") -> Any:
@@ -641,11 +661,7 @@ def _check_feedback(cfg: "RunConfig") -> None:
             isinstance(t, str) and t.strip() for t in templates)):
         raise ConfigError("generation.prompt_template: give a template or a non-empty list of "
                           "them (strings using {name} and/or {definition})")
-    for m in cfg.generation.failure_by_option:
-        if not isinstance(m, (int, float)) or isinstance(m, bool) or not m >= 0:
-            raise ConfigError(f"generation.failure_by_option: multipliers must be numbers >= 0, "
-                              f"got {m!r}")
-    if settings.closed and cfg.generation.backend == "pool":
+    if settings.closed and cfg.generation.backend == POOL_BACKEND:
         raise ConfigError("feedback: a pool is drawn class-balanced from what it holds; closed-"
                           "loop allocation needs online generation (generation.backend "
                           "procedural or stable_diffusion) or feedback.policy=open_loop")
@@ -653,7 +669,7 @@ def _check_feedback(cfg: "RunConfig") -> None:
 
 def _check_pool(g: GenerationConfig) -> None:
     """The pool keys of ``generation`` (only read when ``backend`` is ``pool``)."""
-    if g.backend != "pool":
+    if g.backend != POOL_BACKEND:
         return
     if not g.pool:
         raise ConfigError("generation.pool: required when generation.backend=pool; give an "

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import POOL_BACKEND, ConfigError, RunConfig
 
 #: The parts that are Ray Data stage pools (the rest is training).
 STAGE_PARTS = ("generation", "annotation", "quality checks")
@@ -82,9 +82,19 @@ def run_requests(cfg: RunConfig) -> list[ResourceRequest]:
                         t.num_workers, "training.num_workers", "training.num_cpus_per_worker",
                         "training.use_gpu", "training.resources_per_worker"),
     ]
-    if g.backend == "pool" and g.pool_format != "images":
+    if not stages_annotate(cfg):
         requests = [r for r in requests if r.part != "annotation"]
     return requests
+
+
+def stages_annotate(cfg: RunConfig) -> bool:
+    """Whether the candidate stream has an annotation stage: online generation does; a pool
+    only when its entries still need masks (`pipeline.storage.pool_index.PoolFormat`)."""
+    if cfg.generation.backend != POOL_BACKEND:
+        return True
+    from pipeline.storage.pool_index import needs_masks
+
+    return needs_masks(cfg.generation.pool_format)
 
 
 def stage_cpus(cfg: RunConfig) -> float:

@@ -47,7 +47,6 @@ from selector.methods import SelectionMethod, selection_method
 from selector.score import contribution_score
 
 
-
 class QualityGates:
     """Hard minimums on candidate fields: ``{"mask_score": 0.8, "clip_score": 0.2}``.
 

@@ -228,7 +228,7 @@ def make_rows(plan=PLAN, size: tuple[int, int] = (40, 48), seed: int = 0,
 def write_run(out: str, rows: list[dict], storage_options: dict | None = None,
               max_rows: int = 8) -> None:
     """``rows`` as decision shards under the run folder ``out`` (the real ShardWriter)."""
-    from pipeline.storage.shards import ShardWriter
+    from pipeline.storage.shard_writer import ShardWriter
 
     with ShardWriter(out, max_rows=max_rows, flush_seconds=60,
                      storage_options=storage_options) as writer:

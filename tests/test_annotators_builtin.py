@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from annotators import ANNOTATOR_BACKENDS, BuiltinAnnotator, build_annotator
+from annotators import ANNOTATORS, BuiltinAnnotator, build_annotator
 from generators import PromptSampler
 from generators.procedural import ProceduralGenerator
 
@@ -79,7 +79,7 @@ def test_rows_that_arrive_invalid_are_passed_through() -> None:
 
 
 def test_backend_factory() -> None:
-    assert set(ANNOTATOR_BACKENDS) == {"builtin", "sam"}
+    assert set(ANNOTATORS.names()) == {"builtin", "sam"}
     assert isinstance(build_annotator("builtin", threshold=30), BuiltinAnnotator)
-    with pytest.raises(ValueError, match="unknown annotator backend 'grabcut'"):
+    with pytest.raises(ValueError, match="'grabcut' is not an annotator backend"):
         build_annotator("grabcut")

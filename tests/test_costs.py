@@ -9,11 +9,16 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.inspection.costs import cost_by_class, cost_by_stage, cost_line, cost_summary
+from pipeline.inspection.costs import (
+    cost_by_class,
+    cost_by_stage,
+    cost_line,
+    cost_summary,
+)
 from pipeline.inspection.query import DecisionQuery
 from pipeline.inspection.report import build_report
 from pipeline.run.costs import row_costs, stage_devices, units_text
-from pipeline.storage.shards import ShardWriter
+from pipeline.storage.shard_writer import ShardWriter
 from tests.conftest import CONFIGS, invoke_cli
 from tests.test_shards import _rows
 

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from pipeline.inspection.export_pool import class_folder, rgba_cutout
-from pipeline.storage.shards import decode_rle, read_decisions
+from pipeline.storage.shard_schema import decode_rle
+from pipeline.storage.shards import read_decisions
 from tests.conftest import HOSTILE_PLAN, invoke_cli, make_rows, write_run
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from generators import GENERATOR_BACKENDS, PromptSampler, build_generator
+from generators import GENERATORS, PromptSampler, build_generator
 from generators.procedural import FAILURES, ProceduralGenerator
 
 RATES = {"wrong_class": 0.15, "broken": 0.15, "clutter": 0.15, "noise": 0.15}
@@ -22,7 +22,7 @@ def generated() -> dict[str, np.ndarray]:
 
 
 def test_backend_factory_and_output_columns(builtin_data: Path) -> None:
-    assert set(GENERATOR_BACKENDS) == {"procedural", "stable_diffusion"}
+    assert set(GENERATORS.names()) == {"procedural", "stable_diffusion"}
     gen = build_generator("procedural", lvis_json=builtin_data / "train.json", image_size=64)
     rows = PromptSampler.from_lvis_json(builtin_data / "train.json").sample_batch(5)
     out = gen(rows)
@@ -31,7 +31,7 @@ def test_backend_factory_and_output_columns(builtin_data: Path) -> None:
     assert out["truth_class_id"].dtype == np.int64
     np.testing.assert_array_equal(out["sample_id"], rows["sample_id"])  # passed through
     assert "truth_mask" not in out  # only on request
-    with pytest.raises(ValueError, match="unknown generator backend 'dalle'"):
+    with pytest.raises(ValueError, match="'dalle' is not a generator backend"):
         build_generator("dalle")
 
 

@@ -21,11 +21,13 @@ ROOMS = ("run", "storage", "cluster", "inspection")
 #: The two modules that wire the rooms together.
 ENTRIES = {"pipeline.cli", "pipeline.run.job"}
 #: What each outer package may import of the project (the arrows of docs/architecture.md):
-#: packages, or single modules. Three modules are shared on purpose: the batch columns and the
+#: packages, or single modules. Four modules are shared on purpose: the batch columns and the
 #: one vocabulary of statuses and decision reasons (plain numpy), the hub/folder resolution of
-#: model weights (CLIP loads like SD), and the class looks that the built-in data set and the
-#: built-in generator both draw.
-OUTER = {"generators": set(), "annotators": {"generators.columns", "generators.hub"},
+#: model weights (CLIP loads like SD), the backend registry kind that generators and
+#: annotators both keep, and the class looks that the built-in data set and the built-in
+#: generator both draw.
+OUTER = {"generators": set(),
+         "annotators": {"generators.columns", "generators.hub", "generators.backends"},
          "selector": set(),
          "trainer": {"selector", "generators.columns", "generators.looks"}}
 

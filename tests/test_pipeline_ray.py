@@ -28,7 +28,8 @@ from pipeline.run.graph import StageKill  # noqa: E402
 from pipeline.run.job import Faults, TrainingFailed, prompt_sampler, run_job  # noqa: E402
 from pipeline.inspection.run_summary import summary_text as job_summary_text  # noqa: E402
 from pipeline.storage.run_dir import RunDir, read_metrics  # noqa: E402
-from pipeline.storage.shards import PART_NAME, decode_rle, read_decisions  # noqa: E402
+from pipeline.storage.shard_schema import decode_rle, PART_NAME  # noqa: E402
+from pipeline.storage.shards import read_decisions  # noqa: E402
 
 CANDIDATES = 48
 COMPARED = ["reason", "accepted", "score", "threshold", "step", "stream_offset", "batch_id",

@@ -4,7 +4,6 @@ corrupt entries, and the class-balanced cycling draws."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 

@@ -12,17 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.storage.shards import (
+from pipeline.storage.filesystem import StorageError
+from pipeline.storage.shard_schema import (
     SHARD_SCHEMA_VERSION,
     ShardSchemaError,
-    ShardWriter,
-    StorageError,
     decode_rle,
-    drop_after,
-    list_shard_files,
-    preflight_writable,
-    read_decisions,
 )
+from pipeline.storage.shard_writer import ShardWriter, preflight_writable
+from pipeline.storage.shards import drop_after, list_shard_files, read_decisions
 
 REASONS = ["accepted", "rejected_score", "invalid_empty_mask", "accepted", "rejected_score"]
 
@@ -212,7 +209,11 @@ def test_appended_columns_keep_both_readers_working(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.dataset as pads
 
-    from pipeline.storage.shards import SCHEMA, SCHEMA_MINOR_KEY, SHARD_SCHEMA_MINOR
+    from pipeline.storage.shard_schema import (
+        SCHEMA,
+        SCHEMA_MINOR_KEY,
+        SHARD_SCHEMA_MINOR,
+    )
 
     rows = _rows(6)
     for r in rows:

@@ -20,14 +20,21 @@ from pipeline.cluster.capacity import (
     reports_autoscaling,
     units_that_fit,
 )
+from pipeline.cluster.job_client import (
+    JobServerError,
+    exit_code,
+    is_local_address,
+    job_server_url,
+)
+from pipeline.cluster.submit import (
+    CONFIG_NAME,
+    PACKAGES,
+    build_submission,
+    forwarded_env,
+)
 from pipeline.config import ConfigError, load_config
 from pipeline.demand import run_requests
-from pipeline.cluster.job_client import JobServerError, exit_code, is_local_address, job_server_url
-from pipeline.cluster.submit import CONFIG_NAME, PACKAGES, build_submission, forwarded_env
-
 from tests.conftest import DEMO_CONFIG, free_port
-
-
 
 # ----------------------------------------------------------------------------- addresses
 
@@ -272,8 +279,8 @@ def test_launcher_capacity_counts_max_workers(tmp_path: Path) -> None:
 
 
 def test_resume_on_a_local_cluster_reads_and_checks_the_run(tmp_path: Path) -> None:
-    from pipeline.config import dump_config
     from pipeline.cluster.submit import check_output
+    from pipeline.config import dump_config
 
     out = tmp_path / "runs" / "r1"
     out.mkdir(parents=True)
@@ -329,8 +336,8 @@ def test_s3_output_is_probed_from_here(s3_server, tmp_path: Path) -> None:
 
     import s3fs
 
-    from pipeline.storage.shards import StorageError
     from pipeline.cluster.submit import check_output
+    from pipeline.storage.filesystem import StorageError
 
     options = _json.dumps(s3_server.storage_options)
     bucket = s3_server.make_bucket("bsgal-submit")

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from selector import build_selector
-from selector.methods import selection_method
 from selector.instance_selector import (
     ClassGradientCaches,
     InstanceSelector,
     PerClassPercentileThreshold,
     QualityGates,
 )
+from selector.methods import selection_method
 from trainer.backends import build_backend
 from trainer.backends.base import DetectorBackend
 from trainer.datasets.lvis_format import LvisDataset

@@ -46,8 +46,14 @@ from selector import BatchSelector
 from selector.instance_selector import InstanceSelector
 from trainer.backends.base import DetectorBackend, image_tensor
 from trainer.bsgal_step import BsgalStep
-from trainer.candidates import Candidate, batch_rows, check_candidate, cut_out, decision_record
-from trainer.copy_paste import ClassSizeStatistics, CopyPaste, PastedImage
+from trainer.candidates import (
+    Candidate,
+    batch_rows,
+    check_candidate,
+    cut_out,
+    decision_record,
+)
+from trainer.copy_paste import ClassSizeStatistics, CopyPaste
 from trainer.datasets.lvis_format import LvisDataset
 from trainer.defaults import SELECTION_DEFAULTS as _S
 from trainer.defaults import TRAINING_DEFAULTS as _T

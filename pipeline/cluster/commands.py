@@ -98,11 +98,19 @@ def submit(address: str | None, config_path: str | None, resume_out: str | None,
       bsgal submit --address http://HEAD:8265 --resume s3://bucket/bsgal/run1
       bsgal job logs --follow ID
     """
-    from pipeline.cluster.capacity import check_capacity, launcher_capacity, live_capacity
-    from pipeline.cluster.job_client import is_local_address, job_server_url, open_job_client
-    from pipeline.storage.shards import shards_root
+    from pipeline.cluster.capacity import (
+        check_capacity,
+        launcher_capacity,
+        live_capacity,
+    )
+    from pipeline.cluster.job_client import (
+        is_local_address,
+        job_server_url,
+        open_job_client,
+    )
     from pipeline.cluster.submit import build_submission, check_output
     from pipeline.cluster.submit import submit as send
+    from pipeline.storage.shard_schema import shards_root
 
     if config_path is not None and resume_out is not None:
         raise click.UsageError("--resume continues a run with its own config.yaml; leave out "
@@ -160,7 +168,7 @@ def job_status(address: str | None, timeout: float, job_id: str) -> None:
     click.echo(f"  entrypoint: {info.entrypoint}")
     out = (info.metadata or {}).get("bsgal_out")
     if out:
-        from pipeline.storage.shards import shards_root
+        from pipeline.storage.shard_schema import shards_root
 
         click.echo(f"  shards:     {shards_root(out)}")
     if info.start_time:
@@ -232,7 +240,11 @@ def job_stop(address: str | None, timeout: float, wait_s: float, job_id: str) ->
 @user_errors
 def job_list(address: str | None, timeout: float, show_all: bool) -> None:
     """Jobs on the cluster, newest first: id, status, output folder."""
-    from pipeline.cluster.job_client import JobServerError, job_server_url, open_job_client
+    from pipeline.cluster.job_client import (
+        JobServerError,
+        job_server_url,
+        open_job_client,
+    )
 
     client = open_job_client(job_server_url(address or ""), timeout)
     try:

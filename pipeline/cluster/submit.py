@@ -133,9 +133,9 @@ def check_output(cfg: RunConfig, local_cluster: bool, resume: bool) -> str:
         StorageError: the output cannot be written.
         ConfigError: it holds a run already (fresh run) or no unfinished run (``resume``).
     """
-    from pipeline.storage.filesystem import fast_fail_options
+    from pipeline.storage.filesystem import StorageError, fast_fail_options
     from pipeline.storage.run_dir import RunDir
-    from pipeline.storage.shards import StorageError, preflight_writable
+    from pipeline.storage.shard_writer import preflight_writable
 
     out, opts = cfg.output.dir.rstrip("/"), cfg.output.storage_options
     if not is_uri(out) and not local_cluster:

@@ -11,7 +11,12 @@ from typing import Any, Callable
 
 import click
 
-from pipeline.command_line import CONTEXT, storage_flags, storage_options_from, user_errors
+from pipeline.command_line import (
+    CONTEXT,
+    storage_flags,
+    storage_options_from,
+    user_errors,
+)
 from pipeline.inspection import DECISION_CHOICES, TABLE_NAMES
 
 WHERE_HELP = ("One boolean SQL expression over the shard columns, run by DuckDB, e.g. "

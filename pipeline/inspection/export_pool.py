@@ -38,15 +38,14 @@ import re
 from typing import Any
 
 import numpy as np
-
-from annotators import cutout
 from PIL import Image
 
+from annotators import cutout
+from pipeline.errors import UserError
 from pipeline.inspection.query import DecisionQuery
 from pipeline.inspection.render import describe_filters
-from pipeline.errors import UserError
 from pipeline.storage.filesystem import filesystem, is_local, is_uri
-from pipeline.storage.shards import decode_rle
+from pipeline.storage.shard_schema import decode_rle
 
 POOL_INDEX = "pool.json"
 XPASTE_INDEX = "xpaste_pool.json"

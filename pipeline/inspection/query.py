@@ -36,14 +36,13 @@ import pyarrow as pa
 
 from pipeline.errors import UserError, duckdb_error_line
 from pipeline.storage.filesystem import is_local
-from pipeline.storage.shards import DECISIONS, locate_shards
+from pipeline.storage.shard_schema import DECISIONS, NOT_COMPUTED_FLOATS
+from pipeline.storage.shards import locate_shards
 
 if TYPE_CHECKING:
     import fsspec
 
 
-# Float columns of the shard schema; NaN in them means "not computed".
-FLOAT_COLUMNS = ("mask_score", "area_ratio", "clip_score", "score", "threshold", "cache_norm")
 
 
 # Large columns, left out of ``decisions``/``selected``; read from ``shard_rows`` by key.
@@ -246,8 +245,10 @@ class DecisionQuery:
         file_list = "[" + ", ".join(sql_string(s) for s in sources) + "]"
         # NaN ("not computed") becomes NULL: in DuckDB NaN > x is true, so "score > 0.1" would
         # otherwise select the unscored invalid rows.
+        present = {r[0] for r in self.con.execute(
+            f"DESCRIBE SELECT * FROM read_parquet({file_list}, union_by_name = true)").fetchall()}
         nan_to_null = ", ".join(f"CASE WHEN isnan({c}) THEN NULL ELSE {c} END AS {c}"
-                                for c in FLOAT_COLUMNS)
+                                for c in NOT_COMPUTED_FLOATS if c in present)
         self.con.execute(
             f"CREATE VIEW shard_rows AS SELECT * REPLACE ({nan_to_null}) FROM "
             f"read_parquet({file_list}, hive_partitioning = true, union_by_name = true)")

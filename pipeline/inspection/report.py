@@ -28,7 +28,6 @@ from pipeline.inspection.costs import NO_COSTS, cost_by_class, cost_by_stage
 from pipeline.inspection.feedback import option_acceptance, run_allocation_history
 from pipeline.inspection.query import DecisionQuery, sql_string
 from pipeline.inspection.render import describe_filters, format_value
-from pipeline.inspection.table import FREQUENCY_NAMES, Table
 from pipeline.inspection.summary import (
     acceptance_over_steps,
     class_acceptance,
@@ -38,8 +37,9 @@ from pipeline.inspection.summary import (
     truth_by_failure,
     truth_precision_recall,
 )
+from pipeline.inspection.table import FREQUENCY_NAMES, Table
 from pipeline.storage.filesystem import filesystem, is_local, is_uri
-from pipeline.storage.shards import DECISIONS, decode_rle
+from pipeline.storage.shard_schema import DECISIONS, decode_rle
 
 OUTLINE_INNER = (255, 230, 0)  # yellow, on the mask's edge pixels
 OUTLINE_OUTER = (0, 0, 0)  # black, just outside the mask

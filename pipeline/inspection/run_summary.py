@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.storage.run_dir import RunDir, read_metrics
-from pipeline.storage.shards import DECISIONS, shards_root
+from pipeline.storage.shard_schema import DECISIONS, shards_root
 
 
 def _worker_totals(run: RunDir, workers: int) -> list[dict[str, Any]]:
@@ -56,9 +56,9 @@ def endpoint_hint(uri: str, storage_options: dict[str, Any] | None) -> str | Non
 def summarize_run(cfg: RunConfig) -> dict[str, Any]:
     """Counts by decision/reason/frequency group/generator truth, evaluation and timings of the
     finished run in ``cfg.output.dir``."""
-    from pipeline.inspection.query import DecisionQuery
     from pipeline.inspection.costs import cost_summary
     from pipeline.inspection.feedback import feedback_summary
+    from pipeline.inspection.query import DecisionQuery
     from pipeline.inspection.summary import frequency_groups, truth_by_failure
 
     out, opts = cfg.output.dir.rstrip("/"), cfg.output.storage_options
@@ -121,7 +121,6 @@ def summary_text(summary: dict[str, Any]) -> str:
                  for t in summary["truth_failures"]]
         lines.append("accepted by generator outcome (built-in truth): " + ", ".join(parts))
     from pipeline.inspection.costs import cost_line
-
     from pipeline.inspection.feedback import feedback_line
 
     for line in (cost_line(summary.get("cost")), feedback_line(summary.get("feedback"))):

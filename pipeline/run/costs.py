@@ -20,8 +20,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.storage.row_names import COST_STAGES, TRAINER_SECONDS, cost_column, timing_column
-
+from pipeline.storage.row_names import (
+    COST_STAGES,
+    TRAINER_SECONDS,
+    cost_column,
+    timing_column,
+)
 
 
 def _held(gpus: float, cpus: float) -> tuple[str, float]:

@@ -6,8 +6,8 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.paths import code_root
 from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.paths import code_root
 from pipeline.storage.filesystem import filesystem
 
 

@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import RunConfig
-from pipeline.demand import stage_cpus
-from pipeline.storage.row_names import STAGES, timing_column
-
+from annotators import build_annotator_stage
+from generators import build_generator_stage
+from pipeline.config import POOL_BACKEND, RunConfig
+from pipeline.demand import stage_cpus, stages_annotate
+from pipeline.storage.row_names import timing_column
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,10 @@ class TimedStage:
         return out
 
 
-def _build_quality_check(**kwargs: Any) -> Any:
-    from annotators.quality import QualityCheck
+def _build_quality_check(section: Mapping[str, Any]) -> Any:
+    from annotators.quality import build_quality_check
 
-    return QualityCheck(**kwargs)
+    return build_quality_check(section)
 
 
 def _build_pool_reader(**kwargs: Any) -> Any:
@@ -104,59 +105,35 @@ def _build_pool_reader(**kwargs: Any) -> Any:
 
 
 def stage_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> list[StageSpec]:
-    """The stages of ``cfg``: config → constructor arguments (docs/contracts.md, Candidate).
+    """The stages of ``cfg`` (docs/contracts.md, Candidate): each backend builds its stage
+    from its config section (``build(section)`` beside its code), inside the actor.
 
-    Online (``generation.backend`` procedural or stable_diffusion): generate, annotate, check.
-    From a pool (``pool``): the pool reader stands in the ``generate`` place (the entries
-    bring their masks, so there is no annotation stage, except for an ``images`` pool, whose
-    plain images the annotator cuts out), then the same checks.
+    Online: generate, annotate, check. From a pool (``generation.backend: pool``, the other
+    source): the pool reader stands in the ``generate`` place and the entries bring their
+    masks, so there is no annotation stage unless the pool's format needs one (plain images
+    that the annotator cuts out), then the same checks.
     """
-    from generators import build_generator
-
     g, a = cfg.generation, cfg.annotation
-    check_kwargs = {"min_area_ratio": a.min_area_ratio, "max_area_ratio": a.max_area_ratio,
-                    "largest_component": a.largest_component,
-                    "reject_border_touch": a.reject_border_touch,
-                    "clip_model": a.clip_model if a.clip_score else None}
-    check = StageSpec("check", _build_quality_check, check_kwargs, a.check_batch_size,
-                      a.check_concurrency, a.check_num_cpus, a.check_num_gpus)
-    if g.backend == "pool":
-        pool_kwargs = {"image_size": g.image_size,
-                       "fill": g.pool_fill, "storage_options": dict(g.pool_storage_options)}
-        reader = StageSpec("generate", _build_pool_reader, pool_kwargs, g.batch_size,
-                           g.concurrency, g.num_cpus, g.num_gpus, dict(g.resources))
-        if g.pool_format == "images":  # plain images: the annotator cuts them out
-            return [reader, _annotate_spec(cfg), check]
-        return [reader, check]
-    if g.backend == "procedural":
-        gen_kwargs: dict[str, Any] = {"backend": "procedural", "categories": list(categories),
-                                      "image_size": g.image_size,
-                                      "failure_rates": dict(g.failure_rates),
-                                      "failure_by_class": dict(g.failure_by_class),
-                                      "failure_by_option": list(g.failure_by_option)}
+    if g.backend == POOL_BACKEND:
+        source = StageSpec("generate", _build_pool_reader,
+                           {"image_size": g.image_size, "fill": g.pool_fill,
+                            "storage_options": dict(g.pool_storage_options)},
+                           g.batch_size, g.concurrency, g.num_cpus, g.num_gpus, dict(g.resources))
     else:
-        gen_kwargs = {"backend": "stable_diffusion", "model": g.model, "scheduler": g.scheduler,
-                      "steps": g.steps, "guidance": g.guidance, "resolution": g.resolution,
-                      "dtype": g.dtype, "safety_checker": g.safety_checker}
-    return [
-        StageSpec("generate", build_generator, gen_kwargs, g.batch_size, g.concurrency,
-                  g.num_cpus, g.num_gpus, dict(g.resources)),
-        _annotate_spec(cfg),
-        check,
-    ]
-
-
-def _annotate_spec(cfg: RunConfig) -> StageSpec:
-    from annotators import build_annotator
-
-    a = cfg.annotation
-    if a.backend == "builtin":
-        ann_kwargs: dict[str, Any] = {"backend": "builtin"}
-    else:
-        ann_kwargs = {"backend": "sam", "model_type": a.sam_model_type,
-                      "checkpoint": a.sam_checkpoint, "prompt": a.prompt}
-    return StageSpec("annotate", build_annotator, ann_kwargs, a.batch_size, a.concurrency,
-                     a.num_cpus, a.num_gpus, dict(a.resources))
+        source = StageSpec("generate", build_generator_stage,
+                           {"backend": g.backend, "section": dataclasses.asdict(g),
+                            "categories": list(categories)},
+                           g.batch_size, g.concurrency, g.num_cpus, g.num_gpus, dict(g.resources))
+    specs = [source]
+    if stages_annotate(cfg):
+        specs.append(StageSpec("annotate", build_annotator_stage,
+                               {"backend": a.backend, "section": dataclasses.asdict(a)},
+                               a.batch_size, a.concurrency, a.num_cpus, a.num_gpus,
+                               dict(a.resources)))
+    specs.append(StageSpec("check", _build_quality_check, {"section": dataclasses.asdict(a)},
+                           a.check_batch_size, a.check_concurrency, a.check_num_cpus,
+                           a.check_num_gpus))
+    return specs
 
 
 def _build_steered(**kwargs: Any) -> Any:

@@ -44,10 +44,11 @@ from pipeline.errors import UserError
 from pipeline.paths import absolute_paths
 from pipeline.run.graph import StageKill
 from pipeline.storage.checkpoints import read_info
-from pipeline.storage.filesystem import fast_fail_options
+from pipeline.storage.filesystem import StorageError, fast_fail_options
 from pipeline.storage.run_config import resume_config, write_run_config
-from pipeline.storage.run_dir import MetricsLog, RunDir, check_fresh_output, remove_failed_start
-from pipeline.storage.shards import StorageError, drop_after, preflight_writable, read_decisions
+from pipeline.storage.run_dir import MetricsLog, RunDir, remove_failed_start
+from pipeline.storage.shard_writer import preflight_writable
+from pipeline.storage.shards import drop_after, read_decisions
 
 
 class TrainingFailed(UserError, RuntimeError):
@@ -413,7 +414,8 @@ def _demand_board(cfg: RunConfig, sampler: Any, categories: Sequence[dict],
 
 
 def _torch_trainer(cfg: RunConfig, plan: Any, ds: Any, data_config: Any) -> Any:
-    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.run.train_worker import train_loop_per_worker

@@ -29,7 +29,7 @@ from annotators.cutout import mask_box, rgba_cutout
 from generators.columns import INVALID_POOL_ENTRY, INVALID_POOL_MISSING
 from pipeline.storage.filesystem import filesystem
 from pipeline.storage.pool_index import IMAGE_REF, SHARD_REF
-from pipeline.storage.shards import decode_rle
+from pipeline.storage.shard_schema import decode_rle
 
 ALPHA_THRESHOLD = 128
 MISSING_FIX = ("fix the pool's paths or map them with generation.pool_path_map "

@@ -37,10 +37,10 @@ from generators.columns import (
 )
 from generators.pool_sampler import POOL_ENTRY, PoolSampler
 from generators.prompts import make_sample_id
-from selector.methods import selection_method
 from pipeline.config import ConfigError, RunConfig
 from pipeline.run.pool_stage import POOL_REF
 from pipeline.storage.pool_index import PoolFormatError, PoolIndex, read_pool
+from selector.methods import selection_method
 
 MASK_SCORE = "mask_score"
 
@@ -96,7 +96,7 @@ class PoolDraws:
         index = self.index
         entries = np.arange(len(index), dtype=np.int64)
         cids = np.repeat(index.class_ids, index.counts).astype(np.int64)
-        if index.format == "shards":
+        if index.keeps_sample_ids:
             ids = [index.source_ids[int(e)] for e in entries]
         else:
             ids = [make_sample_id(f"pool:{index.uri}", int(c), index.source_ids[int(e)], 0)

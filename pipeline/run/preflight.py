@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.demand import stages_annotate
 from pipeline.storage.filesystem import fast_fail_options, is_uri
 
 #: Training images decoded up front (evenly spaced over the split).
@@ -90,8 +91,9 @@ class PreflightError(ConfigError):
 
 
 def check_output(cfg: RunConfig, report: PreflightReport, *, resume: bool) -> None:
+    from pipeline.storage.filesystem import StorageError
     from pipeline.storage.run_dir import RunDir, check_fresh_output
-    from pipeline.storage.shards import StorageError, preflight_writable
+    from pipeline.storage.shard_writer import preflight_writable
 
     out, opts = cfg.output.dir.rstrip("/"), cfg.output.storage_options
     try:
@@ -209,73 +211,23 @@ def check_ray(cfg: RunConfig, report: PreflightReport,
 # --------------------------------------------------------------------------------- weights
 
 
-def _hub_cached(repo_id: str, filename: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - transformers and diffusers depend on it
-        return False
-    try:
-        found = try_to_load_from_cache(repo_id, filename)
-    except Exception:  # an id the hub would refuse (bad characters): not in the cache either
-        return False
-    return isinstance(found, str)
-
-
-def _check_hub_model(report: PreflightReport, key: str, model: str, marker: str,
-                     missing: Callable[[str], str]) -> None:
-    from generators.hub import hub_offline
-    from generators.stable_diffusion import looks_like_path
-
-    if looks_like_path(model):
-        folder = Path(model).expanduser()
-        if not (folder / marker).is_file():
-            report.add(key, f"{key}: {missing(model)}")
-        else:
-            report.passed.append(f"{key} {model} holds {marker}")
-        return
-    if _hub_cached(model, marker):
-        report.passed.append(f"{key} {model} is in the Hugging Face cache")
-    elif hub_offline():
-        report.add(key, f"{key}: {missing(model)}")
-    else:
-        report.warnings.append(f"{key}: {model} is not in the Hugging Face cache; every actor "
-                               "will download it (HF_HUB_OFFLINE=0)")
-
-
-def check_sam_checkpoint(path: str) -> str | None:
-    """None when ``path`` is a tensor state dict that ``weights_only=True`` opens, else why
-    not. The file is memory-mapped, not read."""
-    from annotators.sam import CHECKPOINT_HELP
-
-    import torch
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        return f"{path!r} does not exist; " + CHECKPOINT_HELP.format(name="sam_vit_h_4b8939.pth")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # truncated, not a zip checkpoint, or pickled objects
-        return (f"{path} cannot be opened as a tensor state dict with weights_only=True "
-                f"({type(exc).__name__}: {str(exc)[:160]})")
-    if not isinstance(state, dict) or not state:
-        return f"{path} holds no state dict"
-    return None
-
-
 def check_weights(cfg: RunConfig, report: PreflightReport) -> None:
-    from generators.stable_diffusion import missing_model_message
+    """The weights the run will load: each stage backend checks its own
+    (``check_weights`` beside its code), then CLIP and the initial checkpoint."""
+    import dataclasses
 
-    if cfg.generation.backend == "stable_diffusion":
-        _check_hub_model(report, "generation.model", cfg.generation.model, "model_index.json",
-                         lambda m: missing_model_message(m, True, None))
-    if cfg.annotation.backend == "sam" and cfg.annotation.sam_checkpoint:
-        problem = check_sam_checkpoint(cfg.annotation.sam_checkpoint)
-        if problem:
-            report.add("annotation.sam_checkpoint", f"annotation.sam_checkpoint: {problem}")
-        else:
-            report.passed.append(f"SAM checkpoint {cfg.annotation.sam_checkpoint} opens")
+    from annotators import ANNOTATORS
+    from generators import GENERATORS
+    from generators.hub import check_hub_model
+
+    if cfg.generation.backend in GENERATORS:
+        GENERATORS.check_weights(cfg.generation.backend, dataclasses.asdict(cfg.generation),
+                                 report)
+    if stages_annotate(cfg):
+        ANNOTATORS.check_weights(cfg.annotation.backend, dataclasses.asdict(cfg.annotation),
+                                 report)
     if cfg.annotation.clip_score:
-        _check_hub_model(
+        check_hub_model(
             report, "annotation.clip_model", cfg.annotation.clip_model, "config.json",
             lambda m: (f"CLIP model {m!r} is not available here: download it once "
                        f"(`hf download {m}`) into the cache this machine reads (HF_HOME), or "

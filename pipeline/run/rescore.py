@@ -31,7 +31,9 @@ from pipeline.errors import UserError
 from pipeline.storage.checkpoints import config_hash, read_info
 from pipeline.storage.run_config import resume_config
 from pipeline.storage.run_dir import RunDir
-from pipeline.storage.shards import DECISIONS, ShardWriter, list_shard_files, shards_root
+from pipeline.storage.shard_schema import DECISIONS, shards_root
+from pipeline.storage.shard_writer import ShardWriter
+from pipeline.storage.shards import list_shard_files
 
 RESCORE_JSON = "rescore.json"
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline.run.costs import row_costs
-from pipeline.storage.shards import ENCODED_FIELDS, SCHEMA
+from pipeline.storage.shard_schema import ENCODED_FIELDS, SCHEMA
 from trainer.candidates import DECISION_FIELDS
 
 #: Shard fields the run fills in (not copied from the candidate).

@@ -30,16 +30,21 @@ import os
 import time
 from typing import Any
 
+from generators.columns import reason_kind
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.run.costs import stage_devices, units_text
 from pipeline.run.feed import END, CandidateFeed
 from pipeline.run.rows import decision_row
 from pipeline.run.window import RunCounters, WindowStats
-from pipeline.storage.checkpoints import config_hash, load_trainer_state, read_info, save_main, \
-    save_rank_state
+from pipeline.storage.checkpoints import (
+    config_hash,
+    load_trainer_state,
+    read_info,
+    save_main,
+    save_rank_state,
+)
 from pipeline.storage.run_dir import MetricsLog, RunDir
-from generators.columns import reason_kind
-from pipeline.storage.shards import ShardWriter
+from pipeline.storage.shard_writer import ShardWriter
 
 #: TrainingConfig keys that belong to the pipeline, not to `trainer.factory.build_trainer`.
 PIPELINE_TRAINING_KEYS = ("num_cpus_per_worker", "candidate_batch_size", "prefetch_batches",

@@ -13,10 +13,16 @@ from typing import Any
 
 import fsspec
 
+from pipeline.errors import UserError
+
 #: botocore settings for reads and probes: a dead endpoint fails at connect (5 s), a slow read
 #: of a large shard still completes.
 FAST_FAIL_S3 = {"connect_timeout": 5, "read_timeout": 60,
                 "retries": {"max_attempts": 2, "mode": "standard"}}
+
+
+class StorageError(UserError, RuntimeError):
+    """Output storage is unreachable or not writable; the message names the URI and the fix."""
 
 
 def is_uri(path: str) -> bool:

@@ -14,6 +14,12 @@ A pool is one of (``generation.pool_format``; ``auto`` tells them apart):
   (e.g. a text-to-image model's output kept by prompt), which still need masks: the run's
   annotator (SAM or the built-in one) cuts them out. Never guessed by ``auto``.
 
+Each format is a :class:`PoolFormat` in one table (:func:`register_pool_format`): its reader,
+how ``auto`` recognises it, whether its entries bring masks (an ``images`` pool's do not: the
+annotation stage cuts them out) and mask scores, and whether its entries are decision rows
+whose sample ids a rescoring keeps. A new format is a reader and one registration; entries
+use the reference forms :mod:`pipeline.run.pool_entries` opens.
+
 Entry paths are opened as written when absolute or a URI, else against the JSON's folder;
 ``path_map`` (``{prefix: replacement}``, longest prefix first) rewrites them first, e.g. the
 absolute paths of an X-Paste JSON built on another machine to ``s3://bucket/pool``.
@@ -30,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import posixpath
+from collections.abc import Callable
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -37,9 +44,9 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
 from pipeline.storage.filesystem import filesystem, is_uri
-from pipeline.storage.shards import DECISIONS, ShardSchemaError, locate_shards
+from pipeline.storage.shard_schema import DECISIONS, ShardSchemaError
+from pipeline.storage.shards import locate_shards
 
-POOL_FORMATS = ("xpaste", "bsgal", "shards", "images")
 #: The reference prefix of an entry that is one row of a shard file: ``shard:<uri>#<row>``.
 SHARD_REF = "shard:"
 #: The reference prefix of a plain image that still needs a mask: ``image:<path>``.
@@ -90,6 +97,8 @@ class PoolIndex:
             sample id of a bsgal pool or of a shard row).
         mask_scores: float32 [N], NaN where the pool records none (X-Paste pools).
         class_names: class id → the name the pool gives it (bsgal pools and shards only).
+        needs_masks: its entries are plain images that the run's annotator cuts out.
+        keeps_sample_ids: its entries are decision rows whose sample ids a rescoring keeps.
     """
 
     uri: str
@@ -100,6 +109,8 @@ class PoolIndex:
     source_ids: PackedStrings
     mask_scores: np.ndarray
     class_names: dict[int, str]
+    needs_masks: bool = False
+    keeps_sample_ids: bool = False
 
     @property
     def counts(self) -> np.ndarray:
@@ -111,9 +122,9 @@ class PoolIndex:
 
     @property
     def has_mask_scores(self) -> bool:
-        """Whether every candidate will have a mask score: an images pool is annotated in
-        the run (the annotator scores each mask); other pools where they record one."""
-        return self.format == "images" or not bool(np.isnan(self.mask_scores).all())
+        """Whether every candidate will have a mask score: a pool of plain images is annotated
+        in the run (the annotator scores each mask); other pools where they record one."""
+        return self.needs_masks or not bool(np.isnan(self.mask_scores).all())
 
     @property
     def nbytes(self) -> int:
@@ -129,11 +140,12 @@ def _grouped(uri: str, fmt: str, by_class: dict[int, list[tuple[str, str, float]
     np.cumsum([len(by_class[c]) for c in ids], out=starts[1:])
     entries = [e for c in ids for e in by_class[c]]
     if not entries:
-        raise PoolFormatError(f"{uri}: the pool holds no entries; "
-                              + ("check generation.pool_decisions" if fmt == "shards" else
-                                 f"expected {XPASTE_LAYOUT}" if fmt == "xpaste" else
-                                 "expected ROOT/<class name>/<image>.png|jpg" if fmt == "images"
-                                 else "export one with `bsgal export-pool RUN POOL`"))
+        known = _FORMATS.get(fmt)
+        raise PoolFormatError(f"{uri}: the pool holds no entries; expected "
+                              f"{known.layout if known else fmt}"
+                              + (" (check generation.pool_decisions)" if fmt == "shards" else
+                                 "; export one with `bsgal export-pool RUN POOL`"
+                                 if fmt == "bsgal" else ""))
     return PoolIndex(uri=uri, format=fmt, class_ids=np.asarray(ids, dtype=np.int64),
                      starts=starts, refs=PackedStrings(e[0] for e in entries),
                      source_ids=PackedStrings(e[1] for e in entries),
@@ -168,28 +180,6 @@ def xpaste_ref(entry: str, base: str, path_map: dict[str, str] | None = None) ->
 
 
 # ------------------------------------------------------------------------------ formats
-
-
-def detect_format(uri: str, storage_options: dict | None = None) -> tuple[str, str]:
-    """``(format, the file or folder to read)`` of a pool given as a JSON file, a folder with
-    ``pool.json`` / ``xpaste_pool.json``, or a run folder with shards."""
-    fs, path = filesystem(uri, storage_options)
-    path = path.rstrip("/")
-    if path.endswith(".json"):
-        if not fs.exists(path):
-            raise PoolFormatError(f"generation.pool: {uri} does not exist")
-        return ("bsgal" if posixpath.basename(path) == "pool.json" else "xpaste"), uri
-    if not fs.exists(path):
-        raise PoolFormatError(f"generation.pool: {uri} does not exist (give an X-Paste pool "
-                              "JSON, a folder written by bsgal export-pool, or a run folder)")
-    if fs.exists(f"{path}/pool.json"):
-        return "bsgal", f"{uri.rstrip('/')}/pool.json"
-    if fs.exists(f"{path}/shards") or any(fs.exists(f"{path}/decision={d}") for d in DECISIONS):
-        return "shards", uri
-    raise PoolFormatError(
-        f"generation.pool: {uri} holds neither pool.json (bsgal export-pool), nor shards/ (a "
-        "run), and is not a .json file; give the X-Paste pool JSON itself, e.g. "
-        f"{uri.rstrip('/')}/<name>.json, or set generation.pool_format")
 
 
 def _read_json(uri: str, storage_options: dict | None) -> Any:
@@ -332,28 +322,138 @@ def read_image_folder(uri: str, class_ids: dict[str, int],
     return _grouped(uri, "images", {c: r for c, r in by_class.items() if r}, names)
 
 
+# ------------------------------------------------------------------------------ the formats
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolRequest:
+    """What a format's reader is given: the file or folder to read and the run's settings."""
+
+    uri: str
+    decisions: tuple[str, ...] = ("accepted",)
+    storage_options: dict | None = None
+    path_map: dict[str, str] | None = None
+    class_ids: dict[str, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolFormat:
+    """One pool layout (module docstring).
+
+    Attributes:
+        name: the ``generation.pool_format`` value.
+        read: the reader: a `PoolRequest` → the `PoolIndex`.
+        recognise: for ``auto``: ``(fs, path, uri)`` → the file or folder to read when the
+            pool at ``uri`` is in this layout, else None; None: never guessed.
+        needs_masks: its entries are plain images that the annotation stage cuts out.
+        keeps_sample_ids: its entries are decision rows (a rescoring keeps their sample ids).
+        layout: the layout in one line, for errors.
+    """
+
+    name: str
+    read: Callable[[PoolRequest], PoolIndex]
+    recognise: Callable[[Any, str, str], str | None] | None = None
+    needs_masks: bool = False
+    keeps_sample_ids: bool = False
+    layout: str = ""
+
+
+_FORMATS: dict[str, PoolFormat] = {}
+
+
+def register_pool_format(fmt: PoolFormat) -> PoolFormat:
+    """Add ``fmt`` to the table (``auto`` tries the recognisers in registration order)."""
+    if fmt.name == "auto":
+        raise ValueError("'auto' is not a pool format name")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def pool_format_names() -> tuple[str, ...]:
+    return tuple(_FORMATS)
+
+
+def pool_format(name: str) -> PoolFormat:
+    """The format called ``name``; PoolFormatError naming the key, the formats and the closest."""
+    found = _FORMATS.get(name)
+    if found is None:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(_FORMATS), n=1)
+        raise PoolFormatError(f"generation.pool_format: {name!r} is not auto or one of "
+                              f"{list(_FORMATS)}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return found
+
+
+def needs_masks(name: str) -> bool:
+    """Whether a pool of format ``name`` (``auto`` never guesses a mask-less one) still needs
+    the annotation stage."""
+    return name != "auto" and pool_format(name).needs_masks
+
+
+def detect_format(uri: str, storage_options: dict | None = None) -> tuple[PoolFormat, str]:
+    """``(format, the file or folder to read)`` of a pool given as a JSON file, a folder with
+    ``pool.json``, or a run folder with shards (the registered recognisers, in order)."""
+    fs, path = filesystem(uri, storage_options)
+    path = path.rstrip("/")
+    if not fs.exists(path):
+        if path.endswith(".json"):
+            raise PoolFormatError(f"generation.pool: {uri} does not exist")
+        raise PoolFormatError(f"generation.pool: {uri} does not exist (give an X-Paste pool "
+                              "JSON, a folder written by bsgal export-pool, or a run folder)")
+    for fmt in _FORMATS.values():
+        target = fmt.recognise(fs, path, uri) if fmt.recognise is not None else None
+        if target is not None:
+            return fmt, target
+    raise PoolFormatError(
+        f"generation.pool: {uri} holds neither pool.json (bsgal export-pool), nor shards/ (a "
+        "run), and is not a .json file; give the X-Paste pool JSON itself, e.g. "
+        f"{uri.rstrip('/')}/<name>.json, or set generation.pool_format")
+
+
 def read_pool(uri: str, fmt: str = "auto", *, decisions: Sequence[str] = ("accepted",),
               storage_options: dict | None = None,
               path_map: dict[str, str] | None = None,
               class_ids: dict[str, int] | None = None) -> PoolIndex:
-    """The :class:`PoolIndex` of a pool (``fmt``: ``auto`` or one of :data:`POOL_FORMATS`).
+    """The :class:`PoolIndex` of a pool (``fmt``: ``auto`` or a registered format).
 
     Raises:
         PoolFormatError: the pool is missing, empty or in the wrong layout (the message names
-            the file and the fix).
+            the file and the fix), or the format is unknown.
     """
-    target = uri
     if fmt == "auto":
-        fmt, target = detect_format(uri, storage_options)
-    elif fmt == "bsgal" and not uri.rstrip("/").endswith(".json"):
-        target = f"{uri.rstrip('/')}/pool.json"
-    if fmt == "xpaste":
-        return read_xpaste(target, storage_options, path_map)
-    if fmt == "bsgal":
-        return read_bsgal_pool(target, storage_options, path_map)
-    if fmt == "shards":
-        return read_shard_pool(target, decisions, storage_options)
-    if fmt == "images":
-        return read_image_folder(target, class_ids or {}, storage_options)
-    raise PoolFormatError(f"generation.pool_format: {fmt!r} is not auto or one of "
-                          f"{POOL_FORMATS}")
+        kind, target = detect_format(uri, storage_options)
+    else:
+        kind, target = pool_format(fmt), uri
+    index = kind.read(PoolRequest(target, tuple(decisions), storage_options, path_map,
+                                  class_ids))
+    return dataclasses.replace(index, needs_masks=kind.needs_masks,
+                               keeps_sample_ids=kind.keeps_sample_ids)
+
+
+def _is_json(path: str) -> bool:
+    return path.endswith(".json")
+
+
+register_pool_format(PoolFormat(
+    "bsgal", lambda r: read_bsgal_pool(r.uri if _is_json(r.uri.rstrip("/")) else
+                                       f"{r.uri.rstrip('/')}/pool.json",
+                                       r.storage_options, r.path_map),
+    recognise=lambda fs, path, uri: (uri if posixpath.basename(path) == "pool.json" else
+                                     f"{uri.rstrip('/')}/pool.json"
+                                     if not _is_json(path) and fs.exists(f"{path}/pool.json")
+                                     else None),
+    layout="the pool.json of bsgal export-pool (by class id, entries with 'file')"))
+register_pool_format(PoolFormat(
+    "xpaste", lambda r: read_xpaste(r.uri, r.storage_options, r.path_map),
+    recognise=lambda fs, path, uri: uri if _is_json(path) else None, layout=XPASTE_LAYOUT))
+register_pool_format(PoolFormat(
+    "shards", lambda r: read_shard_pool(r.uri, r.decisions, r.storage_options),
+    recognise=lambda fs, path, uri: uri if not _is_json(path) and (
+        fs.exists(f"{path}/shards") or any(fs.exists(f"{path}/decision={d}")
+                                           for d in DECISIONS)) else None,
+    keeps_sample_ids=True, layout="a run folder or its shards/"))
+register_pool_format(PoolFormat(
+    "images", lambda r: read_image_folder(r.uri, r.class_ids or {}, r.storage_options),
+    needs_masks=True, layout="ROOT/<class name>/<image>.png|jpg"))
