@@ -94,11 +94,5 @@ OPTIONS = ("threshold", "border")
 def build(section: Mapping[str, Any]) -> BuiltinAnnotator:
     """The stage from the ``annotation`` section (its ``options``: ``threshold``,
     ``border``)."""
-    return BuiltinAnnotator(**options(section))
-
-
-def check_section(section: Mapping[str, Any]) -> list[str]:
-    """Unknown ``annotation.options`` keys for this backend."""
-    unknown = sorted(set(options(section)) - set(OPTIONS))
-    return [f"annotation.options: {unknown} are not options of the builtin annotator; it takes "
-            f"{list(OPTIONS)}"] if unknown else []
+    own = {k: v for k, v in options(section).items() if k in OPTIONS}
+    return BuiltinAnnotator(**own)

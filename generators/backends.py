@@ -8,6 +8,8 @@ object with the same attributes:
   ``generation`` or ``annotation`` section as a dict; keys of a backend outside the built-in
   set go in the section's ``options`` mapping); ``context`` is what the pipeline knows besides
   the section (``categories`` for generators);
+- ``OPTIONS`` (optional): the names of its keys in the section's ``options`` mapping (the
+  config refuses an ``options`` key that no backend or check claims);
 - ``check_section(section)`` (optional): the problems of the section's keys that this backend
   reads, as ``"section.key: what is wrong and the fix"`` lines, checked when the config loads;
 - ``check_weights(section, report)`` (optional): the up-front check of the weights it will
@@ -81,6 +83,10 @@ class BackendRegistry:
         """The section's problems as the backend sees them (none when it checks nothing)."""
         check = getattr(self.get(name), "check_section", None)
         return list(check(section)) if check is not None else []
+
+    def options(self, name: str) -> tuple[str, ...]:
+        """The ``options`` keys backend ``name`` claims (``OPTIONS``)."""
+        return tuple(getattr(self.get(name), "OPTIONS", ()))
 
     def check_weights(self, name: str, section: Mapping[str, Any], report: Any) -> None:
         check = getattr(self.get(name), "check_weights", None)

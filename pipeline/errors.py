@@ -8,9 +8,22 @@ such error class of ``pipeline`` derives from it (``ConfigError``, ``StorageErro
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class UserError(Exception):
     """Bad input or an unreachable resource; the message names the value and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override is malformed; the message names the key and the fix."""
+
+
+def did_you_mean(key: str, valid: Iterable[str], prefix: str = "") -> str:
+    """``"; did you mean 'prefix.closest'?"`` or ``""`` when nothing is close."""
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
 
 
 def duckdb_error_line(exc: BaseException) -> str:

@@ -93,6 +93,11 @@ def register_method(method: SelectionMethod) -> SelectionMethod:
     return method
 
 
+def unregister_method(granularity: str, name: str) -> None:
+    """Remove a registered method (tests that register their own)."""
+    _METHODS.pop((granularity, name), None)
+
+
 def method_names(granularity: str) -> tuple[str, ...]:
     """The registered methods of ``granularity``, in registration order."""
     return tuple(name for g, name in _METHODS if g == granularity)

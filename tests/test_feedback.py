@@ -169,7 +169,8 @@ def test_config_checks_the_feedback_section() -> None:
 def test_inspection_reads_options_lag_and_the_allocation_history(tmp_path) -> None:
     from pipeline.inspection.feedback import feedback_summary, option_acceptance
     from pipeline.inspection.query import DecisionQuery
-    from pipeline.inspection.report import allocation_svg, build_report
+    from pipeline.inspection.report import build_report
+    from pipeline.inspection.report_charts import allocation_svg
     from pipeline.storage.run_dir import MetricsLog, RunDir
     from tests.conftest import make_rows, write_run
 

@@ -23,8 +23,12 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.inspection.query import DecisionFilter, DecisionQuery
-from pipeline.inspection.report import OUTLINE_INNER, OUTLINE_OUTER, ReportOptions, outlined_thumbnail, \
-    write_report
+from pipeline.inspection.report import ReportOptions, write_report
+from pipeline.inspection.report_gallery import (
+    OUTLINE_INNER,
+    OUTLINE_OUTER,
+    outlined_thumbnail,
+)
 from tests.conftest import HOSTILE_PLAN, PLAN, REPO_ROOT, make_rows, write_run
 
 ARTIFACTS = REPO_ROOT / "artifacts"

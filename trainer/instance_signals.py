@@ -137,6 +137,10 @@ def register_signal(signal: ScoreSignal) -> ScoreSignal:
     return signal
 
 
+def unregister_signal(name: str) -> None:
+    _SIGNALS.pop(name, None)
+
+
 def score_signal(name: str) -> ScoreSignal:
     """The signal called ``name``; ValueError naming the registered ones."""
     found = _SIGNALS.get(name)

@@ -3,9 +3,9 @@
 A `DetectorTrainer` restored from a checkpoint scores candidate batches with its instance-level
 step's own ``score`` (`trainer.instance_step.InstanceStep.score`: paste onto real images, the
 quality gates, the method's signal: the contribution cosine of each candidate's own loss
-gradient with its class's real-gradient cache, or minus its loss), but takes no optimizer step, and puts the model's buffers
-(BatchNorm running statistics) back after every batch: every batch is judged at exactly the
-checkpoint's weights.
+gradient with its class's real-gradient cache, or minus its loss), but takes no optimizer step,
+and puts the model's buffers (BatchNorm running statistics) back after every batch: every batch
+is judged at exactly the checkpoint's weights.
 
 "Without training" leaves one question, where the real-gradient cache comes from
 (``cache``):

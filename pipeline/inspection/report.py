@@ -13,21 +13,27 @@ with the most candidates). The page says what it shows ("showing 24 of 310").
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime as _dt
 import html
-import io
 import json
-
-import numpy as np
-from PIL import Image
-from scipy import ndimage
 
 from pipeline.inspection.costs import NO_COSTS, cost_by_class, cost_by_stage
 from pipeline.inspection.feedback import option_acceptance, run_allocation_history
-from pipeline.inspection.query import DecisionQuery, sql_string
+from pipeline.inspection.query import DecisionQuery
 from pipeline.inspection.render import describe_filters, format_value
+from pipeline.inspection.report_charts import (
+    allocation_svg,
+    cost_svg,
+    histogram_svg,
+    steps_svg,
+    threshold_quantiles,
+)
+from pipeline.inspection.report_gallery import (
+    gallery_classes,
+    gallery_html,
+    sample_rows,
+)
 from pipeline.inspection.summary import (
     acceptance_over_steps,
     class_acceptance,
@@ -37,13 +43,8 @@ from pipeline.inspection.summary import (
     truth_by_failure,
     truth_precision_recall,
 )
-from pipeline.inspection.table import FREQUENCY_NAMES, Table
+from pipeline.inspection.table import Table
 from pipeline.storage.filesystem import filesystem, is_local, is_uri
-from pipeline.storage.shard_schema import DECISIONS, decode_rle
-
-OUTLINE_INNER = (255, 230, 0)  # yellow, on the mask's edge pixels
-OUTLINE_OUTER = (0, 0, 0)  # black, just outside the mask
-DECISION_COLORS = {"accepted": "#2e9e5b", "rejected": "#d9534f", "invalid": "#8a8a8a"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,311 +90,6 @@ class ReportStats:
     gallery_classes: int
 
 
-# -------------------------------------------------------------------------------- thumbnails
-
-
-def outlined_thumbnail(image: np.ndarray, mask: np.ndarray | None, size: int) -> np.ndarray:
-    """The image scaled so its longest side is ``size`` px, with the mask's outline drawn.
-
-    Args:
-        image: H x W x 3 uint8 RGB.
-        mask: H x W bool, or None (no outline).
-        size: longest side of the result in pixels.
-
-    Returns:
-        h x w x 3 uint8 RGB with max(h, w) == size.
-    """
-    h, w = image.shape[:2]
-    scale = size / max(h, w)
-    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
-    resample = Image.Resampling.BILINEAR if scale < 1 else Image.Resampling.NEAREST
-    thumb = np.array(Image.fromarray(image).resize((tw, th), resample))
-    if mask is not None and mask.shape == (h, w) and mask.any():
-        m = np.array(Image.fromarray(mask.astype(np.uint8) * 255).resize(
-            (tw, th), Image.Resampling.NEAREST)) > 127
-        inner = m & ~ndimage.binary_erosion(m, border_value=0)
-        outer = ndimage.binary_dilation(m) & ~m
-        thumb[outer] = OUTLINE_OUTER
-        thumb[inner] = OUTLINE_INNER
-    return thumb
-
-
-def jpeg_data_uri(rgb: np.ndarray, quality: int) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _decode_image(png: bytes | None) -> np.ndarray | None:
-    if not png:
-        return None
-    try:
-        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    except Exception:  # a corrupt image becomes a "no image" card, the row still shows
-        return None
-
-
-def _decode_mask(rle: dict | None) -> np.ndarray | None:
-    if not rle or not rle.get("counts"):
-        return None
-    try:
-        return decode_rle(rle)
-    except Exception:
-        return None
-
-
-# ------------------------------------------------------------------------------------ charts
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def _threshold_quantiles(q: DecisionQuery) -> tuple:
-    """5 %, 50 % and 95 % quantiles of the threshold over scored candidates (None if none)."""
-    return q.con.execute(
-        "SELECT quantile_cont(threshold, 0.05), quantile_cont(threshold, 0.5), "
-        "quantile_cont(threshold, 0.95) FROM selected "
-        "WHERE decision <> 'invalid' AND isfinite(threshold)").fetchone()
-
-
-def histogram_svg(q: DecisionQuery, bins: int, margin: bool = False) -> str:
-    """Stacked histogram of scored candidates (rejected below, accepted above).
-
-    ``margin=False``: of the score, with the threshold's median as a dashed line and its
-    5-95 % range shaded. ``margin=True``: of score - threshold (the threshold in force when
-    the candidate was decided), so that a moving threshold sits at 0.
-    """
-    value = "(score - threshold)" if margin else "score"
-    where = f"decision <> 'invalid' AND isfinite({value})"
-    lo, hi, n = q.con.execute(
-        f"SELECT min({value}), max({value}), count(*) FROM selected WHERE {where}").fetchone()
-    if not n:
-        return '<p class="empty">No scored candidates in this selection.</p>'
-    t05, t50, t95 = (0.0, 0.0, 0.0) if margin else _threshold_quantiles(q)
-    svg_id, line_id = (("margin-histogram", "margin-zero-line") if margin else
-                       ("score-histogram", "threshold-line"))
-    axis_label = "score - threshold" if margin else "score"
-    x0, x1 = lo, hi
-    if t50 is not None:
-        x0, x1 = min(x0, t05), max(x1, t95)
-    if x1 <= x0:
-        x0, x1 = x0 - 0.5, x1 + 0.5
-    width = (x1 - x0) / bins
-    counts = {d: np.zeros(bins, dtype=np.int64) for d in ("accepted", "rejected")}
-    for b, decision, c in q.con.execute(
-            f"SELECT least({bins - 1}, greatest(0, floor(({value} - {x0!r}) / {width!r})))"
-            "::INT, "
-            f"decision, count(*) FROM selected WHERE {where} GROUP BY ALL").fetchall():
-        counts[decision][b] += c
-    total = counts["accepted"] + counts["rejected"]
-    ymax = max(1, int(total.max()))
-    W, H, L, R, T, B = 640, 220, 40, 10, 14, 34
-    pw, ph = W - L - R, H - T - B
-
-    def sx(v: float) -> float:
-        return L + (v - x0) / (x1 - x0) * pw
-
-    parts = [f'<svg id="{svg_id}" xmlns="http://www.w3.org/2000/svg" width="{W}" '
-             f'height="{H}" viewBox="0 0 {W} {H}" role="img" '
-             f'aria-label="histogram of {axis_label} with threshold">']
-    if t50 is not None and t95 > t05:
-        parts.append(f'<rect x="{sx(t05):.1f}" y="{T}" width="{sx(t95) - sx(t05):.1f}" '
-                     f'height="{ph}" fill="#f0e6a0" opacity="0.6"><title>threshold 5-95 %: '
-                     f'{_fmt(t05)} to {_fmt(t95)}</title></rect>')
-    bw = pw / bins
-    for i in range(bins):
-        base = T + ph
-        for decision in ("rejected", "accepted"):
-            c = int(counts[decision][i])
-            if not c:
-                continue
-            bh = c / ymax * ph
-            lo_i, hi_i = x0 + i * width, x0 + (i + 1) * width
-            parts.append(
-                f'<rect class="bar-{decision}" x="{L + i * bw + 0.5:.1f}" y="{base - bh:.1f}" '
-                f'width="{max(bw - 1, 0.5):.1f}" height="{bh:.1f}" '
-                f'fill="{DECISION_COLORS[decision]}"><title>{decision}: {c} with '
-                f'{axis_label} in [{_fmt(lo_i)}, {_fmt(hi_i)})</title></rect>')
-            base -= bh
-    parts.append(f'<line x1="{L}" y1="{T + ph}" x2="{L + pw}" y2="{T + ph}" stroke="#333"/>')
-    parts.append(f'<line x1="{L}" y1="{T}" x2="{L}" y2="{T + ph}" stroke="#333"/>')
-    parts.append(f'<text x="{L - 4}" y="{T + 4}" text-anchor="end" font-size="10">{ymax}'
-                 '</text>')
-    parts.append(f'<text x="{L - 4}" y="{T + ph}" text-anchor="end" font-size="10">0</text>')
-    parts.append(f'<text x="{L}" y="{H - 18}" font-size="10">{_fmt(x0)}</text>')
-    parts.append(f'<text x="{L + pw}" y="{H - 18}" text-anchor="end" font-size="10">'
-                 f'{_fmt(x1)}</text>')
-    parts.append(f'<text x="{L + pw / 2}" y="{H - 4}" text-anchor="middle" font-size="11">'
-                 f'{axis_label}</text>')
-    if t50 is not None:
-        x = sx(t50)
-        parts.append(f'<line id="{line_id}" x1="{x:.1f}" y1="{T - 4}" x2="{x:.1f}" '
-                     f'y2="{T + ph}" stroke="#222" stroke-width="1.5" stroke-dasharray="4 3">'
-                     f'<title>{"threshold" if margin else "threshold (median)"} '
-                     f'{_fmt(t50)}</title></line>')
-        parts.append(f'<text x="{x + 3:.1f}" y="{T + 8}" font-size="10">threshold '
-                     f'{_fmt(t50)}</text>')
-    parts.append("</svg>")
-    legend = (f'<span class="sw" style="background:{DECISION_COLORS["accepted"]}"></span> '
-              f'accepted <span class="sw" style="background:{DECISION_COLORS["rejected"]}">'
-              "</span> rejected")
-    if margin:
-        legend += " &middot; dashed line: the threshold (0 = exactly at the threshold)"
-    elif t50 is not None:
-        legend += (" &middot; dashed line: median threshold"
-                   + (f"; shaded: 5-95 % of thresholds ({_fmt(t05)} to {_fmt(t95)}), the "
-                      "threshold moved during the run" if t95 > t05 else ""))
-    return "".join(parts) + f'<p class="legend">{legend}</p>'
-
-
-def steps_svg(table: Table) -> str:
-    """Acceptance (of all candidates, and of scored ones dashed) per range of steps."""
-    rows = table.rows
-    if not rows:
-        return '<p class="empty">No training steps recorded in this selection.</p>'
-    W, H, L, R, T, B = 640, 200, 40, 10, 12, 34
-    pw, ph = W - L - R, H - T - B
-    s0, s1 = rows[0]["step_from"], rows[-1]["step_to"]
-    span = max(1, s1 - s0 + 1)
-
-    def sx(r: dict) -> float:
-        return L + ((r["step_from"] + r["step_to"] + 1) / 2 - s0) / span * pw
-
-    def sy(rate: float) -> float:
-        return T + (1 - rate) * ph
-
-    parts = [f'<svg id="steps-chart" xmlns="http://www.w3.org/2000/svg" width="{W}" '
-             f'height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="acceptance over '
-             'training steps">']
-    for level in (0.0, 0.5, 1.0):
-        parts.append(f'<line x1="{L}" y1="{sy(level):.1f}" x2="{L + pw}" y2="{sy(level):.1f}" '
-                     'stroke="#ddd"/>')
-        parts.append(f'<text x="{L - 4}" y="{sy(level) + 3:.1f}" text-anchor="end" '
-                     f'font-size="10">{int(level * 100)}%</text>')
-    for key, dash, color in (("accept_rate", "", "#2e9e5b"),
-                             ("accept_rate_scored", ' stroke-dasharray="4 3"', "#1f5fa8")):
-        pts = [(sx(r), sy(r[key])) for r in rows if r[key] is not None]
-        if pts:
-            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5"{dash} '
-                         'points="' + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>')
-    for r in rows:
-        if r["accept_rate"] is None:
-            continue
-        parts.append(
-            f'<circle cx="{sx(r):.1f}" cy="{sy(r["accept_rate"]):.1f}" r="2.5" '
-            f'fill="#2e9e5b"><title>steps {r["step_from"]}-{r["step_to"]}: {r["accepted"]} '
-            f'of {r["total"]} accepted ({format_value(r["accept_rate"], "rate")}); '
-            f'of scored {format_value(r["accept_rate_scored"], "rate")}; median threshold '
-            f'{format_value(r["threshold_median"], "float")}</title></circle>')
-    parts.append(f'<text x="{L}" y="{H - 18}" font-size="10">{s0}</text>')
-    parts.append(f'<text x="{L + pw}" y="{H - 18}" text-anchor="end" font-size="10">{s1}'
-                 '</text>')
-    parts.append(f'<text x="{L + pw / 2}" y="{H - 4}" text-anchor="middle" font-size="11">'
-                 'training step</text></svg>')
-    legend = ('<p class="legend"><span class="sw" style="background:#2e9e5b"></span> accepted '
-              'of all candidates &middot; <span class="sw" style="background:#1f5fa8"></span> '
-              'accepted of scored candidates (dashed)</p>')
-    return "".join(parts) + legend
-
-
-STAGE_COLORS = {"generate": "#1f5fa8", "annotate": "#7a52a3", "check": "#999999",
-                "score": "#d9822b", "train": "#2e9e5b"}
-
-
-def cost_svg(table: Table) -> str:
-    """Where the time went: one bar per stage, its device-seconds per accepted instance
-    (length) and its share of all (label)."""
-    rows = [r for r in table.rows if r["stage"] != "all"]
-    top = max((r["per_accepted"] or 0.0) for r in rows) if rows else 0.0
-    if not rows or top <= 0:
-        return '<p class="empty">No device time recorded in this selection.</p>'
-    W, L, R, bar, gap = 640, 80, 170, 18, 8
-    H = len(rows) * (bar + gap) + gap
-    pw = W - L - R
-    parts = [f'<svg id="cost-chart" xmlns="http://www.w3.org/2000/svg" width="{W}" '
-             f'height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="device time per '
-             'accepted instance by stage">']
-    for i, r in enumerate(rows):
-        y = gap + i * (bar + gap)
-        value = r["per_accepted"] or 0.0
-        width = value / top * pw
-        label = (f'{_fmt(value)} {html.escape(r["unit"])} '
-                 f'({format_value(r["share"], "rate")})')
-        parts.append(f'<text x="{L - 6}" y="{y + bar - 5}" text-anchor="end" font-size="11">'
-                     f'{html.escape(r["stage"])}</text>')
-        parts.append(f'<rect class="cost-bar" data-stage="{html.escape(r["stage"])}" x="{L}" '
-                     f'y="{y}" width="{width:.1f}" height="{bar}" '
-                     f'fill="{STAGE_COLORS.get(r["stage"], "#555")}"><title>{r["stage"]}: '
-                     f'{_fmt(r["device_seconds"])} {html.escape(r["unit"])} in all, '
-                     f'{label} per accepted instance</title></rect>')
-        parts.append(f'<text x="{L + width + 6:.1f}" y="{y + bar - 5}" font-size="11">'
-                     f'{label}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-CLASS_COLORS = ("#1f5fa8", "#d9822b", "#2e9e5b", "#c0392b", "#7a52a3", "#8c6d31",
-                "#e377c2", "#555555", "#17becf", "#bcbd22", "#9edae5", "#ff9896")
-
-
-def allocation_svg(history: list[dict]) -> str:
-    """Each class's share of generation over training steps (the closed loop's allocation
-    records; the classes with the largest shares, at most ``len(CLASS_COLORS)``)."""
-    if not history:
-        return ('<p class="note">Open loop (feedback.policy open_loop): the classes were drawn '
-                'with fixed weights, so there is no allocation over time to show.</p>')
-    peak: dict[str, float] = {}
-    for h in history:
-        for name, share in h["shares"].items():
-            peak[name] = max(peak.get(name, 0.0), share)
-    names = sorted(peak, key=lambda n: -peak[n])[: len(CLASS_COLORS)]
-    top = max(max(peak.values()), 1e-9)
-    W, H, L, R, T, B = 640, 220, 40, 150, 12, 34
-    pw, ph = W - L - R, H - T - B
-    s0, s1 = history[0]["step"], history[-1]["step"]
-    span = max(1, s1 - s0)
-
-    def sx(step: int) -> float:
-        return L + (step - s0) / span * pw
-
-    def sy(share: float) -> float:
-        return T + (1 - share / top) * ph
-
-    parts = [f'<svg id="allocation-chart" xmlns="http://www.w3.org/2000/svg" width="{W}" '
-             f'height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="share of generation '
-             'by class over training steps">']
-    for level in (0.0, top / 2, top):
-        parts.append(f'<line x1="{L}" y1="{sy(level):.1f}" x2="{L + pw}" y2="{sy(level):.1f}" '
-                     'stroke="#ddd"/>')
-        parts.append(f'<text x="{L - 4}" y="{sy(level) + 3:.1f}" text-anchor="end" '
-                     f'font-size="10">{100 * level:.0f}%</text>')
-    for i, name in enumerate(names):
-        color = CLASS_COLORS[i]
-        pts = " ".join(f"{sx(h['step']):.1f},{sy(h['shares'].get(name, 0.0)):.1f}"
-                       for h in history)
-        parts.append(f'<polyline class="allocation-line" data-class="{html.escape(name)}" '
-                     f'fill="none" stroke="{color}" stroke-width="1.5" points="{pts}">'
-                     f'<title>{html.escape(name)}</title></polyline>')
-        y = T + 4 + i * 14
-        parts.append(f'<rect x="{L + pw + 10}" y="{y}" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{L + pw + 24}" y="{y + 9}" font-size="10">'
-                     f'{html.escape(name[:22])}</text>')
-    parts.append(f'<text x="{L}" y="{H - 18}" font-size="10">{s0}</text>')
-    parts.append(f'<text x="{L + pw}" y="{H - 18}" text-anchor="end" font-size="10">{s1}'
-                 '</text>')
-    parts.append(f'<text x="{L + pw / 2}" y="{H - 4}" text-anchor="middle" font-size="11">'
-                 'training step</text></svg>')
-    stopped = sorted({n for h in history for n in h["stopped"]})
-    gone = [h for h in history if h.get("unavailable")]
-    notes = []
-    if stopped:
-        notes.append("stopped at their target: " + ", ".join(stopped))
-    if gone:
-        notes.append(f"demand actor unavailable from step {gone[0]['step']}: open loop after")
-    return "".join(parts) + "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
-
-
 # ------------------------------------------------------------------------------------ tables
 
 
@@ -413,115 +109,6 @@ def table_html(table: Table, table_id: str | None = None) -> str:
     note = f'<p class="note">{html.escape(table.note)}</p>' if table.note else ""
     return (f"<h3>{html.escape(table.title)}</h3><table{ident}><thead><tr>{head}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table>{note}")
-
-
-# --------------------------------------------------------------------------------- galleries
-
-
-def _gallery_classes(q: DecisionQuery, max_classes: int) -> tuple[list[dict], int]:
-    """Classes that get a gallery (most candidates first, then shown by name), and how many
-    classes the selection has."""
-    classes = q.rows(
-        "SELECT class_id, any_value(class_name) AS class_name, "
-        "any_value(class_frequency) AS class_frequency, count(*) AS total FROM selected "
-        "GROUP BY class_id ORDER BY total DESC, class_id")
-    chosen = classes[:max_classes]
-    chosen.sort(key=lambda c: (str(c["class_name"]), c["class_id"]))
-    return chosen, len(classes)
-
-
-def _sample(q: DecisionQuery, class_ids: list[int], per_class: int, seed: int) -> dict:
-    """Up to ``per_class`` rows per (class, decision), chosen by a seeded hash of sample_id.
-
-    Returns ``{(class_id, decision): {"total": n, "rows": [row, ...]}}``; rows carry the
-    image PNG and the mask RLE.
-    """
-    if not class_ids:
-        return {}
-    ids = ", ".join(str(int(c)) for c in class_ids)
-    salt = sql_string(f"#{seed}")
-    totals = q.rows(
-        f"SELECT class_id, decision, count(*) AS n FROM selected WHERE class_id IN ({ids}) "
-        "GROUP BY ALL")
-    out: dict = {(r["class_id"], r["decision"]): {"total": r["n"], "rows": []} for r in totals}
-    # Pick from the light columns first, then read the images of the picked rows only.
-    picked = q.rows(
-        "SELECT * FROM (SELECT sample_id, class_id, decision, reason, score, threshold, step, "
-        "rank, prompt, truth_failure, row_number() OVER (PARTITION BY class_id, decision "
-        f"ORDER BY md5(sample_id || {salt})) AS k FROM selected WHERE class_id IN ({ids})) "
-        f"WHERE k <= {int(per_class)} ORDER BY class_id, decision, k")
-    media = q.media([r["sample_id"] for r in picked])
-    for r in picked:
-        r.update(media.get((r["sample_id"], r["class_id"], r["decision"]),
-                           {"image_png": None, "mask_rle": None}))
-        out[(r["class_id"], r["decision"])]["rows"].append(r)
-    return out
-
-
-def _card(row: dict, options: ReportOptions) -> tuple[str, bool]:
-    """One thumbnail card (HTML) and whether it holds an image."""
-    score = format_value(row["score"], "float")
-    threshold = format_value(row["threshold"], "float")
-    hover = [f"score {score} (threshold {threshold})", f"reason {row['reason']}",
-             f"step {row['step']}, rank {row['rank']}", f"sample {row['sample_id']}"]
-    if row.get("truth_failure"):
-        hover.append(f"generator truth: {row['truth_failure']}")
-    if row.get("prompt"):
-        hover.append(f"prompt: {row['prompt']}")
-    title = html.escape("\n".join(hover), quote=True)
-    caption = html.escape(f"{score} · {row['reason']}")
-    image = _decode_image(row.get("image_png"))
-    common = (f'class="card" data-decision="{html.escape(str(row["decision"]), quote=True)}" '
-              f'data-sample="{html.escape(str(row["sample_id"]), quote=True)}" '
-              f'data-score="{score}" data-reason="{html.escape(str(row["reason"]), quote=True)}" '
-              f'title="{title}"')
-    if image is None:
-        return (f'<figure {common}><div class="noimg" style="width:{options.thumb_size}px;'
-                f'height:{options.thumb_size}px">no image</div><figcaption>{caption}'
-                "</figcaption></figure>", False)
-    mask = _decode_mask(row.get("mask_rle"))
-    thumb = outlined_thumbnail(image, mask, options.thumb_size)
-    th, tw = thumb.shape[:2]
-    uri = jpeg_data_uri(thumb, options.jpeg_quality)
-    alt = html.escape(f"{row['decision']} {row['sample_id']}", quote=True)
-    return (f'<figure {common}><img src="{uri}" width="{tw}" height="{th}" alt="{alt}">'
-            f"<figcaption>{caption}</figcaption></figure>", True)
-
-
-def _gallery_html(classes: list[dict], samples: dict, options: ReportOptions) -> tuple[str, int]:
-    """One section per class with a lane per decision (side by side), and the number of
-    thumbnails drawn."""
-    sections = []
-    thumbs = 0
-    for c in classes:
-        lanes = []
-        totals = []
-        for decision in DECISIONS:
-            entry = samples.get((c["class_id"], decision))
-            if not entry:
-                continue
-            cards = []
-            for row in entry["rows"]:
-                card, has_image = _card(row, options)
-                cards.append(card)
-                thumbs += has_image
-            shown = len(entry["rows"])
-            totals.append(f"{entry['total']} {decision}")
-            note = (f"{decision}: showing {shown} of {entry['total']}"
-                    + (" (random sample)" if shown < entry["total"] else ""))
-            lanes.append(
-                f'<div class="lane" data-decision="{decision}"><div class="lane-head" '
-                f'style="border-color:{DECISION_COLORS[decision]}">{html.escape(note)}</div>'
-                f'<div class="cards">{"".join(cards)}</div></div>')
-        # Class names and groups come from the shards: text, never markup.
-        group = html.escape(str(FREQUENCY_NAMES.get(c["class_frequency"], c["class_frequency"])))
-        name = html.escape(str(c["class_name"]), quote=True)
-        sections.append(
-            f'<section class="gallery" data-class-id="{int(c["class_id"])}" '
-            f'data-class="{name}">'
-            f"<h3>{name} <small>(id {int(c['class_id'])}, {group}; {', '.join(totals)})</small>"
-            f'</h3><div class="lanes">{"".join(lanes)}</div></section>')
-    return "".join(sections), thumbs
 
 
 # -------------------------------------------------------------------------------------- page
@@ -587,10 +174,11 @@ def build_report(q: DecisionQuery, options: ReportOptions | None = None) -> tupl
     options = options or ReportOptions()
     selected = q.count()
     classes_table = class_acceptance(q)
-    gallery_classes, n_classes = _gallery_classes(q, options.max_classes)
-    samples = _sample(q, [c["class_id"] for c in gallery_classes], options.thumbs_per_class,
-                      options.seed)
-    gallery, thumbs = _gallery_html(gallery_classes, samples, options)
+    shown_classes, n_classes = gallery_classes(q, options.max_classes)
+    samples = sample_rows(q, [c["class_id"] for c in shown_classes], options.thumbs_per_class,
+                          options.seed)
+    gallery, thumbs = gallery_html(shown_classes, samples, options.thumb_size,
+                                   options.jpeg_quality)
     shown_cards = sum(len(e["rows"]) for e in samples.values())
 
     truth = truth_precision_recall(q)
@@ -600,9 +188,9 @@ def build_report(q: DecisionQuery, options: ReportOptions | None = None) -> tupl
                   "truth (truth_failure is empty, e.g. Stable Diffusion candidates).</p>")
     class_options = "".join(
         f'<option value="{int(c["class_id"])}">{html.escape(str(c["class_name"]))}</option>'
-        for c in gallery_classes)
-    gallery_scope = (f"all {n_classes} classes" if len(gallery_classes) == n_classes else
-                     f"the {len(gallery_classes)} classes with the most candidates, of "
+        for c in shown_classes)
+    gallery_scope = (f"all {n_classes} classes" if len(shown_classes) == n_classes else
+                     f"the {len(shown_classes)} classes with the most candidates, of "
                      f"{n_classes} (pick others with --class, or raise --max-classes)")
     sampling = (f"Thumbnails: up to {options.thumbs_per_class} per class and decision, chosen "
                 f"at random (seed {options.seed}); {shown_cards} shown of {selected} selected "
@@ -612,8 +200,8 @@ def build_report(q: DecisionQuery, options: ReportOptions | None = None) -> tupl
             "selected_rows": selected, "filters": q.filters.describe(),
             "thumbs_per_class": options.thumbs_per_class, "thumbnails": thumbs,
             "cards": shown_cards, "classes": n_classes,
-            "gallery_classes": len(gallery_classes), "generated": generated}
-    t05, _, t95 = _threshold_quantiles(q)
+            "gallery_classes": len(shown_classes), "generated": generated}
+    t05, _, t95 = threshold_quantiles(q)
     margin_html = ("<h3>Score relative to the threshold in force (the threshold moved)</h3>"
                    + histogram_svg(q, options.histogram_bins, margin=True)
                    if t05 is not None and t95 > t05 else "")

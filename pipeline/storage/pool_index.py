@@ -369,6 +369,10 @@ def register_pool_format(fmt: PoolFormat) -> PoolFormat:
     return fmt
 
 
+def unregister_pool_format(name: str) -> None:
+    _FORMATS.pop(name, None)
+
+
 def pool_format_names() -> tuple[str, ...]:
     return tuple(_FORMATS)
 

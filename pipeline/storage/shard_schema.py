@@ -56,57 +56,63 @@ MASK_RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string(
 #: Check fields the schema has always had, in their place among the quality fields.
 _BUILT_IN_CHECK_FIELDS = ("area_ratio",)
 
-SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("sample_id", pa.string()),
-        ("stream_offset", pa.int64()),
-        ("class_id", pa.int64()),
-        ("class_name", pa.string()),
-        ("class_frequency", pa.string()),
-        ("prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("generator", pa.string()),
-        ("annotator", pa.string()),
-        ("source", pa.string()),
-        ("source_id", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("image_png", pa.binary()),
-        ("mask_rle", MASK_RLE_TYPE),
-        ("mask_score", pa.float32()),
-        ("area_ratio", pa.float32()),
-        ("num_components", pa.int32()),
-        ("clip_score", pa.float32()),
-        ("truth_failure", pa.string()),
-        ("truth_class_id", pa.int64()),
-        ("score", pa.float64()),
-        ("threshold", pa.float64()),
-        ("accepted", pa.bool_()),
-        ("reason", pa.string()),
-        ("step", pa.int64()),
-        ("rank", pa.int32()),
-        ("cache_norm", pa.float64()),
-        ("batch_id", pa.string()),
-        ("method", pa.string()),
-        ("decided_at", pa.timestamp("ms", tz="UTC")),
-        # 2.1
-        ("judged_by", pa.string()),
-        # 2.2
-        *((cost_column(stage), pa.float64()) for stage in COST_STAGES),
-        ("cost_units", pa.string()),
-        # 2.3
-        ("prompt_option", pa.int64()),
-        ("stream_position", pa.int64()),
-        ("allocation_step", pa.int64()),
-        # The fields of quality checks registered beyond the built-in ones (annotators.checks),
-        # appended (a minor addition: readers select the columns they know).
-        *((name, pa.from_numpy_dtype(np.dtype(dtype))) for name, dtype in check_fields().items()
-          if name not in _BUILT_IN_CHECK_FIELDS),
-    ],
-    metadata={SCHEMA_VERSION_KEY: str(SHARD_SCHEMA_VERSION).encode(),
-              SCHEMA_MINOR_KEY: str(SHARD_SCHEMA_MINOR).encode()},
-)
+def shard_schema() -> pa.Schema:
+    """The shard schema with the fields of the quality checks registered now."""
+    return pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("sample_id", pa.string()),
+            ("stream_offset", pa.int64()),
+            ("class_id", pa.int64()),
+            ("class_name", pa.string()),
+            ("class_frequency", pa.string()),
+            ("prompt", pa.string()),
+            ("seed", pa.int64()),
+            ("generator", pa.string()),
+            ("annotator", pa.string()),
+            ("source", pa.string()),
+            ("source_id", pa.string()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("image_png", pa.binary()),
+            ("mask_rle", MASK_RLE_TYPE),
+            ("mask_score", pa.float32()),
+            ("area_ratio", pa.float32()),
+            ("num_components", pa.int32()),
+            ("clip_score", pa.float32()),
+            ("truth_failure", pa.string()),
+            ("truth_class_id", pa.int64()),
+            ("score", pa.float64()),
+            ("threshold", pa.float64()),
+            ("accepted", pa.bool_()),
+            ("reason", pa.string()),
+            ("step", pa.int64()),
+            ("rank", pa.int32()),
+            ("cache_norm", pa.float64()),
+            ("batch_id", pa.string()),
+            ("method", pa.string()),
+            ("decided_at", pa.timestamp("ms", tz="UTC")),
+            # 2.1
+            ("judged_by", pa.string()),
+            # 2.2
+            *((cost_column(stage), pa.float64()) for stage in COST_STAGES),
+            ("cost_units", pa.string()),
+            # 2.3
+            ("prompt_option", pa.int64()),
+            ("stream_position", pa.int64()),
+            ("allocation_step", pa.int64()),
+            # The fields of quality checks registered beyond the built-in ones
+            # (annotators.checks), appended (a minor addition: readers select the columns
+            # they know).
+            *((name, pa.from_numpy_dtype(np.dtype(dtype)))
+              for name, dtype in check_fields().items() if name not in _BUILT_IN_CHECK_FIELDS),
+        ],
+        metadata={SCHEMA_VERSION_KEY: str(SHARD_SCHEMA_VERSION).encode(),
+                  SCHEMA_MINOR_KEY: str(SHARD_SCHEMA_MINOR).encode()},
+    )
+
+
+SCHEMA = shard_schema()
 
 
 #: Float fields whose NaN means "not computed" (readers turn it into NULL); the cost columns
