@@ -111,6 +111,27 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def local_ray(s3_server):
+    """One local Ray (2 CPUs) for every test that runs Ray in this process, started once.
+
+    It starts after the S3 fixture has set the AWS_* variables, so that its workers inherit
+    them, the way cluster nodes get credentials from the standard AWS chain. Tests that need a
+    Ray of their own run it in other processes and say so: real `bsgal run` processes with
+    their own local Ray (tests/test_faults_ray.py, tests/test_interrupts_ray.py) and a
+    `ray start --head` cluster (tests/test_submit_ray.py).
+    """
+    ray = pytest.importorskip("ray")
+    from pipeline.cluster.connect import start_local_ray
+
+    start_local_ray(num_cpus=2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def builtin_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small built-in long-tailed set (LVIS-format folder), written once per session."""
     from trainer.datasets.builtin import write_builtin_dataset

@@ -51,19 +51,6 @@ def overrides(data: Path, **extra: object) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def local_ray(s3_server):
-    # Started after the S3 fixture has set the AWS_* variables: workers inherit them, the way
-    # cluster nodes get credentials from the standard AWS chain.
-    from pipeline.cluster.connect import start_local_ray
-
-    start_local_ray(num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def run_a(local_ray, builtin_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """`bsgal demo` to a local folder while the annotator actor holding candidate #20 dies."""
     out = tmp_path_factory.mktemp("run-a") / "out"

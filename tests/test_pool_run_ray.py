@@ -21,17 +21,6 @@ from tests.conftest import invoke_cli  # noqa: E402
 CANDIDATES = 48
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    from pipeline.cluster.connect import start_local_ray
-
-    start_local_ray(num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def test_run_over_an_xpaste_pool(local_ray, builtin_data: Path, tmp_path: Path) -> None:
     from trainer.datasets import LvisDataset
 

@@ -18,7 +18,6 @@ from pipeline.storage.run_dir import RunDir  # noqa: E402
 from pipeline.storage.shards import read_decisions  # noqa: E402
 from tests.conftest import invoke_cli  # noqa: E402
 from tests.test_pipeline_ray import overrides  # noqa: E402
-from tests.test_pool_run_ray import local_ray  # noqa: E402,F401  (the module's local Ray)
 
 COLUMNS = ["sample_id", "class_id", "class_name", "decision", "reason", "accepted", "score",
            "step", "judged_by", "source", "source_id", "stream_offset", "image_png"]

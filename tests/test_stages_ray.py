@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +23,6 @@ CONTRACT_COLUMNS = {
     "truth_failure", "truth_class_id", "status", "error", "mask", "annotator", "mask_score",
     "area_ratio", "num_components", "clip_score",
 }
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def _stage(ds, cls, batch_size: int, **kwargs):
