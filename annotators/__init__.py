@@ -45,7 +45,8 @@ Backends
 each backend module has its stage class, ``build(section)`` from the ``annotation`` config
 section and the checks of the keys it reads. A new annotator is one new module with a
 :class:`annotators.stage.MaskAnnotator` subclass and those functions, plus one line in
-:data:`ANNOTATORS` (or ``ANNOTATORS.register``).
+:data:`ANNOTATORS` (``ANNOTATORS.register`` from elsewhere reaches
+only the process that calls it: a test, not a run's Ray actors).
 """
 
 from __future__ import annotations

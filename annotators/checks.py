@@ -13,10 +13,11 @@ area_ratio     min_area_ratio, max_area_ratio            area_ratio       invali
 border_touch   reject_border_touch (on/off), border_px   –                invalid_border_touch
 =============  ========================================  ===============  ======================
 
-A new check is one `register_check` call (here, or in a module imported before the stages are
-built): its settings come from the ``annotation`` section's key of that name, else from its
-``options`` mapping, else the default given here; its fields become columns of the shard
-schema (`pipeline.storage.shards`) by themselves. Plain numpy: the shard schema reads this
+A new check is one `register_check` call in this module (every process of a run, Ray's stage
+actors and train workers included, imports it; a call made elsewhere reaches only the process
+that made it): its settings come from the ``annotation`` section's key of that name, else
+from its ``options`` mapping, else the default given here; its fields become columns of the
+shard schema (`pipeline.storage.shard_schema.shard_schema`) by themselves. Plain numpy: the shard schema reads this
 table without loading any model code.
 """
 

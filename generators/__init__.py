@@ -39,7 +39,8 @@ Backends
 :data:`GENERATORS` (a :class:`generators.backends.BackendRegistry`) holds the backends by name;
 each backend module has its stage class, ``build(section, categories=...)`` from the
 ``generation`` config section and the checks of the keys it reads. A new generator is one new
-module with those plus one line in :data:`GENERATORS` (or ``GENERATORS.register``).
+module with those plus one line in :data:`GENERATORS` (``GENERATORS.register`` from elsewhere
+reaches only the process that calls it: a test, not a run's Ray actors).
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ object with the same attributes:
   (`pipeline.run.preflight.PreflightReport`).
 
 This is segment-anything's ``sam_model_registry`` pattern: one table, the builders beside the
-code they build. A new backend is one module plus one line in its package's table (or a
-`BackendRegistry.register` call).
+code they build. A new backend is one module plus one line in its package's table; a
+`BackendRegistry.register` call made elsewhere reaches only the process that makes it (a test,
+not the Ray actors of a run).
 """
 
 from __future__ import annotations

@@ -42,8 +42,6 @@ from selector.thresholds import (
     SelectionPolicy,
 )
 
-#: The batch-level methods (`selector.methods`).
-METHODS = method_names("batch")
 THRESHOLDS = ("fixed", "dynamic", "schedule")
 
 
@@ -60,8 +58,9 @@ def build_selection_policy(*, method: str = "bsgal", threshold: str = "fixed",
                            field_threshold: float | None = None, field_reduce: str = "mean",
                            lookahead_threshold: float = 0.0) -> SelectionPolicy | None:
     """The policy for ``method`` (None for ``method="none"``). See the module table."""
-    if method not in METHODS:
-        raise ValueError(f"selection method {method!r} is unknown; use one of {METHODS}")
+    if method not in method_names("batch"):
+        raise ValueError(f"selection method {method!r} is unknown; use one of "
+                         f"{method_names('batch')}")
     policy: SelectionPolicy
     if method == "none":
         return None

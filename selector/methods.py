@@ -29,8 +29,9 @@ none            –       –               none        real data only
 Batch granularity (one decision per step's pasted batch, `selector.build`): ``bsgal``,
 ``accept_all``, ``random``, ``field_threshold``, ``lookahead``, ``none``.
 
-A new instance method is one `register_method` call (here, or in any module imported before
-the config is validated), and, if its signal is new, one signal in `trainer.instance_signals`.
+A new instance method is one `register_method` call in this module (every process of a run
+imports it; a call made elsewhere reaches only the process that made it, e.g. a test), and,
+if its signal is new, one signal in `trainer.instance_signals`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.run.pool_entries import EntryReader
 from pipeline.run.pool_source import pool_draws
 from pipeline.run.pool_stage import PoolReader, place_on_canvas
-from pipeline.run.rows import CANDIDATE_COLUMNS
+from pipeline.run.rows import candidate_columns
 from pipeline.storage.pool_index import PoolFormatError, read_pool
 from pipeline.storage.shards import list_shard_files, read_decisions
 from tests.conftest import invoke_cli, make_rows, write_run
@@ -101,7 +101,7 @@ def test_draw_rows_through_the_reader_and_checks_keep_provenance(exported) -> No
         assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 == round(0.8 * 64)
         assert out["mask_score"][i] == pytest.approx(0.9)
     # The provenance columns reach the decision row (the train worker copies these).
-    assert {"source", "source_id", "generator", "annotator"} <= set(CANDIDATE_COLUMNS)
+    assert {"source", "source_id", "generator", "annotator"} <= set(candidate_columns())
 
 
 def test_earlier_run_shards_as_a_pool(exported) -> None:

@@ -26,7 +26,7 @@ from pipeline.run.pool_stage import PoolReader
 from pipeline.storage.pool_index import (
     PoolFormat,
     PoolRequest,
-    _grouped,
+    pool_index_of,
     register_pool_format,
     unregister_pool_format,
 )
@@ -104,7 +104,7 @@ def _read_csv_pool(request: PoolRequest) -> Any:
     for line in Path(request.uri).read_text().splitlines():
         cid, path = line.split(",")
         by_class.setdefault(int(cid), []).append((f"*{base / path}", path, 0.9))
-    return _grouped(request.uri, "toy_csv", by_class, {})
+    return pool_index_of(request.uri, "toy_csv", by_class, {})
 
 
 @pytest.fixture
@@ -146,6 +146,9 @@ def test_toys_pass_config_validation_and_bad_toy_settings_are_named(toys, tmp_pa
     cfg = load_config(DEMO_CONFIG, [f"output.dir={tmp_path / 'pool'}", "generation.backend=pool",
                                     "generation.pool=p.csv", "generation.pool_format=toy_csv"])
     assert cfg.generation.pool_format == "toy_csv"
+    with pytest.raises(ConfigError, match=r"'toy_cvs' is not auto or one of .*'toy_csv'"):
+        load_config(DEMO_CONFIG, [f"output.dir={tmp_path / 'pool'}", "generation.backend=pool",
+                                  "generation.pool=p.csv", "generation.pool_format=toy_cvs"])
     # The check's field is a column of the shard schema built now.
     assert shard_schema().field("toy_pixels").type == "float"
 
@@ -171,6 +174,20 @@ def test_toy_generator_check_and_method_make_one_training_step(toys, train_set, 
     refused = strict({k: batch[k] for k in ("sample_id", "image", "mask", "class_name")})
     assert set(refused["status"]) == {"invalid_toy_small"}
     assert (refused["toy_pixels"] == 32 * 32).all()
+    # The check's field reaches the decision shards (a writer started after registering it).
+    from pipeline.run.rows import decision_row
+    from pipeline.storage.shard_writer import ShardWriter
+    from pipeline.storage.shards import read_decisions
+    from trainer.candidates import decision_record
+
+    with ShardWriter(str(tmp_path / "run"), max_rows=100) as writer:
+        writer.add([decision_row({k: v[i] for k, v in batch.items()}, decision_record(
+            str(batch["sample_id"][i]), reason="accepted", accepted=True, step=0, rank=0,
+            method="toy", stream_offset=i), run_id="toy", frequency={}, devices={
+                s: ("CPU", 1.0) for s in ("generate", "annotate", "check", "score", "train")},
+            units="") for i in range(len(batch["sample_id"]))])
+    table = read_decisions(str(tmp_path / "run"), columns=["toy_pixels", "area_ratio"])
+    assert table.num_rows == 12 and set(table["toy_pixels"].to_pylist()) == {32.0 * 32}
     # One trainer step judges the toy candidates with the toy method: scored by mask score.
     trainer = build_trainer(train_set, training={"steps": 4, "batch_size": 2},
                             selection=_asdict(cfg.selection), seed=0)

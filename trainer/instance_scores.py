@@ -8,7 +8,7 @@ boxes, so they do not move when the weights do: what the directional estimator n
 
 The contribution of instance k is the first-order effect of a step on it on the real loss,
 ⟨g, ∇ℓ_k⟩ over all trainable parameters, where g is the real-data gradient of the gradient
-cache (a cache per class in `ClassGradientCache`). Two estimators:
+cache (a cache per class in `selector.instance_selector.ClassGradientCaches`). Two estimators:
 
 - `exact_dots`: one backward per instance, K backwards (the reference the others are checked
   against);

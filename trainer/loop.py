@@ -15,8 +15,10 @@ and its checkpoint files (``state_dict`` split by rank) are `pipeline.run.train_
 `pipeline.storage.checkpoints`.
 
 Per step: ``batch_size`` real images from the repeat-factor sampler; candidates chosen
-class-balanced, 0..``max_pastes_per_image`` per image (`trainer.copy_paste`); the BSGAL step
-(`trainer.bsgal_step`) leaves the gradients; then gradient clipping, the optimizer, the
+class-balanced, 0..``max_pastes_per_image`` per image (`trainer.copy_paste`); the step object
+chosen once from the selector (`trainer.step`: `trainer.instance_step.InstanceStep`, a
+decision per candidate, or `trainer.bsgal_step.BsgalStep`, one per pasted batch) decides and
+leaves the gradients; then gradient clipping, the optimizer, the
 warmup+cosine schedule and the optional EMA. A candidate batch is used up within the call, so a
 checkpoint taken between calls holds no half-used batch and ``stream_offset`` (candidates
 consumed) says where to resume the stream. Where steps must be taken one at a time (DDP ranks

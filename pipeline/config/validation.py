@@ -168,6 +168,13 @@ def _check_pool(g: GenerationConfig) -> None:
         raise ConfigError("generation.pool: required when generation.backend=pool; give an "
                           "X-Paste pool JSON, a folder written by bsgal export-pool or a run "
                           "folder, e.g. generation.pool=/data/xpaste/pool.json")
+    if g.pool_format != "auto":
+        from pipeline.storage.pool_index import PoolFormatError, pool_format
+
+        try:
+            pool_format(g.pool_format)
+        except PoolFormatError as exc:
+            raise ConfigError(str(exc)) from None
     if not 0.0 < g.pool_fill <= 1.0:
         raise ConfigError(f"generation.pool_fill: must be within (0, 1], got {g.pool_fill}")
     for d in g.pool_decisions:

@@ -1,12 +1,14 @@
 """Reading decisions back: DuckDB queries over the shards and the summary tables.
 
 ``query`` opens the shards of a run (local or s3://) as DuckDB views and applies the user's
-filters; ``summary`` turns a query into tables (counts, acceptance by group and class, score
-quantiles, acceptance over steps, precision/recall against the generator's truth); ``render``
-prints tables as text, JSON or CSV; ``commands`` holds the ``bsgal inspect`` and
-``bsgal export-pool`` commands. The HTML report is :mod:`pipeline.inspection.report`, the
-instance-pool export :mod:`pipeline.inspection.export_pool`, the end-of-run summary that
-``bsgal run`` prints :mod:`pipeline.inspection.run_summary`.
+filters; ``table`` is the table model; ``summary``, ``costs``, ``feedback`` and ``compare``
+build tables (counts, acceptance by group and class, score quantiles, acceptance over steps,
+precision/recall against the generator's truth; cost per accepted instance; the closed loop's
+prompt options; two judgements joined); ``tables`` is the registry of the tables by name;
+``render`` prints tables as text, JSON or CSV; ``commands`` holds the ``bsgal inspect`` and
+``bsgal export-pool`` commands. The HTML report is :mod:`pipeline.inspection.report` (with its
+charts and galleries), the instance-pool export :mod:`pipeline.inspection.export_pool`, the
+end-of-run summary that ``bsgal run`` prints :mod:`pipeline.inspection.run_summary`.
 """
 
 from __future__ import annotations

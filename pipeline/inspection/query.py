@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from pipeline.errors import UserError, duckdb_error_line
 from pipeline.storage.filesystem import is_local
-from pipeline.storage.shard_schema import DECISIONS, NOT_COMPUTED_FLOATS
+from pipeline.storage.shard_schema import DECISIONS, not_computed_floats
 from pipeline.storage.shards import locate_shards
 
 if TYPE_CHECKING:
@@ -248,7 +248,7 @@ class DecisionQuery:
         present = {r[0] for r in self.con.execute(
             f"DESCRIBE SELECT * FROM read_parquet({file_list}, union_by_name = true)").fetchall()}
         nan_to_null = ", ".join(f"CASE WHEN isnan({c}) THEN NULL ELSE {c} END AS {c}"
-                                for c in NOT_COMPUTED_FLOATS if c in present)
+                                for c in not_computed_floats() if c in present)
         self.con.execute(
             f"CREATE VIEW shard_rows AS SELECT * REPLACE ({nan_to_null}) FROM "
             f"read_parquet({file_list}, hive_partitioning = true, union_by_name = true)")

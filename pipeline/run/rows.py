@@ -8,17 +8,29 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from annotators.checks import check_fields
 from pipeline.run.costs import row_costs
-from pipeline.storage.shard_schema import ENCODED_FIELDS, SCHEMA
+from pipeline.storage.shard_schema import ENCODED_FIELDS, shard_schema
 from trainer.candidates import DECISION_FIELDS
 
 #: Shard fields the run fills in (not copied from the candidate).
 RUN_FIELDS = ("run_id", "class_frequency", "judged_by")
-#: Candidate columns copied into a decision row: the shard's fields that are neither the
-#: trainer's decision, the run's, nor encoded by the writer (``image``/``mask`` are encoded).
-CANDIDATE_COLUMNS = tuple(
-    name for name in SCHEMA.names
-    if name not in (*DECISION_FIELDS, *RUN_FIELDS, *ENCODED_FIELDS)) + ("image", "mask")
+
+
+def candidate_columns() -> tuple[str, ...]:
+    """Candidate columns copied into a decision row: the shard's fields (the schema built now,
+    with the registered checks' fields) that are neither the trainer's decision, the run's,
+    nor encoded by the writer (``image``/``mask`` are encoded)."""
+    key = tuple(check_fields().items())
+    if _COLUMNS.get("key") != key:
+        _COLUMNS["key"] = key
+        _COLUMNS["columns"] = tuple(
+            name for name in shard_schema().names
+            if name not in (*DECISION_FIELDS, *RUN_FIELDS, *ENCODED_FIELDS)) + ("image", "mask")
+    return _COLUMNS["columns"]
+
+
+_COLUMNS: dict[str, tuple] = {}
 
 
 def decision_row(candidate: Mapping[str, Any], decision: Mapping[str, Any], *, run_id: str,
@@ -37,7 +49,7 @@ def decision_row(candidate: Mapping[str, Any], decision: Mapping[str, Any], *, r
         trainer_seconds: the trainer's (scoring, training) seconds of the row, or None.
         judged_by: ``""`` for the run's own trainer, the checkpoint for a rescoring.
     """
-    row = {k: candidate[k] for k in CANDIDATE_COLUMNS if k in candidate}
+    row = {k: candidate[k] for k in candidate_columns() if k in candidate}
     row.update(decision)
     row.update(row_costs(candidate, trainer_seconds, devices, units))
     row["run_id"] = run_id

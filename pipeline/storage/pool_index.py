@@ -133,8 +133,11 @@ class PoolIndex:
                 + self.class_ids.nbytes + self.starts.nbytes)
 
 
-def _grouped(uri: str, fmt: str, by_class: dict[int, list[tuple[str, str, float]]],
-             names: dict[int, str]) -> PoolIndex:
+def pool_index_of(uri: str, fmt: str, by_class: dict[int, list[tuple[str, str, float]]],
+                  names: dict[int, str]) -> PoolIndex:
+    """The index of a pool from its entries per class: ``{class id: [(reference, the entry's
+    id in the pool, mask score or NaN), ...]}`` and the names the pool gives its classes (what
+    every format's reader returns); PoolFormatError for a pool without entries."""
     ids = sorted(by_class)
     starts = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum([len(by_class[c]) for c in ids], out=starts[1:])
@@ -230,7 +233,7 @@ def read_xpaste(uri: str, storage_options: dict | None = None,
                     "'*PATH' (RGBA cut-out), 'IMG|MASK' or 'PATH' (RGBA to threshold)")
             rows.append((xpaste_ref(entry, base, path_map), entry, float("nan")))
     del doc
-    return _grouped(uri, "xpaste", by_class, {})
+    return pool_index_of(uri, "xpaste", by_class, {})
 
 
 def read_bsgal_pool(uri: str, storage_options: dict | None = None,
@@ -256,7 +259,7 @@ def read_bsgal_pool(uri: str, storage_options: dict | None = None,
             rows.append(("*" + resolve_path(entry["file"], base, path_map),
                          str(entry.get("sample_id", entry["file"])),
                          float(score) if isinstance(score, (int, float)) else float("nan")))
-    return _grouped(uri, "bsgal", by_class, names)
+    return pool_index_of(uri, "bsgal", by_class, names)
 
 
 def read_shard_pool(uri: str, decisions: Sequence[str] = ("accepted",),
@@ -284,7 +287,7 @@ def read_shard_pool(uri: str, decisions: Sequence[str] = ("accepted",),
             by_class.setdefault(int(cid), []).append(
                 (f"{SHARD_REF}{where}#{row}", str(sid),
                  float("nan") if score is None else float(score)))
-    return _grouped(uri, "shards", by_class, names)
+    return pool_index_of(uri, "shards", by_class, names)
 
 
 def read_image_folder(uri: str, class_ids: dict[str, int],
@@ -319,7 +322,7 @@ def read_image_folder(uri: str, class_ids: dict[str, int],
                 where = fs.unstrip_protocol(path) if is_uri(uri) else path
                 rows.append((IMAGE_REF + where, f"{name}/{posixpath.basename(path)}",
                              float("nan")))
-    return _grouped(uri, "images", {c: r for c, r in by_class.items() if r}, names)
+    return pool_index_of(uri, "images", {c: r for c, r in by_class.items() if r}, names)
 
 
 # ------------------------------------------------------------------------------ the formats

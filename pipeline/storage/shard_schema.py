@@ -112,13 +112,18 @@ def shard_schema() -> pa.Schema:
     )
 
 
+#: The schema with the checks registered when this module was imported (those of
+#: annotators/checks.py); writers and readers build theirs with `shard_schema` when they start.
 SCHEMA = shard_schema()
 
 
 #: Float fields whose NaN means "not computed" (readers turn it into NULL); the cost columns
 #: are left as written (a NaN cost is "not measured" and stays visible in sums).
-NOT_COMPUTED_FLOATS = tuple(f.name for f in SCHEMA if pa.types.is_floating(f.type)
-                            and not f.name.startswith("cost_"))
+def not_computed_floats(schema: pa.Schema | None = None) -> tuple[str, ...]:
+    """The fields of ``schema`` (default: the one built now) where NaN means not computed."""
+    schema = schema if schema is not None else shard_schema()
+    return tuple(f.name for f in schema if pa.types.is_floating(f.type)
+                 and not f.name.startswith("cost_"))
 
 
 class ShardSchemaError(UserError, ValueError):
@@ -174,16 +179,16 @@ def _cast(kind: pa.DataType, value: Any) -> Any:
     raise TypeError(f"no cast for {kind}")
 
 
-def to_record(row: dict[str, Any]) -> dict[str, Any]:
+def to_record(row: dict[str, Any], schema: pa.Schema | None = None) -> dict[str, Any]:
     """A candidate row with its decision (numpy image/mask) → a shard record (PNG, RLE).
 
-    Every :data:`SCHEMA` field is filled: :data:`REQUIRED_FIELDS` from the row (KeyError if
+    Every field of ``schema`` (default :data:`SCHEMA`) is filled: :data:`REQUIRED_FIELDS` from the row (KeyError if
     absent), the rest from the row or a neutral value (NaN scores, empty strings, -1), never a
     guess. A mask whose shape or values cannot be encoded is recorded as absent rather than
     crashing the writer; the row keeps its reason.
     """
     record: dict[str, Any] = {}
-    for f in SCHEMA:
+    for f in schema if schema is not None else SCHEMA:
         if f.name in ENCODED_FIELDS:
             continue
         value = row[f.name] if f.name in REQUIRED_FIELDS else row.get(f.name,

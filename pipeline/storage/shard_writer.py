@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from generators.columns import reason_kind
 from pipeline.storage.filesystem import StorageError, filesystem, is_local, is_uri
-from pipeline.storage.shard_schema import DECISIONS, SCHEMA, shards_root, to_record
+from pipeline.storage.shard_schema import DECISIONS, shard_schema, shards_root, to_record
 
 # ----------------------------------------------------------------------------------- writing
 
@@ -53,6 +53,7 @@ class ShardWriter:
         max_queue_rows: int = 4096,
     ) -> None:
         self.root = shards_root(out)
+        self.schema = shard_schema()  # with the quality checks registered now
         self.rank = int(rank)
         self.max_rows = int(max_rows)
         self.flush_seconds = float(flush_seconds)
@@ -71,7 +72,7 @@ class ShardWriter:
 
     def add(self, rows: Iterable[dict[str, Any]]) -> None:
         """Enqueue decision rows (each needs ``sample_id``, ``stream_offset``, ``accepted``,
-        ``reason``; see :data:`SCHEMA` for the rest)."""
+        ``reason``; see :func:`pipeline.storage.shard_schema.shard_schema` for the rest)."""
         self._raise_if_failed()
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
@@ -134,7 +135,7 @@ class ShardWriter:
                 if kind == "row":
                     if not buffer:
                         oldest = time.monotonic()
-                    buffer.append(to_record(item))
+                    buffer.append(to_record(item, self.schema))
                     if len(buffer) >= self.max_rows:
                         self._write(buffer)
                         buffer = []
@@ -161,7 +162,7 @@ class ShardWriter:
             part = [r for r in records if reason_kind(r["reason"]) == decision]
             if not part:
                 continue
-            table = pa.Table.from_pylist(part, schema=SCHEMA)
+            table = pa.Table.from_pylist(part, schema=self.schema)
             folder = f"{self.root_path}/decision={decision}"
             final = f"{folder}/{name}"
             if self._local:

@@ -39,9 +39,9 @@ from pipeline.storage.shard_schema import (
     DECISIONS,
     PART_NAME,
     READABLE_VERSIONS,
-    SCHEMA,
     SCHEMA_VERSION_KEY,
     ShardSchemaError,
+    shard_schema,
     shards_root,
 )
 
@@ -169,7 +169,7 @@ def read_decisions(
     """
     fs, root_path, files = locate_shards(uri, storage_options)
     # The current schema: version-1 files read with the newer columns null.
-    schema = pa.schema([*SCHEMA, pa.field("decision", pa.string())])
+    schema = pa.schema([*shard_schema(), pa.field("decision", pa.string())])
     dataset = pads.dataset(files, schema=schema, filesystem=fs, format="parquet",
                            partitioning=pads.partitioning(
                                pa.schema([("decision", pa.string())]), flavor="hive"),
