@@ -91,8 +91,9 @@ class ClassGradientCaches:
         self.dtype = dtype
         GradientCache(self.params[:1], mode=mode, momentum=momentum, dtype=dtype)  # validate
         self.caches: dict[int, GradientCache] = {}
+        self.updated_at: dict[int, int] = {}
 
-    def update(self, class_id: int, real_grad: GradientLike) -> str | None:
+    def update(self, class_id: int, real_grad: GradientLike, *, step: int = 0) -> str | None:
         """Fold a real gradient of class ``class_id`` into its cache (None, or
         ``invalid_nan_real_grad`` when it was not finite and nothing changed)."""
         cache = self.caches.get(int(class_id))
@@ -102,17 +103,51 @@ class ClassGradientCaches:
             reason = cache.update(real_grad)
             if reason is None:
                 self.caches[int(class_id)] = cache
+                self.updated_at[int(class_id)] = int(step)
             return reason
-        return cache.update(real_grad)
+        reason = cache.update(real_grad)
+        if reason is None:
+            self.updated_at[int(class_id)] = int(step)
+        return reason
 
     def get(self, class_id: int) -> GradientCache | None:
         return self.caches.get(int(class_id))
 
+    def clear(self) -> None:
+        """Forget every class's cache."""
+        self.caches, self.updated_at = {}, {}
+
+    def age(self, class_id: int, step: int) -> int | None:
+        """Steps since the class's cache was last updated (None: it has none)."""
+        last = self.updated_at.get(int(class_id))
+        return None if last is None else int(step) - last
+
+    def scores(self, class_id: int, grads: Any) -> tuple[Tensor, float] | None:
+        """(K cosines, the cache's norm) of K candidate gradients (K x P) against the class's
+        cache; None when it has none."""
+        cache = self.caches.get(int(class_id))
+        if cache is None:
+            return None
+        values = [contribution_score(cache, g, "cosine").value for g in grads]
+        return torch.tensor(values, dtype=torch.float64), cache.norm()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the caches (bytes)."""
+        return sum(c.nbytes() for c in self.caches.values())
+
     def state_dict(self) -> dict[str, Any]:
         classes = sorted(self.caches)
-        return {"class_ids": classes, "caches": [self.caches[c].state_dict() for c in classes]}
+        return {"kind": "exact", "class_ids": classes,
+                "caches": [self.caches[c].state_dict() for c in classes],
+                "updated_at": [self.updated_at.get(c, 0) for c in classes]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("kind", "exact") != "exact":
+            raise ValueError("the checkpoint holds sketched class caches; this run uses "
+                             "selection.cache_sketch=none (they cannot be converted)")
+        self.updated_at = {int(c): int(s) for c, s in zip(
+            state["class_ids"], state.get("updated_at", [0] * len(state["class_ids"])))}
         self.caches = {}
         for class_id, cache_state in zip(state["class_ids"], state["caches"]):
             cache = GradientCache(self.params, mode=self.mode, momentum=self.momentum,
@@ -234,15 +269,24 @@ class InstanceSelector:
         return self.gates.check(fields)
 
     def contribution(self, class_id: int, grad: GradientLike) -> tuple[float | None, float | None]:
-        """(cosine score, cache norm) of a candidate gradient against its class's cache;
-        (None, None) when the class has no cache yet."""
+        """(cosine score, cache norm) of one candidate gradient against its class's exact
+        cache; (None, None) when the class has no cache yet."""
+        values, norm = self.contributions(class_id, [grad])
+        return (None, None) if values is None else (values[0], norm)
+
+    def contributions(self, class_id: int, candidates: Any
+                      ) -> tuple[list[float] | None, float | None]:
+        """The cosines of the candidates of one class against its cache, and the cache's norm:
+        ``candidates`` are their K gradients (exact caches, K x P) or their boxes' layer factors
+        (sketched caches, `selector.class_sketch.LayerFactors` of K rows); (None, None) when
+        the class has no cache yet."""
         if self.caches is None:
             raise ValueError(f"method {self.method!r} was built without class gradient caches")
-        cache = self.caches.get(class_id)
-        if cache is None:
+        result = self.caches.scores(class_id, candidates)
+        if result is None:
             return None, None
-        scored = contribution_score(cache, grad, "cosine")
-        return scored.value, cache.norm()
+        values, norm = result
+        return [float(v) for v in values], float(norm)
 
     def decide(self, *, step: int, class_ids: Sequence[int],
                fields: Sequence[Mapping[str, Any]],

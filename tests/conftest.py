@@ -131,6 +131,21 @@ def local_ray(s3_server):
         ray.shutdown()
 
 
+@pytest.fixture
+def ray_starts(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every attempt of this test to start or join Ray (``ray.init``), each refused: a check
+    that a command failed before Ray, whether or not the session's Ray is up."""
+    ray = pytest.importorskip("ray")
+    calls: list = []
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        calls.append((args, kwargs))
+        raise RuntimeError("this test must not start Ray")
+
+    monkeypatch.setattr(ray, "init", refused)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def builtin_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small built-in long-tailed set (LVIS-format folder), written once per session."""

@@ -160,9 +160,8 @@ def test_ray_addresses_are_read_and_probed() -> None:
 # ------------------------------------------------------------- 4. no hang on a dead address
 
 
-def test_run_with_an_address_that_does_not_answer_fails_in_seconds(tmp_path: Path) -> None:
-    import ray
-
+def test_run_with_an_address_that_does_not_answer_fails_in_seconds(tmp_path: Path,
+                                                                   ray_starts: list) -> None:
     out = tmp_path / "raybad"
     started = time.monotonic()
     result = CliRunner().invoke(main, ["run", "--config", str(DEMO_CONFIG),
@@ -170,7 +169,7 @@ def test_run_with_an_address_that_does_not_answer_fails_in_seconds(tmp_path: Pat
                                        f"output.dir={out}", f"data.root={tmp_path / 'data'}"])
     assert time.monotonic() - started < 15
     assert result.exit_code == 1 and "nothing answers" in result.output, result.output
-    assert not (out / "config.yaml").exists() and not ray.is_initialized()
+    assert not (out / "config.yaml").exists() and ray_starts == []
 
 
 # -------------------------------------------------------------------------- 5. bad images

@@ -244,13 +244,24 @@ def test_instance_trainer_decides_each_candidate_and_trains_only_on_the_accepted
     assert [n for _, n in seen] == [accepted_per_step.get(s, 0) for s, _ in seen]
 
 
+@pytest.mark.parametrize("sketch", ["none", "input_basis"])
 def test_a_poisoned_real_gradient_never_becomes_a_cache_and_its_candidates_say_so(
-        train_set: LvisDataset) -> None:
+        train_set: LvisDataset, sketch: str) -> None:
+    from selector.class_sketch import LayerFactors
+
     trainer = _trainer(train_set, method="composite", keep_fraction=0.5,
-                       quality_gates={"mask_score": 0.5})
+                       quality_gates={"mask_score": 0.5}, cache_sketch=sketch)
     caches = trainer.selector.caches
     real_update = caches.update
-    caches.update = lambda class_id, grad: real_update(class_id, grad * float("nan"))
+
+    def poisoned(class_id: int, grad: Any, **kw: Any) -> Any:
+        if isinstance(grad, list):  # sketched: the boxes' factors
+            grad = [LayerFactors(f.name, f.x, f.delta * float("nan"), f.has_bias) for f in grad]
+        else:
+            grad = grad * float("nan")
+        return real_update(class_id, grad, **kw)
+
+    caches.update = poisoned
     rows = real_cutouts(train_set, 8, seed=6, mask_scores=True)
     result = trainer.train_on_candidates(rows)
     reasons = Counter(d["reason"] for d in result.decisions)

@@ -42,10 +42,16 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
             flat = torch.cat([p.detach().reshape(-1)
                               for p in trainer.backend.trainable_parameters()])
             selector = trainer.selector
-            cache = (selector.cache.buffer.clone() if mode == "batch" else torch.cat(
-                [c.buffer for _, c in sorted(selector.caches.caches.items())]))
-            torch.save({"params": flat, "decisions": result.decisions, "cache": cache},
-                       os.path.join(out, f"{mode}_rank{rank}.pt"))
+            basis = torch.zeros(0)
+            if mode == "batch":
+                cache = selector.cache.buffer.clone()
+            else:  # the sketched class caches and their input bases
+                state = selector.caches.state_dict()
+                cache = torch.cat([t.reshape(-1) for layers in state["caches"]
+                                   for triple in layers for t in triple])
+                basis = torch.cat([v.reshape(-1) for v in state["basis"]["bases"]])
+            torch.save({"params": flat, "decisions": result.decisions, "cache": cache,
+                        "basis": basis}, os.path.join(out, f"{mode}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -62,3 +68,7 @@ def test_ranks_stay_in_sync_and_decide_per_worker(builtin_data: Path, tmp_path: 
         assert [d["rank"] for d in r1["decisions"]] == [1] * 6
         # Per-worker caches (the reference's behaviour): each rank folded in its own batches.
         assert not torch.equal(r0["cache"], r1["cache"]), mode
+    # ... over one input basis: bit-identical on both ranks, so the caches are all-reducible.
+    r0 = torch.load(tmp_path / "instance_rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "instance_rank1.pt", weights_only=True)
+    assert r0["basis"].numel() > 0 and torch.equal(r0["basis"], r1["basis"])

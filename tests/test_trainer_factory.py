@@ -96,17 +96,26 @@ def test_trainer_defaults_are_the_config_defaults() -> None:
 
 def test_instance_composite_caches_the_box_classifier_gradient_per_class(
         train_set: LvisDataset) -> None:
-    trainer = build_trainer(train_set, selection={"granularity": "instance",
+    from selector.class_sketch import SketchedClassCaches
+
+    default = build_trainer(train_set, selection={"granularity": "instance",
                                                   "method": "composite"})
+    assert isinstance(default.selector.caches, SketchedClassCaches)
+    assert default.step_fn.real_gradients == "training_batch"
+    trainer = build_trainer(train_set, selection={"granularity": "instance",
+                                                  "method": "composite", "cache_sketch": "none"})
     caches = trainer.selector.caches
     head = trainer.backend.classifier_parameters()
     assert sum(p.numel() for p in caches.params) == sum(p.numel() for p in head)
     assert sum(p.numel() for p in head) < sum(
         p.numel() for p in trainer.backend.trainable_parameters()) / 2
     assert trainer.selector.gates.minimums == {"mask_score": 0.8}
-    everything = build_trainer(train_set, selection={"granularity": "instance",
-                                                     "method": "bsgal",
-                                                     "score_parameters": "all"})
+    with pytest.raises(ValueError, match="score_parameters=heads"):
+        build_trainer(train_set, selection={"granularity": "instance", "method": "bsgal",
+                                            "score_parameters": "all"})
+    everything = build_trainer(train_set, selection={
+        "granularity": "instance", "method": "bsgal", "score_parameters": "all",
+        "cache_sketch": "none", "real_gradients": "test_batch"})
     assert len(everything.selector.caches.params) == len(
         everything.backend.trainable_parameters())
     assert everything.selector.gates is None

@@ -74,14 +74,16 @@ class BsgalStep(TrainingStep):
             a selector whose ``uses_lookahead`` is set (``method="lookahead"``) gets the exact
             look-ahead gain.
         mode: ``"faithful"`` (the only mode left; see `REMOVED_MODES`).
+        real_batch_size: images of the real "test" batch (reference 4).
     """
 
     def __init__(self, backend: DetectorBackend, selector: BatchSelector,
-                 mode: str = "faithful") -> None:
+                 mode: str = "faithful", real_batch_size: int = 4) -> None:
         self.check_mode(mode)
         super().__init__(backend)
         self.selector = selector
         self.mode = mode
+        self.real_batch_size = int(real_batch_size)
 
     @staticmethod
     def check_mode(mode: str) -> None:
@@ -95,6 +97,11 @@ class BsgalStep(TrainingStep):
     def needs_real_test(self) -> bool:
         """Faithful BSGAL and the exact look-ahead score against a real "test" batch."""
         return self.selector.needs_gradients or self.selector.uses_lookahead
+
+    def real_test_for(self, step: int, class_ids: Sequence[int], covered: set[int]
+                      ) -> tuple[list[int], int] | None:
+        """``real_batch_size`` real images holding the pasted classes (the reference's 4)."""
+        return (list(class_ids), self.real_batch_size) if self.needs_real_test else None
 
     @property
     def score_params(self) -> list[Any]:

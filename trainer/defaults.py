@@ -59,4 +59,12 @@ SELECTION_DEFAULTS: dict[str, Any] = {
     "score_parameters": "heads",
     "class_cache_update": "average",
     "per_class_threshold": True,
+    "real_gradients": "training_batch",
+    "topup_images": 2,
+    "cache_max_age": 50,
+    "cache_sketch": "input_basis",
+    "sketch_rank": 8,
+    "basis_images": 8,
+    "basis_refresh_steps": 100,
+    "cache_memory_mb": 2048.0,
 }

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from selector import build_selector
+from selector.class_sketch import SketchedClassCaches
 from selector.instance_selector import (
     ClassGradientCaches,
     InstanceSelector,
@@ -158,10 +159,14 @@ def build_instance_selector(detector: DetectorBackend, s: Mapping[str, Any],
         return None
     caches = threshold = gates = None
     if spec.signal is not None and score_signal(spec.signal).uses_caches:
-        params = (detector.classifier_parameters() if s["score_parameters"] == "heads"
-                  else detector.trainable_parameters())
-        caches = ClassGradientCaches(params, mode=s["class_cache_update"],
-                                     momentum=s["momentum"], dtype=s["cache_dtype"])
+        if s["cache_sketch"] == "input_basis":
+            caches = SketchedClassCaches(s["sketch_rank"], mode=s["class_cache_update"],
+                                         momentum=s["momentum"], dtype=s["cache_dtype"])
+        else:
+            params = (detector.classifier_parameters() if s["score_parameters"] == "heads"
+                      else detector.trainable_parameters())
+            caches = ClassGradientCaches(params, mode=s["class_cache_update"],
+                                         momentum=s["momentum"], dtype=s["cache_dtype"])
     if spec.thresholded:
         threshold = PerClassPercentileThreshold(s["keep_fraction"], window=s["window"],
                                                 per_class=s["per_class_threshold"])
@@ -183,4 +188,7 @@ def _trainer(detector: DetectorBackend, train_set: LvisDataset, val_set: LvisDat
         momentum=t["momentum"], warmup_steps=t["warmup_steps"], total_steps=steps,
         schedule=t["schedule"], grad_clip=t["grad_clip"], ema=t["ema"],
         repeat_factor_threshold=t["repeat_factor_threshold"], val_set=val_set,
-        eval_every=t["eval_every"], max_eval_images=max_eval_images, seed=seed, rank=rank)
+        eval_every=t["eval_every"], max_eval_images=max_eval_images, seed=seed, rank=rank,
+        real_gradients=s["real_gradients"], topup_images=s["topup_images"],
+        cache_max_age=s["cache_max_age"], basis_images=s["basis_images"],
+        basis_refresh_steps=s["basis_refresh_steps"])

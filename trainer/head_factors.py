@@ -12,7 +12,8 @@ no normalisation across rows), so one backward of Σ_i ℓ_i to the layers' outp
 class's mean real gradient is then (1/n) Σ_i δ_i x_iᵀ per layer, and the dot product of two
 such gradients is Σ_l (δ_aᵀ δ_b)(x_aᵀ x_b) (+ the bias terms).
 
-`head_factors` works for any head made of ``nn.Linear`` layers and elementwise functions
+The factors are `selector.class_sketch.LayerFactors`. `head_factors` works for any head made
+of ``nn.Linear`` layers and elementwise functions
 (torchvision's TwoMLPHead + FastRCNNPredictor, detectron2's FC heads); a layer that gets no
 gradient from the classification loss (the box-regression layer) is left out. Tensors: N boxes;
 ``x`` N x d_in, ``delta`` N x d_out, float32.
@@ -21,33 +22,11 @@ gradient from the classification loss (the box-regression layer) is left out. Te
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-
-@dataclass(frozen=True)
-class LayerFactors:
-    """One linear layer's per-box factors.
-
-    Attributes:
-        name: the layer's module name (``"box_head.fc6"``).
-        x: N x d_in, the layer's input for each box.
-        delta: N x d_out, ∂ℓ_i/∂(layer output) for each box.
-        has_bias: whether the layer has a bias (its gradient is ``delta``).
-    """
-
-    name: str
-    x: Tensor
-    delta: Tensor
-    has_bias: bool
-
-    @property
-    def numel(self) -> int:
-        """Parameters of the layer (weight and bias)."""
-        d_out, d_in = self.delta.shape[1], self.x.shape[1]
-        return d_out * d_in + (d_out if self.has_bias else 0)
+from selector.class_sketch import LayerFactors
 
 
 def linear_layers(modules: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.Linear]]:

@@ -29,10 +29,11 @@ import torch
 from selector.decision import INVALID_NAN_REAL_GRAD
 from trainer.candidates import Candidate
 
-#: ``{class_id: label}`` of the candidates about to be scored → the classes whose real
-#: gradient was not finite (their caches untouched). Training folds the step's real "test"
-#: batch into the caches; rescoring computes each class's cache once at fixed weights.
-RefreshCaches = Callable[[Mapping[int, int]], set[int]]
+#: ``(candidates' {class_id: label}, the batch's scoring inputs) -> the classes whose real
+#: gradient was not finite`` (their caches untouched). Training folds the real boxes of the
+#: step's own images (and a bounded top-up of real images for stale classes) into the caches;
+#: rescoring computes each class's cache once at fixed weights.
+RefreshCaches = Callable[[Mapping[int, int], "ScoringInputs"], set[int]]
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,10 @@ class CandidateScore:
     cache_norm: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class ScoringInputs:
-    """The pasted batch as the detector takes it, and where each candidate's box is.
+    """The pasted batch as the detector takes it, where each candidate's box is, and (computed
+    once, on first use) the box head's inputs and per-box gradient factors of all its boxes.
 
     Attributes:
         images, targets: the model inputs of the pasted images (`trainer.real_data`).
@@ -58,12 +60,40 @@ class ScoringInputs:
     images: list[torch.Tensor]
     targets: list[dict[str, Any]]
     row_of: dict[int, int]
+    _pooled: torch.Tensor | None = None
+    _factors: list[Any] | None = None
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """N training labels of all the batch's boxes (real and generated)."""
+        return torch.cat([t["labels"] for t in self.targets])
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """N bools: which boxes are pasted candidates."""
+        return torch.cat([t["generated"].bool() for t in self.targets])
+
+    def pooled(self, step: "ScoringStep") -> torch.Tensor:
+        """N x ...: the box head's RoI-pooled inputs at every box (one backbone forward)."""
+        if self._pooled is None:
+            self._pooled = step.backend.gt_box_head_inputs(self.images, self.targets)
+        return self._pooled
+
+    def factors(self, step: "ScoringStep") -> list[Any]:
+        """The per-box gradient factors of every box (`trainer.head_factors`)."""
+        if self._factors is None:
+            self._factors = step.box_factors(self.pooled(step), self.labels)
+        return self._factors
 
 
 class ScoringStep(Protocol):
     """What a signal uses of `trainer.instance_step.InstanceStep`."""
 
     selector: Any
+    backend: Any
+    sketched: bool
+
+    def box_factors(self, pooled: torch.Tensor, labels: torch.Tensor) -> list[Any]: ...
 
     def instance_losses(self, images: list[torch.Tensor], targets: list[dict[str, Any]],
                         rows: list[int], labels: list[int]) -> torch.Tensor: ...
@@ -99,16 +129,30 @@ class ContributionSignal(ScoreSignal):
         if refresh is None:
             raise ValueError("contribution scores need the real gradients of the candidates' "
                              "classes (the real 'test' batch)")
-        poisoned = refresh({c.class_id: c.label for c in passing})
+        poisoned = refresh({c.class_id: c.label for c in passing}, inputs)
         out = {c.position: CandidateScore(INVALID_NAN_REAL_GRAD) for c in passing
                if c.class_id in poisoned}
         scored = [c for c in passing if c.class_id not in poisoned]
-        grads = step.instance_gradients(inputs.images, inputs.targets,
-                                        [inputs.row_of[c.position] for c in scored],
-                                        [c.label for c in scored])
-        for c, g in zip(scored, grads):
-            value, norm = step.selector.contribution(c.class_id, g)
-            out[c.position] = CandidateScore("", value, norm)
+        by_class: dict[int, list[Candidate]] = {}
+        for c in scored:
+            by_class.setdefault(c.class_id, []).append(c)
+        if step.sketched:  # the candidates' own boxes' factors, no per-candidate backward
+            factors = inputs.factors(step)
+            candidates: dict[int, Any] = {
+                cid: [f.rows([inputs.row_of[c.position] for c in group]) for f in factors]
+                for cid, group in by_class.items()}
+        else:
+            grads = step.instance_gradients(inputs.images, inputs.targets,
+                                            [inputs.row_of[c.position] for c in scored],
+                                            [c.label for c in scored])
+            index = {c.position: k for k, c in enumerate(scored)}
+            candidates = {cid: grads[[index[c.position] for c in group]]
+                          for cid, group in by_class.items()}
+        for cid, group in by_class.items():
+            values, norm = step.selector.contributions(cid, candidates[cid])
+            for k, c in enumerate(group):
+                out[c.position] = CandidateScore("", None if values is None else values[k],
+                                                 norm)
         return out
 
 

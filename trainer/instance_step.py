@@ -38,11 +38,13 @@ from typing import Any
 
 import torch
 
+from selector.class_sketch import InputBasis, SketchedClassCaches
 from selector.decision import INVALID_NOT_VISIBLE, Decision, invalid_decision
 from selector.instance_selector import InstanceSelector
 from trainer.backends.base import DetectorBackend
 from trainer.candidates import Candidate
 from trainer.copy_paste import PastedImage
+from trainer.head_factors import head_factors, linear_layers
 from trainer.instance_scores import exact_gradients, flat, generated_instances
 from trainer.instance_signals import (
     CandidateScore,
@@ -59,6 +61,15 @@ from trainer.step import (
 )
 
 SCORE_PARAMETERS = ("heads", "all")
+#: Where the class caches' real gradients come from (docs/algorithm.md, Real gradients):
+#: ``training_batch``: the real boxes of the step's own images (every class present), plus a
+#: bounded top-up of real images for candidate classes whose cache is empty or stale;
+#: ``test_batch``: an extra real "test" batch each step holding the candidates' classes (the
+#: reference's, at least one image per candidate class).
+REAL_GRADIENTS = ("training_batch", "test_batch")
+#: Draws the real images the input bases are fitted on: ``(count, refresh index) -> samples``
+#: (the same on every rank).
+BasisSource = Callable[[int, int], list[dict[str, Any]]]
 
 
 class InstanceStep(TrainingStep):
@@ -68,13 +79,31 @@ class InstanceStep(TrainingStep):
         backend: the detector.
         selector: the `selector.instance_selector.InstanceSelector`.
         score_parameters: ``"heads"`` (default) or ``"all"``.
+        class_of_label: training label → category id (the cache keys of real boxes).
+        real_gradients: one of `REAL_GRADIENTS`.
+        real_batch_size: ``test_batch``: real images per step at least (one per candidate
+            class at least).
+        topup_images, cache_max_age: ``training_batch``: at most this many real images per
+            step for the candidate classes whose cache is empty or older than ``cache_max_age``
+            steps (and which the step's own images do not hold).
+        basis_source, basis_images, basis_refresh_steps: sketched caches only: where the
+            input bases' real images come from, how many, and every how many steps the bases
+            are fitted again (the caches re-expressed in them; 0: never after the first).
     """
 
     def __init__(self, backend: DetectorBackend, selector: InstanceSelector,
-                 score_parameters: str = "heads") -> None:
+                 score_parameters: str = "heads", *,
+                 class_of_label: Mapping[int, int] | None = None,
+                 real_gradients: str = "test_batch", real_batch_size: int = 4,
+                 topup_images: int = 2, cache_max_age: int = 50,
+                 basis_source: BasisSource | None = None, basis_images: int = 8,
+                 basis_refresh_steps: int = 100) -> None:
         if score_parameters not in SCORE_PARAMETERS:
             raise ValueError(f"selection.score_parameters {score_parameters!r} is unknown; use "
                              f"one of {SCORE_PARAMETERS}")
+        if real_gradients not in REAL_GRADIENTS:
+            raise ValueError(f"selection.real_gradients {real_gradients!r} is unknown; use one "
+                             f"of {REAL_GRADIENTS}")
         super().__init__(backend)
         self.selector = selector
         self.score_parameters = score_parameters
@@ -82,6 +111,24 @@ class InstanceStep(TrainingStep):
         if self.signal is not None and self.signal.uses_caches and selector.caches is None:
             raise ValueError(f"method {selector.method!r} scores with the {self.signal.name} "
                              "signal, which needs the class gradient caches")
+        self.sketched = isinstance(selector.caches, SketchedClassCaches)
+        if self.sketched and score_parameters != "heads":
+            raise ValueError("sketched class caches score the box head's linear layers: they "
+                             "need selection.score_parameters=heads (or cache_sketch=none)")
+        if real_gradients == "training_batch" and score_parameters != "heads":
+            raise ValueError("selection.real_gradients=training_batch takes the real boxes' "
+                             "gradients of the box head: it needs score_parameters=heads")
+        self.class_of_label = dict(class_of_label or {})
+        self.real_gradients = real_gradients
+        self.real_batch_size = int(real_batch_size)
+        self.topup_images = int(topup_images)
+        self.cache_max_age = int(cache_max_age)
+        self.layers = (linear_layers([("box_head", backend.module.roi_heads.box_head),
+                                      ("box_predictor", backend.module.roi_heads.box_predictor)])
+                       if self.sketched else [])
+        self.basis_source = basis_source
+        self.basis_images = int(basis_images)
+        self.basis_refresh_steps = int(basis_refresh_steps)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -94,6 +141,12 @@ class InstanceStep(TrainingStep):
     def needs_real_test(self) -> bool:
         return self.signal is not None and self.signal.uses_caches
 
+    def box_factors(self, pooled: torch.Tensor, labels: torch.Tensor) -> list[Any]:
+        """The per-box gradient factors of the box classifier's linear layers."""
+        _, factors = head_factors(self.backend.head_losses, pooled,
+                                  labels.to(pooled.device), self.layers)
+        return factors
+
     # -- the step --------------------------------------------------------------------------
 
     def run(self, step: int, batch: PastedBatch, *,
@@ -103,10 +156,19 @@ class InstanceStep(TrainingStep):
         started = time.perf_counter()
         real_test = batch.real_test
 
-        def refresh(labels: Mapping[int, int]) -> set[int]:
-            if not real_test:
-                raise ValueError("contribution scores need the real 'test' batch")
-            return self.update_caches(real_test, labels)
+        def refresh(labels: Mapping[int, int], inputs: ScoringInputs) -> set[int]:
+            if self.sketched:
+                self.ensure_basis(step)
+            if self.real_gradients == "test_batch":
+                if not real_test:
+                    raise ValueError("contribution scores need the real 'test' batch")
+                return self.update_caches(real_test, labels, step=step)
+            # The real boxes of the step's own images: every class present.
+            real = ~inputs.generated
+            poisoned = self.update_from_boxes(inputs, real, step=step)
+            if real_test:  # the top-up for the candidates' stale classes
+                poisoned |= self.update_caches(real_test, labels, step=step)
+            return poisoned
 
         scored = self.score(batch.pasted, batch.candidates, refresh)
         decisions = self.decide(step, batch.candidates, scored)
@@ -116,7 +178,31 @@ class InstanceStep(TrainingStep):
         verdicts = {p: Verdict.of(d) for p, d in decisions.items()}
         return StepResult(verdicts, trained_on, losses, len(generated_instances(batch.pasted)),
                           score_seconds, log={"accepted": bool(keep),
-                                              "num_accepted": len(keep)})
+                                              "num_accepted": len(keep),
+                                              "topup_images": len(real_test or ())})
+
+    def real_test_for(self, step: int, class_ids: Sequence[int], covered: set[int]
+                      ) -> tuple[list[int], int] | None:
+        """``test_batch``: max(real_batch_size, candidate classes) images holding them;
+        ``training_batch``: a top-up of at most ``topup_images`` for the stale classes."""
+        if not self.needs_real_test:
+            return None
+        if self.real_gradients == "test_batch":
+            return list(class_ids), max(self.real_batch_size, len(set(class_ids)))
+        stale = self.stale_classes(class_ids, covered, step, self.cache_max_age)
+        return (stale, min(self.topup_images, len(stale))) if stale else None
+
+    def stale_classes(self, class_ids: Sequence[int], covered: set[int], step: int,
+                      max_age: int) -> list[int]:
+        """The candidate classes whose cache is empty or older than ``max_age`` steps and that
+        the step's own images do not hold (``covered``): the ones a top-up draw is for."""
+        caches = self.selector.caches
+        out = []
+        for cid in dict.fromkeys(int(c) for c in class_ids):
+            age = None if caches is None else caches.age(cid, step)
+            if cid not in covered and (age is None or age > max_age):
+                out.append(cid)
+        return out
 
     def score(self, pasted: Sequence[PastedImage], candidates: Sequence[Candidate],
               refresh: RefreshCaches | None) -> dict[int, CandidateScore]:
@@ -182,22 +268,69 @@ class InstanceStep(TrainingStep):
             return exact_gradients(self.instance_losses(images, targets, rows, labels),
                                    self.params)
 
-    def update_caches(self, real_test: Sequence[dict[str, Any]], labels: dict[int, int]
-                       ) -> set[int]:
-        """Fold each candidate class's real gradient (its boxes in the real "test" batch) into
-        that class's cache; a class without a real box this step keeps its cache as it is.
-        Returns the classes whose real gradient was not finite (their caches are untouched;
-        their candidates are ``invalid_nan_real_grad``)."""
+    def update_caches(self, real_test: Sequence[dict[str, Any]], labels: Mapping[int, int],
+                      *, step: int = 0) -> set[int]:
+        """Fold each of the classes ``labels`` names ({class id: label}) real gradient (its
+        boxes in the real samples ``real_test``) into that class's cache; a class without a
+        real box there keeps its cache as it is. Returns the classes whose real gradient was
+        not finite (their caches are untouched; their candidates are
+        ``invalid_nan_real_grad``)."""
+        images, targets = real_inputs(real_test, self.backend.device)
+        inputs = ScoringInputs(images, targets, {})
+        wanted = set(labels.values())
+        picked = torch.tensor([int(v) in wanted for v in inputs.labels.tolist()],
+                              dtype=torch.bool)
+        if self.score_parameters != "heads":
+            return self._update_all_parameters(images, targets, labels, step)
+        return self.update_from_boxes(inputs, picked, step=step,
+                                      class_of_label={v: k for k, v in labels.items()})
+
+    def update_from_boxes(self, inputs: ScoringInputs, picked: torch.Tensor, *, step: int,
+                          class_of_label: Mapping[int, int] | None = None) -> set[int]:
+        """Fold the real gradient of every class among the ``picked`` boxes of ``inputs`` (the
+        mean over its boxes of the box classifier's loss gradient) into its cache; returns the
+        classes whose gradient was not finite."""
         caches = self.selector.caches
         assert caches is not None
-        images, targets = real_inputs(real_test, self.backend.device)
-        real_labels = torch.cat([t["labels"] for t in targets])
+        names = class_of_label if class_of_label is not None else self.class_of_label
+        labels = inputs.labels
+        picked = picked.to(labels.device)
+        present = sorted({int(v) for v in labels[picked].tolist()})
+        if not present:
+            return set()
+        poisoned = set()
+        if self.sketched:
+            factors = inputs.factors(self)
+            for label in present:
+                rows = torch.nonzero(picked & (labels == label)).flatten()
+                cid = names.get(label)
+                if cid is not None and caches.update(cid, [f.rows(rows) for f in factors],
+                                                     step=step) is not None:
+                    poisoned.add(cid)
+            return poisoned
+        pooled = inputs.pooled(self)
         params = self.params
-        if self.score_parameters == "heads":
-            pooled = self.backend.gt_box_head_inputs(images, targets)
-            losses = self.backend.head_losses(pooled, real_labels.to(pooled.device))
-        else:
-            losses = self.backend.gt_box_losses(images, targets)
+        with torch.enable_grad():
+            losses = self.backend.head_losses(pooled, labels.to(pooled.device))
+            for label in present:
+                cid = names.get(label)
+                if cid is None:
+                    continue
+                chosen = (picked & (labels == label)).to(losses.device)
+                grads = torch.autograd.grad(losses[chosen].mean(), params, retain_graph=True,
+                                            allow_unused=True)
+                if caches.update(cid, flat(grads, params), step=step) is not None:
+                    poisoned.add(cid)
+        return poisoned
+
+    def _update_all_parameters(self, images: list[torch.Tensor], targets: list[dict[str, Any]],
+                               labels: Mapping[int, int], step: int) -> set[int]:
+        """``score_parameters: all``: the real gradient over every trainable parameter."""
+        caches = self.selector.caches
+        assert caches is not None
+        real_labels = torch.cat([t["labels"] for t in targets])
+        losses = self.backend.gt_box_losses(images, targets)
+        params = self.params
         poisoned = set()
         for class_id, label in sorted(labels.items()):
             picked = (real_labels == label).to(losses.device)
@@ -205,6 +338,39 @@ class InstanceStep(TrainingStep):
                 continue
             grads = torch.autograd.grad(losses[picked].mean(), params, retain_graph=True,
                                         allow_unused=True)
-            if caches.update(class_id, flat(grads, params)) is not None:
+            if caches.update(class_id, flat(grads, params), step=step) is not None:
                 poisoned.add(class_id)
         return poisoned
+
+    # -- sketched caches: the input bases --------------------------------------------------
+
+    def ensure_basis(self, step: int, *, refresh: bool = True) -> None:
+        """Fit the input bases when there are none, and again every ``basis_refresh_steps``
+        (the caches re-expressed in the new ones), from ``basis_images`` real images drawn the
+        same way on every rank (and broadcast from rank 0 under torch.distributed)."""
+        caches = self.selector.caches
+        assert isinstance(caches, SketchedClassCaches)
+        index = step // self.basis_refresh_steps if self.basis_refresh_steps > 0 else 0
+        if caches.basis is not None and (not refresh or index <= caches.basis_index):
+            return
+        if self.basis_source is None:
+            raise ValueError("sketched class caches need real images to fit their input bases "
+                             "(basis_source)")
+        index = step // self.basis_refresh_steps if self.basis_refresh_steps > 0 else 0
+        samples = self.basis_source(self.basis_images, index)
+        images, targets = real_inputs(samples, self.backend.device)
+        inputs = ScoringInputs(images, targets, {})
+        basis = InputBasis.fit(inputs.factors(self), caches.rank)
+        basis = _broadcast(basis)
+        caches.set_basis(basis, index=index)
+
+
+def _broadcast(basis: InputBasis) -> InputBasis:
+    """Rank 0's bases on every rank (a no-op without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return basis
+    for name in sorted(basis.bases):
+        dist.broadcast(basis.bases[name], src=0)
+    return basis

@@ -132,6 +132,9 @@ class DetectorTrainer:
         score_parameters: instance level: ``"heads"`` or ``"all"`` (`trainer.instance_step`).
         batch_size: real images per step (each may receive pastes).
         real_batch_size: images of the real "test" batch (faithful BSGAL; reference 4).
+        real_gradients, topup_images, cache_max_age, basis_images, basis_refresh_steps:
+            instance level: where the class caches' real gradients come from and the sketched
+            caches' input bases (`trainer.instance_step.InstanceStep`).
         max_pastes_per_image: candidates pasted per image are drawn in 0..this.
         optimizer, lr, weight_decay, momentum: AdamW (reference) or SGD settings.
         warmup_steps, total_steps, schedule: linear warmup, then cosine over ``total_steps``.
@@ -162,6 +165,11 @@ class DetectorTrainer:
                  repeat_factor_threshold: float = _T["repeat_factor_threshold"],
                  val_set: LvisDataset | None = None, eval_every: int = _T["eval_every"],
                  max_eval_images: int | None = None, seed: int = 0, rank: int = 0,
+                 real_gradients: str = _S["real_gradients"],
+                 topup_images: int = _S["topup_images"],
+                 cache_max_age: int = _S["cache_max_age"],
+                 basis_images: int = _S["basis_images"],
+                 basis_refresh_steps: int = _S["basis_refresh_steps"],
                  image_cache_size: int = 256, min_mask_pixels: int = 16) -> None:
         if batch_size < 1 or real_batch_size < 1:
             raise ValueError(f"batch_size={batch_size} and real_batch_size={real_batch_size} "
@@ -174,15 +182,6 @@ class DetectorTrainer:
         self.selector = selector
         self.method = "none" if selector is None else selector.method
         self.granularity = "instance" if isinstance(selector, InstanceSelector) else "batch"
-        # The one place where the step kind is chosen; everything after calls its interface.
-        self.step_fn: TrainingStep
-        if isinstance(selector, InstanceSelector):
-            self.step_fn = InstanceStep(backend, selector, score_parameters)
-        elif selector is not None:
-            self.step_fn = BsgalStep(backend, selector, mode)
-        else:
-            BsgalStep.check_mode(mode)
-            self.step_fn = TrainingStep(backend)
         self.mode = mode
         self.batch_size = int(batch_size)
         self.real_batch_size = int(real_batch_size)
@@ -194,6 +193,21 @@ class DetectorTrainer:
         self.real = RealImages(train_set, image_cache_size)
         self.label_of = {c.id: c.label for c in train_set.categories}
         self.category_of = {c.label: c.id for c in train_set.categories}
+        self.seed = int(seed)
+        # The one place where the step kind is chosen; everything after calls its interface.
+        self.step_fn: TrainingStep
+        if isinstance(selector, InstanceSelector):
+            self.step_fn = InstanceStep(
+                backend, selector, score_parameters, class_of_label=self.category_of,
+                real_gradients=real_gradients, real_batch_size=real_batch_size,
+                topup_images=topup_images, cache_max_age=cache_max_age,
+                basis_source=self._basis_samples, basis_images=basis_images,
+                basis_refresh_steps=basis_refresh_steps)
+        elif selector is not None:
+            self.step_fn = BsgalStep(backend, selector, mode, real_batch_size)
+        else:
+            BsgalStep.check_mode(mode)
+            self.step_fn = TrainingStep(backend)
         self.sampler = RepeatFactorSampler(self.real.category_ids_per_image,
                                            repeat_factor_threshold, derive_seed(seed, rank, 1))
         self.test_sampler = ClassAwareSampler(self.real.category_ids_per_image,
@@ -317,6 +331,13 @@ class DetectorTrainer:
                 score=v.score, threshold=v.threshold, cache_norm=v.cache_norm)
         return log
 
+    def _basis_samples(self, count: int, index: int) -> list[dict[str, Any]]:
+        """``count`` training images for the ``index``-th fit of the sketched caches' input
+        bases: drawn from the run seed alone, so every rank fits the same bases."""
+        rng = np.random.default_rng(derive_seed(self.seed, index, 21))
+        picked = rng.choice(len(self.real), size=min(count, len(self.real)), replace=False)
+        return [self.real[int(i)] for i in sorted(picked)]
+
     def _cache_norm(self) -> float | None:
         """The batch selector's cache norm (recorded on rows decided before pasting)."""
         cache = getattr(self.selector, "cache", None)
@@ -332,11 +353,12 @@ class DetectorTrainer:
         used = [c for chosen in per_image for c in chosen]
         class_ids = [c.class_id for c in used]
         test: list[dict[str, Any]] | None = None
-        if real_test and self.step_fn.needs_real_test:
-            count = self.real_batch_size
-            if self.granularity == "instance":  # one real image per candidate class at least
-                count = max(count, len(set(class_ids)))
-            test = [self.real[i] for i in self.test_sampler.sample(class_ids, count)]
+        request = self.step_fn.real_test_for(self.step, class_ids, {
+            self.category_of[int(label)] for p in pasted
+            for label, source in zip(p.labels.tolist(), p.source_positions.tolist())
+            if source < 0}) if real_test else None
+        if request is not None and request[1] > 0:
+            test = [self.real[i] for i in self.test_sampler.sample(*request)]
         names = sorted(set.intersection(*(set(c.fields) for c in used))) if used else []
         fields = {name: [c.fields[name] for c in used] for name in names}
         return PastedBatch(pasted, used, class_ids, test, fields)

@@ -87,7 +87,7 @@ class Rescorer:
         self.poisoned: set[int] = set()
         self._cached: set[int] = set()
         if cache == "real" and self.selector.caches is not None:
-            self.selector.caches.caches = {}
+            self.selector.caches.clear()
         module = trainer.backend.module
         module.train()  # the losses are defined in train mode, as in the run
         self._buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
@@ -112,9 +112,11 @@ class Rescorer:
         rng = np.random.default_rng(derive_seed(self.seed, class_id, 13))
         return sorted(int(i) for i in rng.choice(holding, self.real_images, replace=False))
 
-    def _ensure_caches(self, labels: Mapping[int, int]) -> set[int]:
+    def _ensure_caches(self, labels: Mapping[int, int], inputs: Any = None) -> set[int]:
         """The classes' caches (``cache="real"``: computed when a class is first met; with
         ``checkpoint`` the checkpoint's, held fixed); returns the poisoned classes so far."""
+        if self.step.sketched:  # the checkpoint's input bases (fitted if it has none)
+            self.step.ensure_basis(self.trainer.step, refresh=False)
         if self.cache == "real":
             for class_id, label in sorted(labels.items()):
                 if class_id in self._cached:
@@ -123,7 +125,8 @@ class Rescorer:
                 indices = self.real_indices(class_id)
                 if indices:
                     self.poisoned |= self.step.update_caches(
-                        [self.trainer.real[i] for i in indices], {class_id: label})
+                        [self.trainer.real[i] for i in indices], {class_id: label},
+                        step=self.trainer.step)
         return self.poisoned
 
     def score(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]],

@@ -129,6 +129,13 @@ class TrainingStep:
         """Whether `trainer.loop.DetectorTrainer.paste_next` must draw a real "test" batch."""
         return False
 
+    def real_test_for(self, step: int, class_ids: Sequence[int], covered: set[int]
+                      ) -> tuple[list[int], int] | None:
+        """The real "test" images the step wants for candidates of ``class_ids`` (``covered``:
+        the classes the step's own images hold): ``(classes to draw images of, how many)``, or
+        None for none."""
+        return None
+
     def train_real(self, samples: Sequence[dict[str, Any]], step: int) -> dict[str, float]:
         """Backward of the stock loss on real samples (gradients into ``param.grad``)."""
         return self.backward_stock(*real_inputs(samples, self.backend.device), step, "real")

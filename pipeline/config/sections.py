@@ -191,6 +191,26 @@ class SelectionConfig:
     score_parameters: Literal["heads", "all"] = "heads"
     class_cache_update: Literal["momentum", "average"] = "average"
     per_class_threshold: bool = True
+    # Instance granularity: where the class caches' real gradients come from. training_batch:
+    # the real boxes of the step's own images (every class present), and for a candidate class
+    # whose cache is empty or older than cache_max_age steps (and which those images lack) a
+    # top-up of at most topup_images real images holding it; test_batch: the reference's extra
+    # real "test" batch every step (max(real_batch_size, candidate classes) images).
+    real_gradients: Literal["training_batch", "test_batch"] = "training_batch"
+    topup_images: int = 2
+    cache_max_age: int = 50
+    # Instance granularity: the class caches. input_basis: sketched on each head layer's input
+    # side with a shared basis of sketch_rank directions per layer (output side exact; ~44 k
+    # numbers per class on ResNet-50 FPN heads instead of 20 M), fitted on basis_images real
+    # images and again every basis_refresh_steps steps (0: once); none: a full copy of the
+    # scored parameters per class (the reference the sketch is checked against).
+    cache_sketch: Literal["none", "input_basis"] = "input_basis"
+    sketch_rank: int = 8
+    basis_images: int = 8
+    basis_refresh_steps: int = 100
+    # The memory the class caches of every class of the data may take (MiB, per trainer
+    # worker); `bsgal check` refuses a config whose caches would not fit.
+    cache_memory_mb: float = 2048.0
 
 
 @dataclass

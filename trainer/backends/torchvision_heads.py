@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
-from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
+from torchvision.models.detection.rpn import (
+    RegionProposalNetwork,
+    concat_box_prediction_layers,
+)
 from torchvision.ops import boxes as box_ops
 
 from trainer.backends.base import (
