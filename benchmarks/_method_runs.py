@@ -77,6 +77,10 @@ def method_specs(quality_threshold: float, keep_fraction: float,
         MethodSpec("instance_composite", f"per instance: composite, quality gate then BSGAL "
                    f"contribution (keep {instance_keep:.0%} per class)",
                    {**instance, "method": "composite"}),
+        MethodSpec("instance_composite_exact", "per instance: composite with exact class caches "
+                   "fed by an extra real test batch (the previous default)",
+                   {**instance, "method": "composite", "cache_sketch": "none",
+                    "real_gradients": "test_batch"}),
         MethodSpec("instance_random", "per instance: random at the composite's rate",
                    {**instance, "method": "random"}, random_rate_from="instance_composite"),
     ]

@@ -285,6 +285,8 @@ def main() -> None:
     parser.add_argument("--keep-fraction", type=float, default=TUNING["keep_fraction"])
     parser.add_argument("--instance-keep", type=float, default=TUNING["instance_keep"],
                         help="per-class keep fraction of the instance-level methods")
+    parser.add_argument("--stem", default="selection_quality",
+                        help="name of the result files (<stem>.md, <stem>.json)")
     parser.add_argument("--out", help="output folder (default benchmarks/results; --quick: a "
                         "temporary folder)")
     parser.add_argument("--work-dir", help="keep data, streams and checkpoints here (reused "
@@ -370,7 +372,7 @@ def main() -> None:
     png = out / ("noise_scores.png" if not args.quick else "noise_scores_quick.png")
     if noise:
         plot_noise(noise, png)
-    stem = "selection_quality" + ("_quick" if args.quick else "")
+    stem = args.stem + ("_quick" if args.quick else "")
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     payload = {
         "command": command, "machine": info, "wall_s": wall, "sizes": dataclasses.asdict(sizes),

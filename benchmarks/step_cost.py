@@ -7,14 +7,20 @@ training without selection (accept-all: one forward+backward on the pasted batch
 median seconds per step (pasting and image loading included) and the ratio to plain, for
 
 - ``instance_composite``: the default (`configs/demo.yaml`): quality gate, then the BSGAL
-  contribution of each candidate against its class's cache over the box head + predictor (two
-  no-grad backbone forwards, small per-instance backwards), then training on the accepted
-  candidates re-rendered;
-- ``instance_all_params``: the same over all trainable parameters with exact per-instance
-  backwards (the reference the default is measured against in benchmarks/instance_scores.py);
+  contribution of each candidate against its class's sketched cache over the box head +
+  predictor; the caches are fed by the real boxes of the step's own images (one no-grad
+  backbone forward of the pasted images serves both; a top-up of at most 2 real images for
+  stale classes), every box's gradient factors from one head backward; then training on the
+  accepted candidates re-rendered;
+- ``instance_exact_test_batch``: the previous default: exact class caches (a copy of the head
+  per class) fed by an extra real "test" batch of max(4, candidate classes) images per step,
+  one head backward per candidate and per class;
+- ``instance_all_params``: exact caches over all trainable parameters with exact per-instance
+  backwards (the reference the heads path is measured against in benchmarks/instance_scores.py);
 - ``batch_faithful``: the paper's per-batch BSGAL (three forward+backward passes).
 
-Target (issue 15): the default ≤ 1.5× plain.
+Target (issue 24): the default ≤ 1.15× plain (issue 15 allowed 1.5×). The same comparison at
+ResNet-50 FPN size and 800 px is `benchmarks/lvis_scale.py` (c).
 
 The candidate stream is made of real instances cut out of training images (good candidates) and,
 for a fraction of them, the same cut-outs labelled with a wrong class (bad candidates), so that
@@ -42,13 +48,18 @@ METHODS = {
     "plain": {"method": "accept_all"},
     "instance_composite": {"granularity": "instance", "method": "composite", "keep_fraction": 0.7,
                            "quality_gates": {"mask_score": 0.5}},
+    "instance_exact_test_batch": {"granularity": "instance", "method": "composite",
+                                  "keep_fraction": 0.7, "quality_gates": {"mask_score": 0.5},
+                                  "cache_sketch": "none", "real_gradients": "test_batch"},
     "instance_all_params": {"granularity": "instance", "method": "composite",
                             "keep_fraction": 0.7, "quality_gates": {"mask_score": 0.5},
-                            "score_parameters": "all"},
+                            "score_parameters": "all", "cache_sketch": "none",
+                            "real_gradients": "test_batch"},
     "batch_faithful": {"method": "bsgal", "mode": "faithful"},
 }
 PASSES = {"plain": "1 fwd + 1 bwd",
-          "instance_composite": "1 fwd + 1 bwd + 2 no-grad fwd + K+C head-only bwd",
+          "instance_composite": "1 fwd + 1 bwd + 1 no-grad fwd (+ top-up) + 1 head bwd",
+          "instance_exact_test_batch": "1 fwd + 1 bwd + 2 no-grad fwd + K+C head-only bwd",
           "instance_all_params": "1 fwd + 1 bwd + 2 fwd + K+C full bwd",
           "batch_faithful": "3 fwd + 3 bwd"}
 
@@ -106,13 +117,13 @@ def main() -> None:
     plain = statistics.median(seconds["plain"])
     print(f"Step cost, CPU configuration (small Mask R-CNN, 128 px, batch {args.batch_size}, "
           f"{args.threads} thread(s), torch {torch.__version__}); {cost_time:.0f} s")
-    print(f"{'method':<20} {'steps':>5} {'median s/step':>14} {'mean s/step':>12} "
+    print(f"{'method':<26} {'steps':>5} {'median s/step':>14} {'mean s/step':>12} "
           f"{'x plain':>8}  passes")
     for name, values in seconds.items():
         median = statistics.median(values)
-        print(f"{name:<20} {len(values):>5} {median:>14.3f} {statistics.mean(values):>12.3f} "
+        print(f"{name:<26} {len(values):>5} {median:>14.3f} {statistics.mean(values):>12.3f} "
               f"{median / plain:>8.2f}  {PASSES[name]}")
-    print(f"target: the default (instance_composite) <= 1.5x plain -> "
+    print(f"target: the default (instance_composite) <= 1.15x plain -> "
           f"{statistics.median(seconds['instance_composite']) / plain:.2f}x")
 
 

@@ -52,7 +52,26 @@ def config_show(config_path: str | None, overrides: tuple[str, ...]) -> None:
     Example:
       bsgal config show --config configs/demo.yaml selection.threshold=dynamic training.steps=400
     """
-    click.echo(dump_config(load_config(config_path, overrides)), nl=False)
+    cfg = load_config(config_path, overrides)
+    click.echo(dump_config(cfg), nl=False)
+    memory = selection_memory_line(cfg)
+    if memory:
+        click.echo(f"# {memory}")
+
+
+def selection_memory_line(cfg) -> str:
+    """What the class caches of ``cfg`` take (a comment under ``bsgal config show``)."""
+    import dataclasses
+
+    from trainer.cache_memory import cache_memory
+
+    classes = (cfg.data.synth_num_classes if cfg.data.dataset == "builtin" else 1203)
+    where = "the built-in set's" if cfg.data.dataset == "builtin" else "LVIS's"
+    try:
+        memory = cache_memory(cfg.training.arch, classes, dataclasses.asdict(cfg.selection))
+    except ValueError:
+        return ""
+    return "" if memory is None else f"selection memory ({where} classes): {memory.describe()}"
 
 
 # -------------------------------------------------------------------------------------- data

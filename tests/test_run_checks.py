@@ -174,3 +174,20 @@ def test_resume_may_move_stages_but_not_change_what_they_decide() -> None:
                                        "training.resources_per_worker={trainer_node: 1}"])
     assert config_hash(placed) == base
     assert config_hash(load_config(DEMO_CONFIG, ["selection.fixed_threshold=-0.1"])) != base
+
+
+def test_check_states_the_class_caches_memory_and_refuses_caches_that_do_not_fit(
+        tmp_path: Path, builtin_data: Path) -> None:
+    from tests.conftest import invoke_cli
+
+    keys = [f"output.dir={tmp_path / 'out'}", f"data.root={builtin_data}"]
+    code, out = invoke_cli("check", "--config", str(DEMO_CONFIG), *keys)
+    assert code == 0, out
+    assert "class caches (sketched, input basis): 8,373 numbers" in out
+    code, out = invoke_cli("check", "--config", str(DEMO_CONFIG), *keys,
+                           "selection.cache_sketch=none", "selection.cache_memory_mb=10")
+    assert code == 1
+    assert "exceed selection.cache_memory_mb=10" in out
+    assert "set selection.cache_sketch=input_basis" in out
+    code, out = invoke_cli("config", "show", "--config", str(DEMO_CONFIG))
+    assert "# selection memory (the built-in set's classes): class caches" in out

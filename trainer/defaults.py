@@ -61,7 +61,7 @@ SELECTION_DEFAULTS: dict[str, Any] = {
     "per_class_threshold": True,
     "real_gradients": "training_batch",
     "topup_images": 2,
-    "cache_max_age": 50,
+    "cache_max_age": 1000,
     "cache_sketch": "input_basis",
     "sketch_rank": 8,
     "basis_images": 8,

@@ -195,14 +195,16 @@ class InstanceStep(TrainingStep):
     def stale_classes(self, class_ids: Sequence[int], covered: set[int], step: int,
                       max_age: int) -> list[int]:
         """The candidate classes whose cache is empty or older than ``max_age`` steps and that
-        the step's own images do not hold (``covered``): the ones a top-up draw is for."""
+        the step's own images do not hold (``covered``): the ones a top-up draw is for, empty
+        ones first, then the oldest."""
         caches = self.selector.caches
-        out = []
+        ages = {}
         for cid in dict.fromkeys(int(c) for c in class_ids):
             age = None if caches is None else caches.age(cid, step)
             if cid not in covered and (age is None or age > max_age):
-                out.append(cid)
-        return out
+                ages[cid] = age
+        # Empty caches first (their candidates cannot be scored at all), then the oldest.
+        return sorted(ages, key=lambda c: (ages[c] is not None, -(ages[c] or 0)))
 
     def score(self, pasted: Sequence[PastedImage], candidates: Sequence[Candidate],
               refresh: RefreshCaches | None) -> dict[int, CandidateScore]:

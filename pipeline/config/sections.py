@@ -198,7 +198,7 @@ class SelectionConfig:
     # real "test" batch every step (max(real_batch_size, candidate classes) images).
     real_gradients: Literal["training_batch", "test_batch"] = "training_batch"
     topup_images: int = 2
-    cache_max_age: int = 50
+    cache_max_age: int = 1000
     # Instance granularity: the class caches. input_basis: sketched on each head layer's input
     # side with a shared basis of sketch_rank directions per layer (output side exact; ~44 k
     # numbers per class on ResNet-50 FPN heads instead of 20 M), fitted on basis_images real

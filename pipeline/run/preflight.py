@@ -264,6 +264,7 @@ def check_data(cfg: RunConfig, report: PreflightReport) -> None:
     if data.dataset == "builtin" and not is_uri(data.root) and not all(
             (Path(data.root) / n).is_file() for n in (data.train_json, data.val_json)):
         report.passed.append(f"data: the built-in set will be written to {data.root}")
+        check_cache_memory(cfg, data.synth_num_classes, report)
         return
     try:
         train, val = open_splits(data)
@@ -271,6 +272,7 @@ def check_data(cfg: RunConfig, report: PreflightReport) -> None:
         report.add("data.root", exc if isinstance(exc, DatasetFormatError) else
                    f"data.root: {type(exc).__name__}: {exc}")
         return
+    check_cache_memory(cfg, train.num_classes, report)
     n = len(train)
     sample = sorted({round(i * (n - 1) / max(1, TRAIN_IMAGE_SAMPLE - 1))
                      for i in range(min(n, TRAIN_IMAGE_SAMPLE))}) if n else []
@@ -291,6 +293,32 @@ def check_data(cfg: RunConfig, report: PreflightReport) -> None:
         else:
             report.warnings.append(f"{found} and will be skipped (data.bad_images=skip): "
                                    f"{listed}")
+
+
+def check_cache_memory(cfg: RunConfig, num_classes: int, report: PreflightReport) -> None:
+    """The class caches of every class of the data against ``selection.cache_memory_mb``."""
+    import dataclasses
+
+    from trainer.cache_memory import MIB, cache_memory
+
+    try:
+        memory = cache_memory(cfg.training.arch, num_classes, dataclasses.asdict(cfg.selection))
+    except ValueError as exc:
+        report.warnings.append(f"selection: {exc}")
+        return
+    if memory is None:
+        return
+    budget = cfg.selection.cache_memory_mb
+    if memory.total > budget * MIB:
+        fix = ("set selection.cache_sketch=input_basis (about 0.2 MiB per class on ResNet-50 "
+               "FPN heads)" if memory.kind == "exact" else "lower selection.sketch_rank")
+        report.add("selection.cache_memory_mb",
+                   f"selection: the {memory.describe()} exceed selection.cache_memory_mb="
+                   f"{budget:g}; {fix}, or raise selection.cache_memory_mb if the trainer has "
+                   "the memory")
+    else:
+        report.passed.append(f"selection: {memory.describe()} (within "
+                             f"selection.cache_memory_mb={budget:g})")
 
 
 # ----------------------------------------------------------------------------------- whole

@@ -21,7 +21,12 @@ import pyarrow.parquet as pq
 
 from generators.columns import reason_kind
 from pipeline.storage.filesystem import StorageError, filesystem, is_local, is_uri
-from pipeline.storage.shard_schema import DECISIONS, shard_schema, shards_root, to_record
+from pipeline.storage.shard_schema import (
+    DECISIONS,
+    shard_schema,
+    shards_root,
+    to_record,
+)
 
 # ----------------------------------------------------------------------------------- writing
 

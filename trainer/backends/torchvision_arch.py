@@ -29,6 +29,10 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.ops import MultiScaleRoIAlign
 
 ARCHS = ("small", "resnet50_fpn")
+#: The box head's sizes per arch: (its input, C x 7 x 7 RoI features flattened; its
+#: representation, the width of fc6 and fc7). The box predictor maps the representation to
+#: K + 1 class logits and 4 (K + 1) box deltas. (torchvision's R50-FPN: 256 x 7 x 7 -> 1024.)
+BOX_HEAD_SIZES = {"small": (64 * 7 * 7, 256), "resnet50_fpn": (256 * 7 * 7, 1024)}
 
 
 class ThinResNet(nn.Module):
@@ -75,7 +79,8 @@ class ThinResNet(nn.Module):
 def build_small_maskrcnn(num_classes: int, image_size: int = 128) -> MaskRCNN:
     """The CPU configuration (module docstring); ``num_classes`` excludes background."""
     widths = (32, 64, 128, 256)
-    channels = 64
+    head_in, representation = BOX_HEAD_SIZES["small"]
+    channels = head_in // (7 * 7)
     body = ThinResNet(widths)
     backbone = BackboneWithFPN(
         body,
@@ -98,8 +103,8 @@ def build_small_maskrcnn(num_classes: int, image_size: int = 128) -> MaskRCNN:
         rpn_post_nms_top_n_test=100,
         rpn_batch_size_per_image=64,
         box_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=1),
-        box_head=TwoMLPHead(channels * 7 * 7, 256),
-        box_predictor=FastRCNNPredictor(256, num_classes + 1),
+        box_head=TwoMLPHead(head_in, representation),
+        box_predictor=FastRCNNPredictor(representation, num_classes + 1),
         box_batch_size_per_image=64,
         box_detections_per_img=50,
         mask_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=1),
@@ -119,6 +124,18 @@ def build_resnet50_fpn_maskrcnn(num_classes: int, image_size: int = 800) -> Mask
         box_detections_per_img=300,
         box_score_thresh=1e-4,
     )
+
+
+def box_classifier_layers(arch: str, num_classes: int) -> list[tuple[str, int, int]]:
+    """``(name, d_in, d_out)`` of the box classifier's linear layers of ``arch`` with
+    ``num_classes`` classes (background excluded): fc6, fc7, cls_score, bbox_pred."""
+    if arch not in BOX_HEAD_SIZES:
+        raise ValueError(f"arch {arch!r} is unknown for the torchvision backend; use one of "
+                         f"{ARCHS}")
+    head_in, rep = BOX_HEAD_SIZES[arch]
+    k = num_classes + 1
+    return [("box_head.fc6", head_in, rep), ("box_head.fc7", rep, rep),
+            ("box_predictor.cls_score", rep, k), ("box_predictor.bbox_pred", rep, 4 * k)]
 
 
 def build_maskrcnn(num_classes: int, arch: str = "small", image_size: int = 128) -> MaskRCNN:
