@@ -131,6 +131,60 @@ def local_ray(s3_server):
         ray.shutdown()
 
 
+#: Candidates of the demo-sized Ray runs (`overrides`).
+CANDIDATES = 48
+
+
+def overrides(data: Path, **extra: object) -> list[str]:
+    """A demo-shaped run that takes ~30 s on 2 cores: few candidates, few steps, a checkpoint
+    every 4 steps (at steps 4, 8 and 12)."""
+    keys = {
+        "data.root": str(data), "data.max_val_images": 6,
+        "generation.num_candidates": CANDIDATES, "generation.batch_size": 16,
+        "annotation.batch_size": 16, "annotation.check_batch_size": 8,
+        "training.steps": 12, "training.warmup_real_steps": 2, "training.warmup_steps": 2,
+        "training.checkpoint_every": 4, "training.candidate_batch_size": 8,
+        "output.shard_max_rows": 8, "output.shard_flush_seconds": 1,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
+@pytest.fixture(scope="session")
+def demo_ray_run(local_ray, builtin_data: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> dict[str, Any]:
+    """One demo-sized `bsgal demo` on the session's Ray, to a relative --out as users type it,
+    while the annotator actor holding candidate #20 dies (Ray Data restarts it). Read by the
+    pipeline tests (what the run left) and the rescore tests (its checkpoints at steps 4, 8 and
+    12 judge the stored candidates again): one run instead of one per module."""
+    import functools
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.run import job
+    from pipeline.run.datasets import train_categories
+    from pipeline.run.demo import demo_config
+    from pipeline.run.graph import StageKill
+
+    out = tmp_path_factory.mktemp("run-a") / "out"
+    marker = out.parent / "annotator-killed"
+    keys = overrides(builtin_data, **{"output.keep_checkpoints": 5})
+    cfg = demo_config(keys, str(out))
+    victim = str(job.prompt_sampler(cfg, train_categories(cfg.data)).sample_batch(21)[
+        "sample_id"][20])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(job, "run_job", functools.partial(
+            job.run_job, faults=job.Faults(kill_stage=StageKill("annotate", victim,
+                                                                str(marker)))))
+        # A relative --out: Ray Train workers run in folders of their own.
+        mp.chdir(out.parent)
+        result = CliRunner().invoke(main, ["demo", "--out", out.name, "--progress", "lines",
+                                           *keys])
+    assert result.exit_code == 0, result.output
+    return {"out": out, "marker": marker, "output": result.output}
+
+
 @pytest.fixture
 def ray_starts(monkeypatch: pytest.MonkeyPatch) -> list:
     """Every attempt of this test to start or join Ray (``ray.init``), each refused: a check

@@ -4,7 +4,6 @@ killed mid-run and resumed, and two DDP workers. One Ray instance serves the mod
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 from pathlib import Path
@@ -22,50 +21,23 @@ ray = pytest.importorskip("ray")
 from pipeline.run import job  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.run.datasets import train_categories  # noqa: E402
 from pipeline.run.demo import demo_config  # noqa: E402
-from pipeline.run.graph import StageKill  # noqa: E402
-from pipeline.run.job import Faults, TrainingFailed, prompt_sampler, run_job  # noqa: E402
+from pipeline.run.job import Faults, TrainingFailed, run_job  # noqa: E402
 from pipeline.inspection.run_summary import summary_text as job_summary_text  # noqa: E402
 from pipeline.storage.run_dir import RunDir, read_metrics  # noqa: E402
 from pipeline.storage.shard_schema import decode_rle, PART_NAME  # noqa: E402
 from pipeline.storage.shards import read_decisions  # noqa: E402
+from tests.conftest import CANDIDATES, overrides  # noqa: E402
 
-CANDIDATES = 48
 COMPARED = ["reason", "accepted", "score", "threshold", "step", "stream_offset", "batch_id",
             "cache_norm"]
 
 
-def overrides(data: Path, **extra: object) -> list[str]:
-    """A demo-shaped run that takes ~30 s on 2 cores: few candidates, few steps."""
-    keys = {
-        "data.root": str(data), "data.max_val_images": 6,
-        "generation.num_candidates": CANDIDATES, "generation.batch_size": 16,
-        "annotation.batch_size": 16, "annotation.check_batch_size": 8,
-        "training.steps": 12, "training.warmup_real_steps": 2, "training.warmup_steps": 2,
-        "training.checkpoint_every": 4, "training.candidate_batch_size": 8,
-        "output.shard_max_rows": 8, "output.shard_flush_seconds": 1,
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in keys.items()]
-
-
 @pytest.fixture(scope="module")
-def run_a(local_ray, builtin_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    """`bsgal demo` to a local folder while the annotator actor holding candidate #20 dies."""
-    out = tmp_path_factory.mktemp("run-a") / "out"
-    marker = out.parent / "annotator-killed"
-    cfg = demo_config(overrides(builtin_data), str(out))
-    victim = str(prompt_sampler(cfg, train_categories(cfg.data)).sample_batch(21)["sample_id"][20])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(job, "run_job", functools.partial(
-            run_job, faults=Faults(kill_stage=StageKill("annotate", victim, str(marker)))))
-        # A relative --out, as users type it: Ray Train workers run in folders of their own.
-        mp.chdir(out.parent)
-        result = CliRunner().invoke(main, ["demo", "--out", out.name, "--progress", "lines",
-                                           *overrides(builtin_data)])
-    assert result.exit_code == 0, result.output
-    return {"out": out, "marker": marker, "output": result.output}
+def run_a(demo_ray_run):
+    """`bsgal demo` to a local folder while the annotator actor holding candidate #20 dies
+    (tests/conftest.py: the session's demo-sized Ray run)."""
+    return demo_ray_run
 
 
 def test_local_run_survives_a_killed_actor_and_every_candidate_has_one_row(run_a) -> None:

@@ -17,21 +17,18 @@ ray = pytest.importorskip("ray")
 from pipeline.storage.run_dir import RunDir  # noqa: E402
 from pipeline.storage.shards import read_decisions  # noqa: E402
 from tests.conftest import invoke_cli  # noqa: E402
-from tests.test_pipeline_ray import overrides  # noqa: E402
 
 COLUMNS = ["sample_id", "class_id", "class_name", "decision", "reason", "accepted", "score",
            "step", "judged_by", "source", "source_id", "stream_offset", "image_png"]
 
 
 @pytest.fixture(scope="module")
-def demo_run(local_ray, builtin_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("rescore") / "run"
-    code, text = invoke_cli("demo", "--out", str(out), "--progress", "off",
-                            *overrides(builtin_data, **{"output.keep_checkpoints": 5}))
-    assert code == 0, text
+def demo_run(demo_ray_run: dict) -> Path:
+    """The session's demo-sized Ray run (tests/conftest.py)."""
     # the demo summary's cost line (item 4)
+    text = demo_ray_run["output"]
     assert "cost per accepted instance: " in text and " CPU-s (generate " in text, text
-    return out
+    return demo_ray_run["out"]
 
 
 def test_every_row_of_the_run_records_what_each_stage_cost(demo_run: Path) -> None:
