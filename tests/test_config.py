@@ -77,11 +77,16 @@ def test_optional_field_accepts_null_and_value() -> None:
         ("generation.failure_rates={broke: 0.1}", "did you mean 'broken'?"),
         ("training=3", "training: expected a mapping"),
         ("annotation.backend=sam", "annotation.sam_checkpoint: required"),
+        ("training.max_failures=-1", "training.max_failures: must be >= 0"),
+        ("ray.placement_timeout_s=0", "ray.placement_timeout_s: must be > 0"),
+        # A read-ahead bound below the stages' batches together stalls the stream.
+        (["feedback.max_ahead=48", "annotation.batch_size=64", "feedback.policy=yield_aware"],
+         "feedback.max_ahead: 48 candidates ahead"),
     ],
 )
-def test_bad_values_name_the_key(override: str, fragment: str) -> None:
+def test_bad_values_name_the_key(override: str | list[str], fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, [override] if isinstance(override, str) else override)
     assert fragment in str(info.value)
 
 

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+from pipeline.config.derived import candidate_batch_size, min_read_ahead, rows_in_flight
 from pipeline.config.loading import (
     apply_overrides,
     config_from_dict,
@@ -53,12 +54,15 @@ __all__ = [
     "SelectionConfig",
     "TrainingConfig",
     "apply_overrides",
+    "candidate_batch_size",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
     "feedback_settings",
     "load_config",
+    "min_read_ahead",
     "parse_override",
     "read_yaml",
+    "rows_in_flight",
     "validate",
 ]

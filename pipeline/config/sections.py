@@ -256,6 +256,10 @@ class TrainingConfig:
     # When no candidate batch is ready: "wait" for it (decisions do not depend on timing; exact
     # resume) or take a "real_step" meanwhile (no idle accelerator; timing-dependent).
     late_candidates: Literal["wait", "real_step"] = "wait"
+    # When the Ray Train workers are lost (a node went away, a worker process died), the run
+    # restarts training from its latest checkpoint by itself this many times; 0: it ends and
+    # says how to resume.
+    max_failures: int = 3
 
 
 @dataclass
@@ -325,6 +329,10 @@ class RayConfig:
     data_progress_bars: bool = False
     # Forward the logs of Ray workers to this terminal (noisy; errors are reported anyway).
     log_to_driver: bool = False
+    # How long stage actors or train workers may wait for a node that can hold them (a lost
+    # node, a pinned resource no node offers) before the run checkpoints and exits with the
+    # resume command; sized for an autoscaler to bring a node (seconds).
+    placement_timeout_s: float = 600.0
 
 
 @dataclass

@@ -7,6 +7,7 @@ import dataclasses
 import os
 from typing import Any
 
+from pipeline.config.derived import candidate_batch_size, min_read_ahead
 from pipeline.config.sections import (
     POOL_BACKEND,
     GenerationConfig,
@@ -45,7 +46,7 @@ def validate(cfg: RunConfig) -> None:
     positive(cfg.annotation.check_concurrency, "annotation.check_concurrency")
     positive(cfg.training.num_cpus_per_worker, "training.num_cpus_per_worker")
     for key in ("warmup_real_steps", "candidate_batch_size", "prefetch_batches",
-                "checkpoint_every", "eval_every"):
+                "checkpoint_every", "eval_every", "max_failures"):
         if getattr(cfg.training, key) < 0:
             raise ConfigError(f"training.{key}: must be >= 0, got {getattr(cfg.training, key)}")
     if cfg.training.warmup_real_steps > cfg.training.steps:
@@ -77,6 +78,7 @@ def validate(cfg: RunConfig) -> None:
     _check_granularity(cfg.selection)
     fraction(cfg.training.ema, "training.ema")
     fraction(cfg.ray.data_cpu_fraction, "ray.data_cpu_fraction")
+    positive(cfg.ray.placement_timeout_s, "ray.placement_timeout_s")
     a = cfg.annotation
     if not 0.0 <= a.min_area_ratio < a.max_area_ratio <= 1.0:
         raise ConfigError(
@@ -154,6 +156,15 @@ def _check_feedback(cfg: "RunConfig") -> None:
             isinstance(t, str) and t.strip() for t in templates)):
         raise ConfigError("generation.prompt_template: give a template or a non-empty list of "
                           "them (strings using {name} and/or {definition})")
+    floor = min_read_ahead(cfg)
+    if settings.closed and 0 < cfg.feedback.max_ahead < floor:
+        raise ConfigError(
+            f"feedback.max_ahead: {cfg.feedback.max_ahead} candidates ahead of the trainers "
+            f"cannot fill the stages' batches and the trainer's (generation.batch_size "
+            f"{cfg.generation.batch_size} + annotation.batch_size {cfg.annotation.batch_size} "
+            f"+ annotation.check_batch_size {cfg.annotation.check_batch_size} + the candidate "
+            f"batch {candidate_batch_size(cfg)} = {floor}): the stream would stall; set it to "
+            f"at least {floor}, or 0 (automatic), or lower the batch sizes")
     if settings.closed and cfg.generation.backend == POOL_BACKEND:
         raise ConfigError("feedback: a pool is drawn class-balanced from what it holds; closed-"
                           "loop allocation needs online generation (generation.backend "

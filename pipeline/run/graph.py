@@ -30,7 +30,7 @@ import numpy as np
 
 from annotators import build_annotator_stage
 from generators import build_generator_stage
-from pipeline.config import POOL_BACKEND, RunConfig
+from pipeline.config import POOL_BACKEND, RunConfig, rows_in_flight
 from pipeline.demand import stage_cpus, stages_annotate
 from pipeline.storage.row_names import timing_column
 
@@ -148,12 +148,7 @@ def max_ahead(cfg: RunConfig) -> int:
     hand and prefetched hold, so that every stage can always fill its next batch."""
     if cfg.feedback.max_ahead:
         return int(cfg.feedback.max_ahead)
-    from pipeline.run.train_worker import candidate_batch_size
-
-    g, a, t = cfg.generation, cfg.annotation, cfg.training
-    held = g.batch_size + a.batch_size + a.check_batch_size + \
-        t.num_workers * candidate_batch_size(cfg) * (t.prefetch_batches + 2)
-    return 2 * held
+    return 2 * rows_in_flight(cfg)
 
 
 def steered_specs(cfg: RunConfig, categories: Sequence[Mapping[str, Any]],

@@ -51,11 +51,20 @@ class ProgressBoard:
                 "elapsed": time.time() - self.started}
 
 
+#: Where the run's control actors live: the head node, which outlives the worker nodes (losing
+#: it ends the cluster, and the run, anyway). They take no CPU and restart when their process
+#: dies; calls to them wait while they restart (bounded by each caller's own timeout).
+CONTROL_ACTOR_OPTIONS = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001},
+                         "max_restarts": -1, "max_task_retries": -1}
+
+
 def start_board() -> Any:
-    """A :class:`ProgressBoard` actor that takes no CPU."""
+    """A :class:`ProgressBoard` actor on the head node (`CONTROL_ACTOR_OPTIONS`). A restart
+    loses its counters, which the trainer ranks report again within a second; a stop request
+    the driver made is made again by the driver (`StopOnSignal`)."""
     import ray
 
-    return ray.remote(ProgressBoard).options(num_cpus=0).remote()
+    return ray.remote(ProgressBoard).options(**CONTROL_ACTOR_OPTIONS).remote()
 
 
 @dataclass

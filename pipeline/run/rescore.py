@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError, RunConfig, config_to_dict
+from pipeline.config import ConfigError, RunConfig, candidate_batch_size, config_to_dict
 from pipeline.errors import UserError
 from pipeline.storage.checkpoints import config_hash, read_info
 from pipeline.storage.run_config import resume_config
@@ -128,7 +128,6 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
     from pipeline.run.pool_source import pool_draws
     from pipeline.run.rescore_stage import STREAM_OFFSET, RescoreStage, restored_trainer
     from pipeline.run.rows import decision_row
-    from pipeline.run.train_worker import candidate_batch_size
     from trainer.candidates import batch_rows
     from trainer.rescore import CACHE_MODES, decide
 

@@ -134,7 +134,12 @@ def start_demand_board(settings: FeedbackSettings, sampler: Any,
 
     vocab = sampler.vocabulary
     base = sampler.base_weights * sampler.allowed
-    return ray.remote(DemandBoard).options(num_cpus=0, max_restarts=0).remote(
+    from pipeline.run.progress import CONTROL_ACTOR_OPTIONS
+
+    # On the head node, restarted when its process dies; a restart starts again from the
+    # state it was created with (the checkpoint's, or none): the allocation forgets the
+    # decisions since, and generation draws open loop until the trainers report again.
+    return ray.remote(DemandBoard).options(**CONTROL_ACTOR_OPTIONS).remote(
         settings, base.tolist(), [c.id for c in vocab], [c.name for c in vocab],
         [c.frequency for c in vocab], sampler.options_per_class,
         state=(snapshot or {}).get("state"), step=int((snapshot or {}).get("step", -1)))

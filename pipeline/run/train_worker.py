@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from generators.columns import reason_kind
-from pipeline.config import RunConfig, config_from_dict
+from pipeline.config import RunConfig, candidate_batch_size, config_from_dict
 from pipeline.run.costs import stage_devices, units_text
 from pipeline.run.feed import END, CandidateFeed
 from pipeline.run.rows import decision_row
@@ -75,12 +75,6 @@ class WorkerPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-def candidate_batch_size(cfg: RunConfig) -> int:
-    """Candidates per `train_on_candidates` call (about one or two steps' worth)."""
-    t = cfg.training
-    return t.candidate_batch_size or t.batch_size * t.max_pastes_per_image
 
 
 def trainer_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -168,6 +162,7 @@ class TrainWorker:
         self.phase = "warmup"
         self._last_report = 0.0
         self._stop_ref: Any = None
+        self._board_lost = False
         self.stopping = False
         self._demand_killed = False
         self.feedback = FeedbackLink(plan.demand, cfg.feedback.timeout_s) \
@@ -244,12 +239,20 @@ class TrainWorker:
             return self.stopping
         import ray
 
-        if self._stop_ref is None:
-            self._stop_ref = self.plan.progress.stop_requested.remote()
-        ready, _ = ray.wait([self._stop_ref], timeout=0)
-        if ready:
-            self.stopping = bool(ray.get(ready[0]))
+        try:
+            if self._stop_ref is None:
+                self._stop_ref = self.plan.progress.stop_requested.remote()
+            ready, _ = ray.wait([self._stop_ref], timeout=0)
+            if ready:
+                self._stop_ref = None
+                self.stopping = bool(ray.get(ready[0]))
+        except Exception as exc:  # noqa: BLE001 - the board is away (restarting): train on
             self._stop_ref = None
+            if not self._board_lost:
+                self._board_lost = True
+                self.metrics.log("control_actor_unavailable", step=self.trainer.step,
+                                 rank=self.rank, actor="progress",
+                                 error=f"{type(exc).__name__}: {str(exc)[:200]}")
         return self.stopping
 
     def _refill(self, feed: CandidateFeed, block: bool) -> None:
@@ -349,8 +352,11 @@ class TrainWorker:
         if not force and now - self._last_report < 0.5:
             return
         self._last_report = now
-        self.plan.progress.trainer_state.remote(self.rank, {
-            **self.counters.to_dict(), "step": self.trainer.step, "phase": self.phase})
+        try:
+            self.plan.progress.trainer_state.remote(self.rank, {
+                **self.counters.to_dict(), "step": self.trainer.step, "phase": self.phase})
+        except Exception:  # noqa: BLE001 - progress is best effort; the board may restart
+            pass
 
     # -- checkpoints and the end -----------------------------------------------------------
 
