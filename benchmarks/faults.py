@@ -16,6 +16,10 @@ Faults (cycled in this order, each at a random number of decided candidates):
 * ``s3_outage``: the run writes to a moto S3 server on 127.0.0.1, which is stopped (SIGSTOP)
   for some seconds and continued; resumed if the run failed.
 
+Node faults (``--kinds stage_node_lost control_actors_lost train_node_lost head_lost``; see
+benchmarks/_node_faults.py) run on a real 3-node Ray cluster started on this machine, against
+an uninterrupted run on that cluster.
+
 After each: candidates made = accepted + rejected + invalid, no duplicate ``sample_id``, every
 visible Parquet file reads whole and nothing but ``part-*.parquet`` is visible, and the
 decisions (reason, accepted, score, threshold, step, stream offset) equal the uninterrupted
@@ -23,6 +27,8 @@ run's, row for row. Prints ``faults survived: X / N, rows lost: L, duplicates: D
 
     PYTHONPATH=. python benchmarks/faults.py                 # 20 faults, ~25 min on 2 cores
     PYTHONPATH=. python benchmarks/faults.py --faults 2 --kinds driver_sigint
+    PYTHONPATH=. python benchmarks/faults.py --faults 12 --kinds stage_node_lost \
+        control_actors_lost train_node_lost head_lost --out-name node_faults
 
 Writes ``benchmarks/results/faults.{md,json}`` (``--out`` to change).
 """
@@ -48,8 +54,11 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-KINDS = ("driver_sigkill", "driver_sigint", "stage_actor_killed", "train_worker_killed",
-         "s3_outage")
+from benchmarks._node_faults import NODE_KINDS, NodeFaults, run_node_fault  # noqa: E402
+
+PROCESS_KINDS = ("driver_sigkill", "driver_sigint", "stage_actor_killed",
+                 "train_worker_killed", "s3_outage")
+KINDS = PROCESS_KINDS + NODE_KINDS
 CANDIDATES = 48
 COMPARED = ["reason", "accepted", "score", "threshold", "step", "stream_offset"]
 MOTO_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -251,6 +260,7 @@ class FaultResult:
     file_problems: list[str] = field(default_factory=list)
     error: str = ""
     seconds: float = 0.0
+    recovery_s: float | None = None  # node faults: from the loss until rows grew again
 
     @property
     def survived(self) -> bool:
@@ -302,12 +312,39 @@ def inject(kind: str, proc: subprocess.Popen, moto: Moto | None, rng: random.Ran
     raise ValueError(f"unknown fault {kind!r}; use one of {KINDS}")
 
 
+def check_decisions(result: FaultResult, out: str, opts: dict | None, reference: Any) -> None:
+    """Fill ``result``'s row checks from the run in ``out``."""
+    got = decisions(out, opts)
+    result.rows = len(got)
+    result.distinct = int(got["sample_id"].nunique())
+    result.duplicates = result.rows - result.distinct
+    result.lost = len(set(reference["sample_id"]) - set(got["sample_id"]))
+    result.differing = compare(reference, got)
+    result.counts_add_up = result.distinct == result.rows == CANDIDATES
+    result.file_problems = visible_files_problems(out, opts)
+
+
 def run_fault(index: int, kind: str, data: Path, work: Path, moto: Moto | None,
-              reference: Any, rng: random.Random, timeout: float) -> FaultResult:
+              reference: Any, rng: random.Random, timeout: float,
+              nodes: NodeFaults | None = None) -> FaultResult:
     started = time.monotonic()
     at_rows = rng.randint(8, CANDIDATES - 12)
     result = FaultResult(index=index, kind=kind, at_rows=at_rows)
     log = work / f"fault-{index:02d}-{kind}.log"
+    if kind in NODE_KINDS:
+        assert nodes is not None
+        out = str(work / f"fault-{index:02d}")
+        try:
+            found = run_node_fault(nodes, index, kind, str(REPO_ROOT / "configs" / "demo.yaml"),
+                                   run_overrides(data, out), out, log, timeout, at_rows,
+                                   start_bsgal, decided_rows, wait_exit, kill_session)
+            for key, value in found.items():
+                setattr(result, key, value)
+            check_decisions(result, out, None, reference)
+        except Exception as exc:  # a broken check is a failed fault, with its reason
+            result.error = result.error or f"{type(exc).__name__}: {exc}"
+        result.seconds = time.monotonic() - started
+        return result
     if kind == "s3_outage":
         assert moto is not None
         out, opts, endpoint = f"{moto.bucket(f'fault-{index:02d}')}/run", moto.storage_options, \
@@ -350,14 +387,7 @@ def run_fault(index: int, kind: str, data: Path, work: Path, moto: Moto | None,
                 return result
         if code != 0:
             result.error = f"the run did not finish after {result.resumes} resumes (exit {code})"
-        got = decisions(out, opts)
-        result.rows = len(got)
-        result.distinct = int(got["sample_id"].nunique())
-        result.duplicates = result.rows - result.distinct
-        result.lost = len(set(reference["sample_id"]) - set(got["sample_id"]))
-        result.differing = compare(reference, got)
-        result.counts_add_up = result.distinct == result.rows == CANDIDATES
-        result.file_problems = visible_files_problems(out, opts)
+        check_decisions(result, out, opts, reference)
     except Exception as exc:  # a broken check is a failed fault, with its reason
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -370,10 +400,16 @@ def run_fault(index: int, kind: str, data: Path, work: Path, moto: Moto | None,
 # ----------------------------------------------------------------------------------- main
 
 
-def reference_run(data: Path, work: Path, timeout: float) -> Any:
-    out = str(work / "reference")
+def reference_run(data: Path, work: Path, timeout: float, nodes: NodeFaults | None = None
+                  ) -> Any:
+    """The uninterrupted run (on the cluster of ``nodes`` when given)."""
+    from benchmarks._node_faults import pins
+
+    out = str(work / ("reference-cluster" if nodes else "reference"))
+    extra = pins(nodes.ensure().address) if nodes else []
     proc = start_bsgal(["run", "--config", str(REPO_ROOT / "configs" / "demo.yaml"),
-                        "--progress", "off", *run_overrides(data, out)], work / "reference.log")
+                        "--progress", "off", *run_overrides(data, out), *extra],
+                       work / "reference.log")
     code = wait_exit(proc, timeout)
     kill_session(proc)
     if code != 0:
@@ -395,19 +431,34 @@ def markdown(results: list[FaultResult], wall: float) -> str:
              f"{len(results)} faults, wall time {wall / 60:.1f} min, {os.cpu_count()} cores.", "",
              f"**{summary_line(results)}**", "",
              "| # | fault | at rows | first exit | resumes | rows | lost | dup | differing | "
-             "files | survived | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "files | survived | loss to progress s | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        recovery = "-" if r.recovery_s is None else f"{r.recovery_s:.0f}"
         lines.append(f"| {r.index} | {r.kind} | {r.at_rows} | {r.first_exit} | {r.resumes} | "
                      f"{r.rows} | {r.lost} | {r.duplicates} | {r.differing} | "
                      f"{len(r.file_problems)} | {'yes' if r.survived else 'NO: ' + r.error} | "
-                     f"{r.seconds:.0f} |")
+                     f"{recovery} | {r.seconds:.0f} |")
+    lines += ["", "| fault | survived | manual resumes | median loss to progress s |",
+              "|---|---|---|---|"]
+    for kind in dict.fromkeys(r.kind for r in results):
+        mine = [r for r in results if r.kind == kind]
+        times = sorted(r.recovery_s for r in mine if r.recovery_s is not None)
+        median = f"{times[len(times) // 2]:.0f}" if times else "-"
+        lines.append(f"| {kind} | {sum(r.survived for r in mine)} / {len(mine)} | "
+                     f"{sum(r.resumes for r in mine)} | {median} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> list[FaultResult]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--faults", type=int, default=20, help="faults to inject (default 20)")
-    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(PROCESS_KINDS),
+                        help="fault kinds, cycled (default: the process kinds; node kinds "
+                             "run on a 3-node cluster started here)")
+    parser.add_argument("--out-name", default="faults",
+                        help="results file stem (default faults: "
+                             "benchmarks/results/faults.md and .json)")
     parser.add_argument("--seed", type=int, default=0, help="where each fault strikes")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     parser.add_argument("--work-dir", help="keep runs and logs here (default: a temp folder)")
@@ -423,15 +474,25 @@ def main(argv: list[str] | None = None) -> list[FaultResult]:
     if not (data / "train.json").exists():
         write_builtin_dataset(data, seed=0, num_train_images=240, num_val_images=60)
     moto = Moto(work / "moto.log") if "s3_outage" in args.kinds else None
+    nodes: NodeFaults | None = None
     os.environ.update(MOTO_KEYS)
     rng = random.Random(args.seed)
     results: list[FaultResult] = []
     try:
-        reference = reference_run(data, work, args.timeout)
-        print(f"reference run: {len(reference)} decisions", flush=True)
+        reference = cluster_reference = None
+        if set(args.kinds) & set(PROCESS_KINDS):
+            reference = reference_run(data, work, args.timeout)
+            print(f"reference run: {len(reference)} decisions", flush=True)
+        if set(args.kinds) & set(NODE_KINDS):
+            nodes = NodeFaults(work)
+            cluster_reference = reference_run(data, work, args.timeout, nodes)
+            print(f"reference run on the cluster: {len(cluster_reference)} decisions",
+                  flush=True)
         for i in range(args.faults):
             kind = args.kinds[i % len(args.kinds)]
-            r = run_fault(i, kind, data, work, moto, reference, rng, args.timeout)
+            r = run_fault(i, kind, data, work, moto,
+                          cluster_reference if kind in NODE_KINDS else reference, rng,
+                          args.timeout, nodes)
             results.append(r)
             state = "survived" if r.survived else f"FAILED ({r.error or 'checks'})"
             print(f"[{i + 1}/{args.faults}] {kind} at {r.at_rows} rows: first exit "
@@ -441,13 +502,15 @@ def main(argv: list[str] | None = None) -> list[FaultResult]:
     finally:
         if moto is not None:
             moto.close()
+        if nodes is not None:
+            nodes.close()
     wall = time.monotonic() - started
     print(summary_line(results))
     if args.out != "-":
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "faults").with_suffix(".md").write_text(markdown(results, wall))
-        (out / "faults.json").write_text(json.dumps(
+        (out / f"{args.out_name}.md").write_text(markdown(results, wall))
+        (out / f"{args.out_name}.json").write_text(json.dumps(
             {"wall_s": wall, "summary": summary_line(results),
              "results": [{**asdict(r), "survived": r.survived} for r in results]}, indent=2))
     if args.work_dir is None:

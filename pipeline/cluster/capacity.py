@@ -63,7 +63,7 @@ class ClusterCapacity:
 # ---------------------------------------------------------------------------------- reading
 
 
-def _is_bookkeeping(name: str) -> bool:
+def is_bookkeeping(name: str) -> bool:
     return name in _BOOKKEEPING or name.startswith(_BOOKKEEPING[2:])
 
 
@@ -95,7 +95,7 @@ def live_capacity(url: str, timeout: float = 5.0) -> ClusterCapacity:
         if row.get("state") != "ALIVE":
             continue
         resources = {k: float(v) for k, v in (row.get("resources_total") or {}).items()
-                     if not _is_bookkeeping(k)}
+                     if not is_bookkeeping(k)}
         nodes.append(NodeShape(str(row.get("node_id", "?"))[:8], resources))
     status = _get_json(f"{url}/api/cluster_status", timeout).get("data", {})
     autoscaling = reports_autoscaling(status.get("clusterStatus") or {})

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -53,6 +52,13 @@ from pipeline.storage.shards import drop_after, read_decisions
 
 class TrainingFailed(UserError, RuntimeError):
     """The Ray Train workers failed; the message is one line naming the worker's error."""
+
+
+class PlacementTimedOut(UserError):
+    """Stage actors or train workers waited longer than ``ray.placement_timeout_s`` for a
+    node; the run stopped at a checkpoint and can be resumed."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again once the cluster has the node
 
 
 class Interrupted(UserError):
@@ -87,9 +93,10 @@ class StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, board: Any, echo: Callable[[str], None]) -> None:
+    def __init__(self, board: Any, echo: Callable[[str], None], keeper: Any = None) -> None:
         self.board = board
         self.echo = echo
+        self.keeper = keeper  # a PlacementWatch: asks again should the board restart
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
@@ -99,7 +106,10 @@ class StopOnSignal:
             _flush_stdio()
             os._exit(128 + signum)  # at once: no waiting on Ray's shutdown
         self.signum = signum
-        self.board.request_stop.remote(signal.Signals(signum).name)
+        if self.keeper is not None:
+            self.keeper.request_stop(signal.Signals(signum).name)
+        else:
+            self.board.request_stop.remote(signal.Signals(signum).name)
         self.echo(f"\n{signal.Signals(signum).name}: finishing the current candidate batch, "
                   "then writing a checkpoint and the pending decision rows (again to exit at "
                   "once)")
@@ -227,17 +237,19 @@ def plan_resume(cfg: RunConfig, sampler: Any) -> ResumePoint:
 # ------------------------------------------------------------------------------ the run
 
 
-def cluster_capacity(cfg: RunConfig) -> tuple[float, float]:
-    """Connect to ``cfg.ray.address`` and return the CPUs and GPUs the cluster may grow to
-    (for ``bsgal check``); disconnects again."""
+def cluster_capacity(cfg: RunConfig) -> Any:
+    """Connect to ``cfg.ray.address`` and return what ``bsgal check`` judges the job against
+    (:class:`pipeline.cluster.nodes.ClusterFacts`: the nodes, or the autoscaler's node types
+    at their maximum, and whether every train node sees ``output.dir``); disconnects again."""
     import ray
 
     from pipeline.cluster.connect import connect
+    from pipeline.cluster.nodes import cluster_facts
 
     already = ray.is_initialized()
     conn = connect(cfg)
     try:
-        return conn.max_cpus, conn.max_gpus
+        return cluster_facts(cfg, shared_output=not conn.started)
     finally:
         if not already:
             ray.shutdown()
@@ -279,10 +291,17 @@ def run_job(cfg: RunConfig, *, resume: bool = False, progress: str = "auto",
         echo(f"warning: {warning}")
     report.raise_if_problems()
     run = RunDir(out, opts)
+    seen: dict[str, int] = {"decided": 0}
     try:
-        return _checked_run(cfg, run, resume, started, progress, faults, echo)
+        return _checked_run(cfg, run, resume, started, progress, faults, echo, seen)
     except BaseException:
-        if not resume:
+        if not resume and seen["decided"] > 0 and not _rows_visible(run):
+            # The trainers said they decided rows that this process cannot see: they wrote
+            # them somewhere else. Deleting what is here would lose the only way back.
+            echo(f"the trainers reported {seen['decided']} decided candidates but none is "
+                 f"visible in {out}: everything there was kept (do all nodes write to the "
+                 "same output.dir?)")
+        elif not resume:
             try:
                 removed = remove_failed_start(run)
             except Exception as exc:  # e.g. the store went away: keep the first error
@@ -296,9 +315,19 @@ def run_job(cfg: RunConfig, *, resume: bool = False, progress: str = "auto",
         raise
 
 
+def _rows_visible(run: RunDir) -> bool:
+    try:
+        run.fs.invalidate_cache()
+        return run.exists("shards") and bool(run.fs.find(run.path_of("shards")))
+    except Exception:  # noqa: BLE001 - unreadable counts as not visible: keep everything
+        return False
+
+
 def _checked_run(cfg: RunConfig, run: RunDir, resume: bool, started: float, progress: str,
-                 faults: Faults, echo: Callable[[str], None]) -> JobResult:
-    """:func:`run_job` once its checks passed."""
+                 faults: Faults, echo: Callable[[str], None],
+                 seen: dict[str, int] | None = None) -> JobResult:
+    """:func:`run_job` once its checks passed; ``seen["decided"]``: the candidates the
+    trainers reported decided (kept up to date while training)."""
     from pipeline.run.datasets import ensure_builtin_data, train_categories
 
     out = run.out
@@ -319,14 +348,13 @@ def _checked_run(cfg: RunConfig, run: RunDir, resume: bool, started: float, prog
         write_run_config(run, cfg)
         point = ResumePoint(None, 0, np.arange(cfg.generation.num_candidates, dtype=np.int64),
                             0, 0)
-    prompts = sampler.sample_positions(point.positions)
-    prompts[STREAM_POSITION] = point.positions
     log = MetricsLog(run)
     log.log("job_start", step=point.step, resume=resume, checkpoint=point.checkpoint,
             candidates_to_make=len(point.positions), candidates_decided=point.decided)
     log.close()
 
-    summary = _run_on_ray(cfg, prompts, categories, point, progress, faults, echo, sampler)
+    summary = _run_on_ray(cfg, categories, point, progress, faults, echo, sampler,
+                          {} if seen is None else seen)
     summary["seconds"] = time.monotonic() - started
     run.write_json("summary.json", summary)
     log = MetricsLog(run)
@@ -335,66 +363,192 @@ def _checked_run(cfg: RunConfig, run: RunDir, resume: bool, started: float, prog
     return JobResult(out=out, summary=summary)
 
 
-def _run_on_ray(cfg: RunConfig, prompts: dict[str, np.ndarray], categories: list[dict],
-                point: ResumePoint, progress: str, faults: Faults,
-                echo: Callable[[str], None], sampler: Any = None) -> dict[str, Any]:
-    import ray
-    from ray.data import ExecutionOptions
+def _prompts(sampler: Any, point: ResumePoint) -> dict[str, np.ndarray]:
+    """The prompt rows still to make (with their stream positions)."""
+    prompts = sampler.sample_positions(point.positions)
+    prompts[STREAM_POSITION] = point.positions
+    return prompts
 
+
+#: Ray errors that mean a worker's process or node went away (not a bug in the worker's code):
+#: the run restarts from its checkpoint for these, up to training.max_failures times.
+NODE_LOSS_ERRORS = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError",
+                    "WorkerCrashedError", "RayActorError", "OwnerDiedError", "ObjectLostError",
+                    "LocalRayletDiedError", "ObjectFetchTimedOutError")
+_NODE_LOSS_TEXT = ("is unavailable", "died unexpectedly", "has been marked dead",
+                   "node has died", "SYSTEM_ERROR", "Failed to connect to remote host",
+                   "worker died", "node was terminated")
+
+
+def is_node_loss(exc: BaseException) -> bool:
+    """Whether a failed ``fit`` failed because processes or nodes were lost (Ray's own
+    errors, in the chain or in the text of Ray Train's wrapped worker error), rather than by
+    an error the workers' code raised."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        err = todo.pop()
+        if id(err) in seen:
+            continue
+        seen.add(id(err))
+        if any(c.__name__ in NODE_LOSS_ERRORS for c in type(err).__mro__):
+            return True
+        failures = getattr(err, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo.extend(f for f in failures.values() if isinstance(f, BaseException))
+        for nxt in (err.__cause__, err.__context__):
+            if nxt is not None:
+                todo.append(nxt)
+    text = str(exc)
+    return any(name in text for name in NODE_LOSS_ERRORS + _NODE_LOSS_TEXT)
+
+
+def _run_on_ray(cfg: RunConfig, categories: list[dict], point: ResumePoint, progress: str,
+                faults: Faults, echo: Callable[[str], None], sampler: Any,
+                seen: dict[str, int]) -> dict[str, Any]:
+    """Connect, check the cluster (pins, shared output), then fit; when the train workers are
+    lost, restart from the latest checkpoint (up to ``training.max_failures`` times)."""
+    import ray
+
+    from pipeline.cluster.capacity import check_capacity
     from pipeline.cluster.connect import connect
-    from pipeline.demand import check_fits
+    from pipeline.cluster.nodes import connected_capacity, output_sharing_problem
     from pipeline.inspection.run_summary import summarize_run
-    from pipeline.run.graph import build_candidate_dataset, configure_data_context
-    from pipeline.run.progress import ProgressDisplay, start_board
-    from pipeline.run.train_data_config import CandidateDataConfig
-    from pipeline.run.train_worker import WorkerPlan
+    from pipeline.run.graph import configure_data_context
+    from pipeline.run.progress import start_board
 
     t0 = time.monotonic()
     conn = connect(cfg)
     try:
-        check_fits(cfg, conn.max_cpus, conn.max_gpus)
+        for warning in check_capacity(cfg, connected_capacity()):
+            echo(f"warning: {warning}")
+        if not conn.started:
+            problem, notes = output_sharing_problem(cfg)
+            if problem:
+                raise ConfigError(problem)
+            for note in notes:
+                echo(f"note: {note}")
         ray_seconds = time.monotonic() - t0
         configure_data_context(cfg, conn.cpus)
         board = start_board()
-        demand = _demand_board(cfg, sampler, categories, point)
-        ds = build_candidate_dataset(cfg, prompts, categories, progress=board,
-                                     kill=faults.kill_stage, demand=demand)
-        ctx = ray.data.DataContext.get_current()
-        options = ExecutionOptions(resource_limits=ctx.execution_options.resource_limits,
-                                   preserve_order=cfg.ray.preserve_order)
-        plan = WorkerPlan(config=config_to_dict(cfg), out=cfg.output.dir,
-                          resume_from=point.checkpoint, progress=board,
-                          crash_at_step=faults.crash_at_step, demand=demand,
-                          kill_demand_at_step=faults.kill_demand_at_step)
-        trainer = _torch_trainer(cfg, plan, ds, CandidateDataConfig(options))
-        display = ProgressDisplay(board, candidates=cfg.generation.num_candidates,
-                                  steps=cfg.training.steps, mode=progress,
-                                  done_before=(point.decided, point.step))
-        t_fit = time.monotonic()
-        with display, StopOnSignal(board, echo) as stopper:
+        resumed_from = point.checkpoint
+        restarts: list[dict[str, Any]] = []
+        fit_seconds = 0.0
+        while True:
+            t_fit = time.monotonic()
             try:
-                trainer.fit()
-            except Exception as exc:  # Ray Train wraps worker errors; give one clear line
-                if isinstance(exc, (ConfigError, StorageError)):
-                    raise
-                raise TrainingFailed(f"training failed: {_worker_error_line(exc)} (worker logs: "
-                                     "set ray.log_to_driver=true to see them here)") from None
-        fit_seconds = time.monotonic() - t_fit
-        if stopper.signum is not None:
-            run = RunDir(cfg.output.dir, cfg.output.storage_options)
-            run.fs.invalidate_cache()
-            latest = run.latest_checkpoint()
-            step = read_info(run, latest)["step"] if latest else 0
-            raise Interrupted(f"interrupted at step {step} ({signal.Signals(stopper.signum).name}"
-                              f"); resume with bsgal run --resume {cfg.output.dir}",
-                              stopper.signum)
+                _fit_once(cfg, categories, point, progress, faults, echo, sampler, board, seen)
+                fit_seconds += time.monotonic() - t_fit
+                break
+            except _NodeLost as lost:
+                fit_seconds += time.monotonic() - t_fit
+                attempt = len(restarts) + 1
+                limit = cfg.training.max_failures
+                where = "; ".join(lost.nodes) or "no node left the cluster: a worker process died"
+                if attempt > limit:
+                    raise TrainingFailed(
+                        f"training failed: the train workers were lost ({where}): "
+                        f"{lost.line}; training.max_failures={limit} restarts were "
+                        f"{'used' if limit else 'allowed'}; resume with `bsgal run --resume "
+                        f"{cfg.output.dir}`") from None
+                point = plan_resume(cfg, sampler)
+                echo(f"node lost ({where}): restarting from checkpoint step {point.step}, "
+                     f"attempt {attempt} of {limit} ({point.decided} candidates decided, "
+                     f"{len(point.positions)} to go)")
+                restarts.append({"attempt": attempt, "step": point.step, "lost": lost.nodes,
+                                 "error": lost.line, "decided": point.decided})
+                log = MetricsLog(RunDir(cfg.output.dir, cfg.output.storage_options))
+                log.log("restart", step=point.step, attempt=attempt, max_failures=limit,
+                        lost=lost.nodes, error=lost.line)
+                log.close()
+                board.reset.remote()
+                faults = dataclasses.replace(faults, crash_at_step=None)  # once only
         summary = summarize_run(cfg)
         summary["timings"] = {"ray_connect_seconds": ray_seconds, "fit_seconds": fit_seconds}
-        summary["resumed_from"] = point.checkpoint
+        summary["resumed_from"] = resumed_from
+        summary["restarts"] = restarts
         return summary
     finally:
         if conn.started:
             ray.shutdown()
+
+
+class _NodeLost(Exception):
+    """A fit ended because its workers' processes or nodes went away."""
+
+    def __init__(self, line: str, nodes: list[str]) -> None:
+        super().__init__(line)
+        self.line = line
+        self.nodes = nodes
+
+
+def _fit_once(cfg: RunConfig, categories: list[dict], point: ResumePoint, progress: str,
+              faults: Faults, echo: Callable[[str], None], sampler: Any, board: Any,
+              seen: dict[str, int]) -> None:
+    """One Ray Train ``fit`` from ``point``: builds the stream of the positions still to make,
+    watches placement, stops on signals.
+
+    Raises:
+        _NodeLost: the train workers were lost (the caller may restart).
+        PlacementTimedOut, Interrupted, TrainingFailed: the run ends here.
+    """
+    import ray
+    from ray.data import ExecutionOptions
+
+    from pipeline.cluster.nodes import describe_nodes, live_nodes, lost_since
+    from pipeline.cluster.placement import PlacementWatch
+    from pipeline.run.graph import build_candidate_dataset
+    from pipeline.run.progress import ProgressDisplay, TrainerTotals
+    from pipeline.run.train_data_config import CandidateDataConfig
+    from pipeline.run.train_worker import WorkerPlan
+
+    demand = _demand_board(cfg, sampler, categories, point)
+    ds = build_candidate_dataset(cfg, _prompts(sampler, point), categories, progress=board,
+                                 kill=faults.kill_stage, demand=demand)
+    ctx = ray.data.DataContext.get_current()
+    options = ExecutionOptions(resource_limits=ctx.execution_options.resource_limits,
+                               preserve_order=cfg.ray.preserve_order)
+    plan = WorkerPlan(config=config_to_dict(cfg), out=cfg.output.dir,
+                      resume_from=point.checkpoint, progress=board,
+                      crash_at_step=faults.crash_at_step, demand=demand,
+                      kill_demand_at_step=faults.kill_demand_at_step)
+    watch = PlacementWatch(cfg, board, echo)
+    trainer = _torch_trainer(cfg, plan, ds, CandidateDataConfig(options), watch)
+    display = ProgressDisplay(board, candidates=cfg.generation.num_candidates,
+                              steps=cfg.training.steps, mode=progress,
+                              done_before=(point.decided, point.step))
+    nodes = describe_nodes(live_nodes())
+    with display, watch, StopOnSignal(board, echo, keeper=watch) as stopper:
+        try:
+            trainer.fit()
+        except Exception as exc:  # Ray Train wraps worker errors; give one clear line
+            if isinstance(exc, (ConfigError, StorageError)):
+                raise
+            if watch.timed_out is None and stopper.signum is None and is_node_loss(exc):
+                time.sleep(2.0)  # the GCS marks a lost node dead within seconds
+                raise _NodeLost(_worker_error_line(exc), lost_since(nodes)) from None
+            if watch.timed_out is None:
+                raise TrainingFailed(f"training failed: {_worker_error_line(exc)} (worker "
+                                     "logs: set ray.log_to_driver=true to see them here)"
+                                     ) from None
+        finally:
+            try:
+                snap = ray.get(board.snapshot.remote(), timeout=5)
+                seen["decided"] = max(seen.get("decided", 0),
+                                      TrainerTotals.of(snap["ranks"]).decided)
+            except Exception:  # noqa: BLE001 - the board is away: keep what was seen
+                pass
+    if stopper.signum is not None or watch.timed_out is not None:
+        run = RunDir(cfg.output.dir, cfg.output.storage_options)
+        run.fs.invalidate_cache()
+        latest = run.latest_checkpoint()
+        step = read_info(run, latest)["step"] if latest else 0
+        resume = f"resume with bsgal run --resume {cfg.output.dir}"
+        if watch.timed_out is not None:
+            raise PlacementTimedOut(f"{watch.timed_out}; stopped at step {step} "
+                                    f"(checkpoint {latest or 'none yet'}); {resume}")
+        raise Interrupted(f"interrupted at step {step} ({signal.Signals(stopper.signum).name}"
+                          f"); {resume}", stopper.signum)
 
 
 def _demand_board(cfg: RunConfig, sampler: Any, categories: Sequence[dict],
@@ -413,7 +567,23 @@ def _demand_board(cfg: RunConfig, sampler: Any, categories: Sequence[dict],
     return start_demand_board(settings, sampler, snapshot)
 
 
-def _torch_trainer(cfg: RunConfig, plan: Any, ds: Any, data_config: Any) -> Any:
+def train_storage(cfg: RunConfig) -> tuple[str, Any]:
+    """Where Ray Train keeps its own run state: under the run's output (shared by every node
+    by the check of :mod:`pipeline.cluster.nodes`), ``OUT/.ray-train``; for a URL output
+    through the same fsspec filesystem as the shards (with its storage options)."""
+    from pipeline.storage.filesystem import filesystem, is_local
+
+    out = cfg.output.dir.rstrip("/")
+    fs, root = filesystem(out, cfg.output.storage_options)
+    if is_local(fs):
+        return os.path.join(root, ".ray-train"), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return f"{root}/.ray-train", PyFileSystem(FSSpecHandler(fs))
+
+
+def _torch_trainer(cfg: RunConfig, plan: Any, ds: Any, data_config: Any,
+                   watch: Any = None) -> Any:
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
@@ -425,14 +595,19 @@ def _torch_trainer(cfg: RunConfig, plan: Any, ds: Any, data_config: Any) -> Any:
     if t.use_gpu:
         resources["GPU"] = 1
     resources.update(t.resources_per_worker)
-    storage = os.path.join(tempfile.gettempdir(), "bsgal-ray-train")
+    storage, storage_fs = train_storage(cfg)
 
     class BsgalTorchTrainer(TorchTrainer):
         def _register_sigint_handler(self, controller: Any) -> None:
             # Ray Train's own handler would abort the workers without a checkpoint;
-            # StopOnSignal (installed around fit) stops them cleanly instead.
-            return None
+            # StopOnSignal (installed around fit) stops them cleanly instead. The watch may
+            # abort the controller when the train workers cannot be placed.
+            if watch is not None:
+                watch.controller = controller
 
+    # Ray Train's own restarts are off: a restarted worker group would read the candidate
+    # stream from its start, while the run must drop the rows after its checkpoint and make
+    # only the positions not yet decided (plan_resume); the driver's loop in _run_on_ray does.
     return BsgalTorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan.to_dict(),
@@ -440,7 +615,7 @@ def _torch_trainer(cfg: RunConfig, plan: Any, ds: Any, data_config: Any) -> Any:
                                      resources_per_worker=resources),
         datasets={"candidates": ds},
         dataset_config=data_config,
-        run_config=TrainRunConfig(storage_path=storage,
+        run_config=TrainRunConfig(storage_path=storage, storage_filesystem=storage_fs,
                                   name=f"{cfg.name}-{uuid.uuid4().hex[:8]}",
                                   failure_config=FailureConfig(max_failures=0)),
     )

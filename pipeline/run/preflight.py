@@ -179,9 +179,11 @@ def local_resources(cfg: RunConfig) -> tuple[float, float]:
 
 
 def check_ray(cfg: RunConfig, report: PreflightReport,
-              cluster: Callable[[RunConfig], tuple[float, float]] | None = None) -> None:
+              cluster: Callable[[RunConfig], Any] | None = None) -> None:
     """The address answers; the job fits this machine, or with ``cluster`` (connects and
-    returns what the cluster may grow to: CPUs, GPUs) the cluster."""
+    returns :class:`pipeline.cluster.nodes.ClusterFacts`) the cluster: CPUs and GPUs, every
+    custom resource the config pins a stage to, each unit on one node, and a local
+    ``output.dir`` that every train node shares."""
     from pipeline.demand import check_fits
 
     if cfg.ray.address:
@@ -193,19 +195,40 @@ def check_ray(cfg: RunConfig, report: PreflightReport,
             report.passed.append(f"Ray answers at {cfg.ray.address}")
             return
         try:
-            cpus, gpus = cluster(cfg)
+            facts = cluster(cfg)
         except ConfigError as exc:
             report.add("ray.address", exc)
             return
-        where = f"the cluster at {cfg.ray.address}"
-    else:
-        cpus, gpus = local_resources(cfg)
-        where = "this machine"
+        if facts.output_problem:
+            report.add("output.dir", facts.output_problem)
+        for note in facts.output_notes:
+            (report.passed if "same folder" in note else report.warnings).append(note)
+        if facts.fit_problem:
+            report.add("cluster fit", facts.fit_problem)
+        else:
+            report.warnings.extend(facts.fit_warnings)
+            report.passed.append(f"{facts.fit} at {cfg.ray.address}")
+        return
+    cpus, gpus = local_resources(cfg)
     try:
         check_fits(cfg, cpus, gpus)
-        report.passed.append(f"the job fits {where} ({cpus:g} CPUs, {gpus:g} GPUs)")
+        report.passed.append(f"the job fits this machine ({cpus:g} CPUs, {gpus:g} GPUs)")
     except ConfigError as exc:
         report.add("cluster fit", exc)
+    pins = _pins(cfg)
+    if pins:
+        report.add("cluster fit", f"the config pins stages to {', '.join(pins)}, which a "
+                   "local Ray does not offer; set ray.address to the cluster, or clear "
+                   "generation.resources / annotation.resources / "
+                   "training.resources_per_worker")
+
+
+def _pins(cfg: RunConfig) -> list[str]:
+    """The custom resources the config asks for."""
+    from pipeline.demand import run_requests
+
+    return sorted({k for r in run_requests(cfg) if r.count > 0 for k in r.unit}
+                  - {"CPU", "GPU"})
 
 
 # --------------------------------------------------------------------------------- weights
@@ -325,7 +348,7 @@ def check_cache_memory(cfg: RunConfig, num_classes: int, report: PreflightReport
 
 
 def preflight(cfg: RunConfig, *, resume: bool = False,
-              cluster: Callable[[RunConfig], tuple[float, float]] | None = None
+              cluster: Callable[[RunConfig], Any] | None = None
               ) -> PreflightReport:
     """Check output, Ray, weights and data of ``cfg`` (module docstring); never raises for
     what it finds: the report holds it. ``cluster``: see :func:`check_ray` (``bsgal run``

@@ -30,6 +30,11 @@ class ProgressBoard:
         self.started = time.time()
         self.stop: str | None = None
 
+    def reset(self) -> None:
+        """Forget the counters (the run restarts from a checkpoint); a stop request stays."""
+        self.stages = {s: [0, 0.0] for s in STAGES}
+        self.ranks = {}
+
     def request_stop(self, reason: str) -> None:
         """The driver was interrupted: trainer ranks finish their batch, checkpoint and end."""
         self.stop = self.stop or reason
@@ -182,9 +187,9 @@ class ProgressDisplay:
         base_rows, base_step = self.done_before
         if not self._bars:
             for i, stage in enumerate(STAGES):
-                self._bars[stage] = tqdm(total=self.candidates, initial=base_rows, desc=f"{stage:>8}",
-                                         unit="cand", position=i, file=stream, leave=True,
-                                         dynamic_ncols=True)
+                self._bars[stage] = tqdm(total=self.candidates, initial=base_rows,
+                                         desc=f"{stage:>8}", unit="cand", position=i,
+                                         file=stream, leave=True, dynamic_ncols=True)
             self._bars["train"] = tqdm(total=self.steps, initial=base_step, desc="   train",
                                        unit="step", position=len(STAGES), file=stream,
                                        leave=True, dynamic_ncols=True)
@@ -206,7 +211,8 @@ class ProgressDisplay:
             for stage in STAGES)
         totals = TrainerTotals.of(snap["ranks"])
         eta = self.eta(snap["elapsed"], totals)
-        line = (f"[{snap['elapsed']:6.0f}s] {stages}  train step {totals.step}/{self.steps}: "
+        step = max(totals.step, self.done_before[1])
+        line = (f"[{snap['elapsed']:6.0f}s] {stages}  train step {step}/{self.steps}: "
                 f"{totals.describe()}" + (f", ETA {format_seconds(eta)}" if eta is not None
                                           else ""))
         print(line, file=self.stream or sys.stdout, flush=True)

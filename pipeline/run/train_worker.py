@@ -48,7 +48,9 @@ from pipeline.storage.shard_writer import ShardWriter
 
 #: TrainingConfig keys that belong to the pipeline, not to `trainer.factory.build_trainer`.
 PIPELINE_TRAINING_KEYS = ("num_cpus_per_worker", "candidate_batch_size", "prefetch_batches",
-                          "late_candidates", "resources_per_worker")
+                          "late_candidates", "resources_per_worker", "max_failures")
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkerPlan:
     """What the driver tells every worker (``train_loop_config``; plain data + actor handle).
