@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._ray_cluster import LocalCluster, cluster_env
+from benchmarks._ray_cluster import LocalCluster, cluster_env, cmdline
 
 NODE_KINDS = ("stage_node_lost", "control_actors_lost", "train_node_lost", "head_lost")
 STAGE_NODE = {"bsgal_generate": 1, "bsgal_annotate": 1}
@@ -94,7 +94,7 @@ class NodeFaults:
     def due(self, kind: str, rows: int, at_rows: int) -> bool:
         if kind == "stage_node_lost":
             assert self.stage is not None
-            return any("MapWorker" in _cmdline(p) for p in self.stage.pids())
+            return any("MapWorker" in cmdline(p) for p in self.stage.pids())
         return rows >= at_rows
 
     def inject(self, kind: str) -> bool:
@@ -110,7 +110,7 @@ class NodeFaults:
         if kind == "control_actors_lost":
             assert self.cluster.head is not None
             pids = [p for p in self.cluster.head.pids()
-                    if "ProgressBoard" in _cmdline(p) or "DemandBoard" in _cmdline(p)]
+                    if "ProgressBoard" in cmdline(p) or "DemandBoard" in cmdline(p)]
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
             return bool(pids)
@@ -118,14 +118,6 @@ class NodeFaults:
             self.cluster.close()  # the workers' raylets cannot outlive their GCS either
             return True
         raise ValueError(f"unknown node fault {kind!r}; use one of {NODE_KINDS}")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
 
 
 def run_node_fault(bench: NodeFaults, index: int, kind: str, config: str,

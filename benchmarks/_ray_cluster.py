@@ -40,6 +40,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cmdline(pid: int) -> str:
+    """A process's command line ("" once it is gone); Ray names its workers ``ray::Class``."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
 def can_unshare() -> bool:
     """Whether this machine lets a process make a private mount namespace (root, unshare)."""
     if shutil.which("unshare") is None:

@@ -55,6 +55,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks._node_faults import NODE_KINDS, NodeFaults, run_node_fault  # noqa: E402
+from benchmarks._ray_cluster import cmdline  # noqa: E402
 
 PROCESS_KINDS = ("driver_sigkill", "driver_sigint", "stage_actor_killed",
                  "train_worker_killed", "s3_outage")
@@ -114,21 +115,13 @@ def _pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
 def session_processes(proc: subprocess.Popen, needle: str) -> list[int]:
     """Processes of ``proc``'s session whose command line holds ``needle`` (Ray names its
     worker processes ``ray::ClassName...``)."""
     found = []
     for pid in _pids():
         try:
-            if os.getsid(pid) == proc.pid and needle in _cmdline(pid):
+            if os.getsid(pid) == proc.pid and needle in cmdline(pid):
                 found.append(pid)
         except (ProcessLookupError, PermissionError):
             pass
