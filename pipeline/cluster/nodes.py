@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 
 from pipeline.cluster.capacity import ClusterCapacity, NodeShape, is_bookkeeping, \
-    launcher_capacity, units_that_fit
+    autoscaler_max_resources, launcher_capacity, units_that_fit
 from pipeline.config import RunConfig
 from pipeline.demand import run_requests
 
@@ -106,12 +106,7 @@ def connected_capacity(bootstrap_config: str = "~/ray_bootstrap_config.yaml"
     alive = live_nodes()
     nodes = [NodeShape(n.node_id[:8], n.resources) for n in alive]
     source = f"the {len(alive)} alive nodes"
-    try:
-        from ray._private.state import state
-
-        limits = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # a private API: absent or changed means "no autoscaler known"
-        limits = {}
+    limits = autoscaler_max_resources(bootstrap_config) or {}  # the GCS's word (no YAML here)
     if limits:
         spare = {}
         for name, most in limits.items():
