@@ -197,12 +197,25 @@ def acceptance_against_truth(decisions: Sequence[Mapping[str, Any]],
     hit = int((accepted & good).sum())
     scores = np.array([float(d.get("score", np.nan)) for d in decisions], dtype=float)
     finite = np.isfinite(scores)
+    reasons = np.array([str(d.get("reason", "")) for d in decisions], dtype=object)
+    judged = (reasons == "accepted") | (reasons == "rejected_score")  # reached the threshold
+    rejected_score = reasons == "rejected_score"
+    steps = np.array([int(d.get("step", 0)) for d in decisions], dtype=np.int64)
+    halves = {}
+    if judged.any():
+        middle = np.median(steps[judged])
+        for name, part in (("first_half", steps <= middle), ("second_half", steps > middle)):
+            mine = judged & part
+            halves[name] = float(accepted[mine].mean()) if mine.any() else float("nan")
     by_kind = {}
     for kind in (GOOD, *FAILURE_RATES):
         mine = kinds == kind
         by_kind[kind] = {
             "candidates": int(mine.sum()),
             "accepted_fraction": float(accepted[mine].mean()) if mine.any() else float("nan"),
+            # of this kind's candidates that reached the threshold, the share it rejected
+            "rejected_by_threshold": (float(rejected_score[mine & judged].mean())
+                                      if (mine & judged).any() else float("nan")),
             # ROC AUC of the decision score, good vs this kind, among candidates with a score
             "score_auc": (roc_auc(scores[good & finite], scores[mine & finite])
                           if kind != GOOD else float("nan")),
@@ -216,4 +229,8 @@ def acceptance_against_truth(decisions: Sequence[Mapping[str, Any]],
         "good_fraction": n_good / n if n else float("nan"),
         "precision": hit / n_acc if n_acc else float("nan"),
         "recall": hit / n_good if n_good else float("nan"),
+        # of the candidates that reached the threshold, the share kept (all, and per half of
+        # the run's steps: a threshold whose kept share drifts shows it here)
+        "kept_of_judged": float(accepted[judged].mean()) if judged.any() else float("nan"),
+        "kept_of_judged_halves": halves,
     }

@@ -9,7 +9,7 @@ score             ``cosine`` | ``dot``                                (bsgal)
 cache_update      ``momentum`` | ``average``; momentum = m (0.1)     (bsgal)
 cache_dtype       ``float32`` | ``bfloat16``                          (bsgal)
 cache_sync        ``per_worker`` | ``all_reduce``                     (bsgal)
-threshold         ``fixed`` | ``dynamic`` | ``schedule``              (bsgal)
+threshold         ``auto`` (= fixed) | ``fixed`` | ``dynamic`` | ``schedule``  (bsgal)
 fixed_threshold   accept when score ≥ it (−0.05)                       (threshold=fixed)
 class_thresholds  optional {class_id: threshold}; a batch uses its lowest (threshold=fixed)
 keep_fraction     fraction r kept by the dynamic percentile (0.5)      (threshold=dynamic)
@@ -33,7 +33,7 @@ from torch import Tensor
 from selector.baselines import AcceptAll, FieldThreshold, RandomAcceptance
 from selector.batch_selector import LOOKAHEAD, BatchSelector
 from selector.gradient_cache import GradientCache
-from selector.methods import method_names
+from selector.methods import method_names, resolved_threshold
 from selector.thresholds import (
     DynamicPercentileThreshold,
     FixedThreshold,
@@ -42,10 +42,10 @@ from selector.thresholds import (
     SelectionPolicy,
 )
 
-THRESHOLDS = ("fixed", "dynamic", "schedule")
+THRESHOLDS = ("auto", "fixed", "dynamic", "schedule")
 
 
-def build_selection_policy(*, method: str = "bsgal", threshold: str = "fixed",
+def build_selection_policy(*, method: str = "bsgal", threshold: str = "auto",
                            fixed_threshold: float = -0.05,
                            class_thresholds: Mapping[int, float] | None = None,
                            keep_fraction: float = 0.5,
@@ -65,6 +65,7 @@ def build_selection_policy(*, method: str = "bsgal", threshold: str = "fixed",
     if method == "none":
         return None
     if method == "bsgal":
+        threshold = resolved_threshold("batch", threshold)
         if threshold == "fixed":
             policy = FixedThreshold(fixed_threshold, class_thresholds=class_thresholds)
         elif threshold == "dynamic":

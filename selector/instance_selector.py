@@ -10,8 +10,11 @@ granularity). Here each candidate k of a step is judged on its own:
    loss gradient with the real-data gradient cache of its class y (`ClassGradientCaches`;
    methods ``bsgal`` and ``composite``), or minus the detector's own loss on it (``loss``, and
    ``gated_loss`` behind the gates: the composite with the loss in place of the gradient);
-3. a threshold per class (`PerClassPercentileThreshold`): the scale of the score differs by
-   class, so each class keeps its own fraction r of its candidates.
+3. a threshold per class (`selector.instance_thresholds`): the scale of the score differs by
+   class; the calibrated threshold rejects a candidate whose score is below the α-quantile of
+   real instances of its class (about α of good candidates rejected, whatever the failure
+   rate), the percentile keeps a fraction r of each class's candidates, the fixed one is a
+   constant.
 
 ``accept_all`` and ``random`` (each candidate with probability p) are the baselines at the
 same granularity. The trainer computes the gradients and losses (trainer/instance_step.py);
@@ -21,11 +24,9 @@ this module only holds the caches and thresholds and decides.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,10 +40,15 @@ from selector.decision import (
     REJECTED_SCORE,
     Decision,
     invalid_decision,
-    threshold_decision,
 )
 from selector.flat_gradient import GradientLike
 from selector.gradient_cache import GradientCache
+from selector.instance_thresholds import (  # noqa: F401 (re-exported)
+    CalibratedThreshold,
+    FixedInstanceThreshold,
+    InstanceThreshold,
+    PerClassPercentileThreshold,
+)
 from selector.methods import SelectionMethod, selection_method
 from selector.score import contribution_score
 
@@ -156,64 +162,6 @@ class ClassGradientCaches:
             self.caches[int(class_id)] = cache
 
 
-class PerClassPercentileThreshold:
-    """Keep about a fraction r of each class's scores, from the first step on.
-
-    Each class remembers its last ``window`` valid scores. A step's scores of a class are added
-    to its window *before* the threshold is read, so the threshold is the (1 − r) quantile
-    (linear interpolation) of what has been seen including them: no initial constant, no
-    window that must fill first. ``per_class=False`` pools all classes in one window.
-    """
-
-    name = "per_class_percentile"
-
-    def __init__(self, keep_fraction: float = 0.7, *, window: int = 200,
-                 per_class: bool = True) -> None:
-        if not 0.0 < keep_fraction <= 1.0:
-            raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1]: the fraction of "
-                             "candidates to accept")
-        if window < 1:
-            raise ValueError(f"window={window} must be at least 1")
-        self.keep_fraction = float(keep_fraction)
-        self.window = int(window)
-        self.per_class = bool(per_class)
-        self.scores: dict[int, deque[float]] = {}
-        if not per_class:
-            self.name = "percentile"
-
-    def _key(self, class_id: int) -> int:
-        return int(class_id) if self.per_class else -1
-
-    def decide_all(self, scores: Sequence[float], class_ids: Sequence[int], *, step: int
-                   ) -> list[Decision]:
-        """Decisions for one step's finite ``scores`` (one per candidate, with its class)."""
-        for score, class_id in zip(scores, class_ids):
-            self.scores.setdefault(self._key(class_id), deque(maxlen=self.window)).append(
-                float(score))
-        thresholds: dict[int, float] = {}
-        out = []
-        for score, class_id in zip(scores, class_ids):
-            key = self._key(class_id)
-            if key not in thresholds:
-                values = np.fromiter(self.scores[key], dtype=np.float64)
-                thresholds[key] = float(np.quantile(values, 1.0 - self.keep_fraction))
-            out.append(threshold_decision(float(score), thresholds[key], step=step,
-                                          policy=self.name))
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        keys = sorted(self.scores)
-        return {"window": self.window, "keys": keys, "scores": [list(self.scores[k])
-                                                               for k in keys]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if int(state["window"]) != self.window:
-            raise ValueError(f"checkpointed score window has size {state['window']}; this run "
-                             f"uses window={self.window}")
-        self.scores = {int(k): deque((float(s) for s in v), maxlen=self.window)
-                       for k, v in zip(state["keys"], state["scores"])}
-
-
 class InstanceSelector:
     """Decides on each generated candidate of a step (module docstring).
 
@@ -229,7 +177,7 @@ class InstanceSelector:
     """
 
     def __init__(self, method: str, *, gates: QualityGates | None = None,
-                 threshold: PerClassPercentileThreshold | None = None,
+                 threshold: InstanceThreshold | None = None,
                  caches: ClassGradientCaches | None = None, random_p: float = 0.5,
                  seed: int = 0) -> None:
         spec = selection_method("instance", method)
@@ -254,6 +202,16 @@ class InstanceSelector:
     def signal(self) -> str | None:
         """The name of the per-candidate score the trainer computes (None: no score)."""
         return self.spec.signal
+
+    @property
+    def calibrates(self) -> bool:
+        """The threshold wants the scores of real instances (`observe_reference`)."""
+        return isinstance(self.threshold, CalibratedThreshold)
+
+    def observe_reference(self, class_id: int, scores: Sequence[float], *, step: int) -> None:
+        """Real instances' scores of ``class_id`` for the calibrated threshold's reference."""
+        if isinstance(self.threshold, CalibratedThreshold):
+            self.threshold.observe(class_id, scores, step=step)
 
     @property
     def policy_name(self) -> str:

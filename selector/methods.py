@@ -40,6 +40,9 @@ import difflib
 from dataclasses import dataclass
 
 GRANULARITIES = ("batch", "instance")
+#: What ``selection.threshold: auto`` means at each granularity: the paper's fixed threshold
+#: per batch; per candidate, the threshold the selection benchmark shows best (README, Results).
+AUTO_THRESHOLD = {"batch": "fixed", "instance": "calibrated"}
 DECISIONS = ("threshold", "accept", "random", "none")
 
 
@@ -79,6 +82,24 @@ class SelectionMethod:
     @property
     def thresholded(self) -> bool:
         return self.decision == "threshold"
+
+
+def resolved_threshold(granularity: str, threshold: str, *, calibratable: bool = True) -> str:
+    """``selection.threshold`` with ``auto`` replaced by what it means at ``granularity``;
+    ``calibratable``: the method can score real instances as it scores candidates (the
+    contribution over the box head); where it cannot, instance-level ``auto`` is the per-class
+    percentile (``dynamic``)."""
+    if threshold != "auto":
+        return threshold
+    if granularity == "instance" and not calibratable:
+        return "dynamic"
+    return AUTO_THRESHOLD[granularity]
+
+
+def calibratable(method: "SelectionMethod", score_parameters: str) -> bool:
+    """Whether ``method`` can score real instances as it scores candidates (the calibrated
+    threshold's reference): the contribution signal over the box head."""
+    return method.signal == "contribution" and score_parameters == "heads"
 
 
 _METHODS: dict[tuple[str, str], SelectionMethod] = {}

@@ -217,6 +217,38 @@ def test_truth_unknown_skips_precision_recall(tmp_path: Path) -> None:
     assert code == 0 and "note: precision/recall skipped" in text
 
 
+def test_thresholds_per_class_beside_the_calibrated_reference(tmp_path: Path) -> None:
+    from pipeline.storage.run_dir import MetricsLog, RunDir
+
+    out = tmp_path / "run"
+    rows = make_rows()
+    write_run(str(out), rows)
+    doc = _json("inspect", str(out), "--table", "thresholds")
+    got = _by(doc["tables"]["thresholds"]["rows"], "class_name")
+    for name, r in got.items():
+        scored = [x for x in rows if x["class_name"] == name
+                  and not x["reason"].startswith("invalid")]
+        assert r["scored"] == len(scored)
+        assert r["kept"] == pytest.approx(sum(x["accepted"] for x in scored) / len(scored))
+        assert r["threshold_median"] == pytest.approx(
+            float(np.median([x["threshold"] for x in scored])))
+        assert "reference_median" not in r  # no calibration record: no reference columns
+    cat = next(x["class_id"] for x in rows if x["class_name"] == "cat")
+    log = MetricsLog(RunDir(str(out)))
+    log.log("calibration", step=2, rank=0, classes={str(cat): {
+        "reference_scores": 3.0, "reference_median": 0.1, "reference_p05": 0.0,
+        "threshold": 0.0, "own_reference": 0.0}})
+    log.log("calibration", step=4, rank=0, classes={str(cat): {
+        "reference_scores": 12.0, "reference_median": 0.5, "reference_p05": 0.25,
+        "threshold": 0.2, "own_reference": 1.0}})
+    log.log("calibration", step=6, rank=1, classes={})  # other ranks' records are not read
+    got = _by(_json("inspect", str(out), "--table", "thresholds")["tables"]["thresholds"]["rows"],
+              "class_name")
+    assert (got["cat"]["reference"], got["cat"]["reference_scores"],
+            got["cat"]["reference_median"]) == ("own", 12, 0.5)
+    assert got["dog"]["reference"] == "" and got["dog"]["reference_median"] is None
+
+
 def test_every_table_can_be_chosen(run_dir) -> None:
     out, _ = run_dir
     for name in TABLE_NAMES:

@@ -134,7 +134,7 @@ def test_directional_estimate_refuses_a_poisoned_direction() -> None:
 
 
 def test_per_class_threshold_keeps_the_asked_fraction_of_each_class_from_the_first_step() -> None:
-    threshold = PerClassPercentileThreshold(0.5, window=1000)
+    threshold = PerClassPercentileThreshold(0.5, window_steps=1000)
     first = threshold.decide_all([3.0], [7], step=0)
     assert first[0].accepted  # no constant to beat: the first score is its own threshold
     rng = np.random.default_rng(0)
@@ -148,7 +148,7 @@ def test_per_class_threshold_keeps_the_asked_fraction_of_each_class_from_the_fir
             seen[c] += 1
     for c in (1, 2):
         assert 0.45 <= kept[c] / seen[c] <= 0.56, (c, kept[c] / seen[c])
-    pooled = PerClassPercentileThreshold(0.5, per_class=False)
+    pooled = PerClassPercentileThreshold(0.5, window_steps=100, per_class=False)
     decisions = [pooled.decide_all([float(rng.normal(10, 1)), float(rng.normal(-10, 1))],
                                    [1, 2], step=s) for s in range(100)]
     assert sum(d[1].accepted for d in decisions) <= 5  # the low class starves when pooled
@@ -168,7 +168,7 @@ def test_composite_gates_first_then_scores_against_its_class_cache() -> None:
     params = [torch.nn.Parameter(torch.zeros(4))]
     caches = ClassGradientCaches(params)
     selector = InstanceSelector("composite", gates=QualityGates({"mask_score": 0.8}),
-                                threshold=PerClassPercentileThreshold(0.5), caches=caches)
+                                threshold=PerClassPercentileThreshold(0.5, window_steps=100), caches=caches)
     assert caches.update(1, torch.tensor([1.0, 0, 0, 0])) is None
     assert caches.update(2, torch.tensor([math.nan, 0, 0, 0])) == "invalid_nan_real_grad"
     assert caches.get(2) is None  # a poisoned gradient never becomes a cache
@@ -190,7 +190,7 @@ def test_instance_selector_state_round_trips_through_a_weights_only_checkpoint(t
 
     def make() -> InstanceSelector:
         return InstanceSelector("composite", gates=QualityGates({"mask_score": 0.5}),
-                                threshold=PerClassPercentileThreshold(0.5),
+                                threshold=PerClassPercentileThreshold(0.5, window_steps=100),
                                 caches=ClassGradientCaches(params))
 
     a = make()
@@ -216,7 +216,7 @@ def _trainer(ds: LvisDataset, **selection: Any):
 @pytest.mark.parametrize("method", ["composite", "gated_loss", "loss", "random"])
 def test_instance_trainer_decides_each_candidate_and_trains_only_on_the_accepted(
         train_set: LvisDataset, method: str) -> None:
-    trainer = _trainer(train_set, method=method, keep_fraction=0.5,
+    trainer = _trainer(train_set, method=method, threshold="dynamic", keep_fraction=0.5,
                        quality_gates={"mask_score": 0.5})
     seen: list[tuple[int, int]] = []
     original = trainer.step_fn.backward_stock
@@ -249,7 +249,7 @@ def test_a_poisoned_real_gradient_never_becomes_a_cache_and_its_candidates_say_s
         train_set: LvisDataset, sketch: str) -> None:
     from selector.class_sketch import LayerFactors
 
-    trainer = _trainer(train_set, method="composite", keep_fraction=0.5,
+    trainer = _trainer(train_set, method="composite", threshold="dynamic", keep_fraction=0.5,
                        quality_gates={"mask_score": 0.5}, cache_sketch=sketch)
     caches = trainer.selector.caches
     real_update = caches.update
@@ -273,12 +273,12 @@ def test_a_poisoned_real_gradient_never_becomes_a_cache_and_its_candidates_say_s
 
 def test_instance_trainer_resumes_bit_for_bit(train_set: LvisDataset, tmp_path) -> None:
     rows = real_cutouts(train_set, 24, seed=4, mask_scores=True)
-    a = _trainer(train_set, method="composite", keep_fraction=0.5,
+    a = _trainer(train_set, method="composite", threshold="dynamic", keep_fraction=0.5,
                  quality_gates={"mask_score": 0.3})
     a.train_on_candidates(rows[:12])
     torch.save(a.state_dict(), tmp_path / "ckpt.pt")
     rest_a = a.train_on_candidates(rows[12:]).decisions
-    b = _trainer(train_set, method="composite", keep_fraction=0.5,
+    b = _trainer(train_set, method="composite", threshold="dynamic", keep_fraction=0.5,
                  quality_gates={"mask_score": 0.3})
     b.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
     rest_b = b.train_on_candidates(rows[12:]).decisions

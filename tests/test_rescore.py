@@ -23,7 +23,8 @@ def _trainer(ds: LvisDataset, **selection: Any):
     return build_trainer(ds, training={"batch_size": 2, "lr": 5e-4, "warmup_steps": 2,
                                        "steps": 20, "device": "cpu", "max_pastes_per_image": 2},
                          selection={"granularity": "instance", "method": "composite",
-                                    "keep_fraction": 0.5, "quality_gates": {"mask_score": 0.4},
+                                    "threshold": "dynamic", "keep_fraction": 0.5,
+                                    "quality_gates": {"mask_score": 0.4},
                                     **selection}, seed=0)
 
 

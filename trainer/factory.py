@@ -21,13 +21,14 @@ import torch
 
 from selector import build_selector
 from selector.class_sketch import SketchedClassCaches
-from selector.instance_selector import (
-    ClassGradientCaches,
-    InstanceSelector,
+from selector.instance_selector import ClassGradientCaches, InstanceSelector, QualityGates
+from selector.instance_thresholds import (
+    CalibratedThreshold,
+    FixedInstanceThreshold,
+    InstanceThreshold,
     PerClassPercentileThreshold,
-    QualityGates,
 )
-from selector.methods import selection_method
+from selector.methods import SelectionMethod, calibratable, resolved_threshold, selection_method
 from trainer.backends import build_backend
 from trainer.backends.base import DetectorBackend
 from trainer.datasets.lvis_format import LvisDataset
@@ -168,12 +169,29 @@ def build_instance_selector(detector: DetectorBackend, s: Mapping[str, Any],
             caches = ClassGradientCaches(params, mode=s["class_cache_update"],
                                          momentum=s["momentum"], dtype=s["cache_dtype"])
     if spec.thresholded:
-        threshold = PerClassPercentileThreshold(s["keep_fraction"], window=s["window"],
-                                                per_class=s["per_class_threshold"])
+        threshold = build_instance_threshold(s, spec)
     if spec.gated:
         gates = QualityGates(s["quality_gates"])
     return InstanceSelector(spec.name, gates=gates, threshold=threshold, caches=caches,
                             random_p=s["random_p"], seed=seed)
+
+
+def build_instance_threshold(s: Mapping[str, Any], spec: SelectionMethod) -> InstanceThreshold:
+    """The instance-level threshold of ``selection`` settings ``s`` (``threshold: auto`` as
+    `selector.methods.resolved_threshold` says)."""
+    name = resolved_threshold("instance", s["threshold"],
+                              calibratable=calibratable(spec, s["score_parameters"]))
+    if name == "calibrated":
+        return CalibratedThreshold(s["alpha"], window_steps=s["threshold_window_steps"],
+                                   min_reference=s["calibration_min_reference"])
+    if name == "dynamic":
+        return PerClassPercentileThreshold(s["keep_fraction"],
+                                           window_steps=s["threshold_window_steps"],
+                                           per_class=s["per_class_threshold"])
+    if name == "fixed":
+        return FixedInstanceThreshold(s["fixed_threshold"])
+    raise ValueError(f"selection.threshold {s['threshold']!r} is not an instance-level "
+                     "threshold; use calibrated, dynamic or fixed")
 
 
 def _trainer(detector: DetectorBackend, train_set: LvisDataset, val_set: LvisDataset | None,
@@ -191,4 +209,4 @@ def _trainer(detector: DetectorBackend, train_set: LvisDataset, val_set: LvisDat
         eval_every=t["eval_every"], max_eval_images=max_eval_images, seed=seed, rank=rank,
         real_gradients=s["real_gradients"], topup_images=s["topup_images"],
         cache_max_age=s["cache_max_age"], basis_images=s["basis_images"],
-        basis_refresh_steps=s["basis_refresh_steps"])
+        basis_refresh_steps=s["basis_refresh_steps"], calibration_pastes=s["calibration_pastes"])

@@ -54,6 +54,7 @@ from trainer.instance_signals import (
 )
 from trainer.real_data import pasted_inputs, real_inputs
 from trainer.step import (
+    CALIBRATION_POSITIONS,
     PastedBatch,
     StepResult,
     TrainingStep,
@@ -89,6 +90,9 @@ class InstanceStep(TrainingStep):
         basis_source, basis_images, basis_refresh_steps: sketched caches only: where the
             input bases' real images come from, how many, and every how many steps the bases
             are fitted again (the caches re-expressed in them; 0: never after the first).
+        calibration_pastes: real instances pasted per step and scored as candidates for the
+            calibrated threshold's reference (`trainer.loop.DetectorTrainer.calibration_pieces`;
+            used only when the selector's threshold is calibrated).
     """
 
     def __init__(self, backend: DetectorBackend, selector: InstanceSelector,
@@ -97,7 +101,7 @@ class InstanceStep(TrainingStep):
                  real_gradients: str = "test_batch", real_batch_size: int = 4,
                  topup_images: int = 2, cache_max_age: int = 50,
                  basis_source: BasisSource | None = None, basis_images: int = 8,
-                 basis_refresh_steps: int = 100) -> None:
+                 basis_refresh_steps: int = 100, calibration_pastes: int = 0) -> None:
         if score_parameters not in SCORE_PARAMETERS:
             raise ValueError(f"selection.score_parameters {score_parameters!r} is unknown; use "
                              f"one of {SCORE_PARAMETERS}")
@@ -129,6 +133,12 @@ class InstanceStep(TrainingStep):
         self.basis_source = basis_source
         self.basis_images = int(basis_images)
         self.basis_refresh_steps = int(basis_refresh_steps)
+        if calibration_pastes < 0:
+            raise ValueError(f"selection.calibration_pastes={calibration_pastes} must be >= 0")
+        if selector.calibrates and calibration_pastes == 0:
+            raise ValueError("the calibrated threshold needs real instances to calibrate on: "
+                             "set selection.calibration_pastes >= 1")
+        self.calibration_pastes = int(calibration_pastes) if selector.calibrates else 0
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -170,16 +180,21 @@ class InstanceStep(TrainingStep):
                 poisoned |= self.update_caches(real_test, labels, step=step)
             return poisoned
 
-        scored = self.score(batch.pasted, batch.candidates, refresh)
+        scored = self.score(batch.pasted, batch.candidates, refresh,
+                            calibration=batch.calibration)
+        self.observe_calibration(step, batch.calibration, scored)
         decisions = self.decide(step, batch.candidates, scored)
         keep = {p for p, d in decisions.items() if d.accepted}
         score_seconds = time.perf_counter() - started
         trained_on, losses = self.train(step, batch.pasted, keep, rerender)
         verdicts = {p: Verdict.of(d) for p, d in decisions.items()}
-        return StepResult(verdicts, trained_on, losses, len(generated_instances(batch.pasted)),
+        generated = generated_instances(batch.pasted).positions
+        num_generated = int((generated < CALIBRATION_POSITIONS).sum())
+        return StepResult(verdicts, trained_on, losses, num_generated,
                           score_seconds, log={"accepted": bool(keep),
                                               "num_accepted": len(keep),
-                                              "topup_images": len(real_test or ())})
+                                              "topup_images": len(real_test or ()),
+                                              "calibration_pieces": len(batch.calibration)})
 
     def real_test_for(self, step: int, class_ids: Sequence[int], covered: set[int]
                       ) -> tuple[list[int], int] | None:
@@ -207,11 +222,14 @@ class InstanceStep(TrainingStep):
         return sorted(ages, key=lambda c: (ages[c] is not None, -(ages[c] or 0)))
 
     def score(self, pasted: Sequence[PastedImage], candidates: Sequence[Candidate],
-              refresh: RefreshCaches | None) -> dict[int, CandidateScore]:
+              refresh: RefreshCaches | None, *, calibration: Sequence[Candidate] = ()
+              ) -> dict[int, CandidateScore]:
         """The method's signal for every candidate that can be scored: not visible any more →
         ``invalid_not_visible``; failing a gate → no entry (the gate decides); else the
         signal's `CandidateScore`. ``refresh`` brings the real gradients of the classes about
-        to be scored into their caches (signals that use caches)."""
+        to be scored into their caches (signals that use caches). The ``calibration`` pieces
+        (real instances) are scored in the same pass, against the same caches, without gates
+        (real instances are good by definition)."""
         instances = generated_instances(pasted)
         row_of = {int(p): int(r) for p, r in zip(instances.positions, instances.rows)}
         out = {c.position: CandidateScore(INVALID_NOT_VISIBLE) for c in candidates
@@ -220,11 +238,25 @@ class InstanceStep(TrainingStep):
             return out
         passing = [c for c in candidates
                    if c.position in row_of and self.selector.gate(c.fields) is None]
+        passing += [c for c in calibration if c.position in row_of]
         if passing:
             images, targets = pasted_inputs(pasted, self.backend.device)
             out.update(self.signal.score(self, ScoringInputs(images, targets, row_of),
                                          passing, refresh))
         return out
+
+    def observe_calibration(self, step: int, calibration: Sequence[Candidate],
+                            scored: Mapping[int, CandidateScore]) -> None:
+        """The scores of the step's real calibration pieces into the calibrated threshold's
+        reference, by class, before the step's candidates are decided (pieces hidden by a
+        candidate or whose score is not finite say nothing and are left out)."""
+        by_class: dict[int, list[float]] = {}
+        for piece in calibration:
+            result = scored.get(piece.position)
+            if result is not None and not result.reason and result.score is not None:
+                by_class.setdefault(piece.class_id, []).append(float(result.score))
+        for class_id, values in by_class.items():
+            self.selector.observe_reference(class_id, values, step=step)
 
     def decide(self, step: int, candidates: Sequence[Candidate],
                scored: Mapping[int, CandidateScore]) -> dict[int, Decision]:

@@ -64,7 +64,13 @@ from trainer.instance_step import InstanceStep
 from trainer.optim import ModelEma, build_optimizer, build_scheduler
 from trainer.real_data import RealImages
 from trainer.sampling import ClassAwareSampler, RepeatFactorSampler
-from trainer.step import NonFiniteLossError, PastedBatch, StepResult, TrainingStep
+from trainer.step import (
+    CALIBRATION_POSITIONS,
+    NonFiniteLossError,
+    PastedBatch,
+    StepResult,
+    TrainingStep,
+)
 
 CHECKPOINT_FORMAT = "bsgal-trainer/1"
 
@@ -170,6 +176,7 @@ class DetectorTrainer:
                  cache_max_age: int = _S["cache_max_age"],
                  basis_images: int = _S["basis_images"],
                  basis_refresh_steps: int = _S["basis_refresh_steps"],
+                 calibration_pastes: int = _S["calibration_pastes"],
                  image_cache_size: int = 256, min_mask_pixels: int = 16) -> None:
         if batch_size < 1 or real_batch_size < 1:
             raise ValueError(f"batch_size={batch_size} and real_batch_size={real_batch_size} "
@@ -202,7 +209,7 @@ class DetectorTrainer:
                 real_gradients=real_gradients, real_batch_size=real_batch_size,
                 topup_images=topup_images, cache_max_age=cache_max_age,
                 basis_source=self._basis_samples, basis_images=basis_images,
-                basis_refresh_steps=basis_refresh_steps)
+                basis_refresh_steps=basis_refresh_steps, calibration_pastes=calibration_pastes)
         elif selector is not None:
             self.step_fn = BsgalStep(backend, selector, mode, real_batch_size)
         else:
@@ -349,9 +356,14 @@ class DetectorTrainer:
         `trainer.rescore` brings its own real gradients)."""
         samples = [self.real[i] for i in self.sampler.next_indices(self.batch_size)]
         per_image = self.paster.assign(pool, len(samples))
-        pasted = [self.paster.paste(s, c) for s, c in zip(samples, per_image)]
         used = [c for chosen in per_image for c in chosen]
         class_ids = [c.class_id for c in used]
+        calibration = []
+        if real_test and used and self.step_fn.calibration_pastes > 0:
+            calibration = self.calibration_pieces(class_ids, self.step_fn.calibration_pastes)
+            for piece in calibration:  # beneath the candidates: they never hide one
+                per_image[int(self.paster.rng.integers(0, len(samples)))].insert(0, piece)
+        pasted = [self.paster.paste(s, c) for s, c in zip(samples, per_image)]
         test: list[dict[str, Any]] | None = None
         request = self.step_fn.real_test_for(self.step, class_ids, {
             self.category_of[int(label)] for p in pasted
@@ -361,7 +373,30 @@ class DetectorTrainer:
             test = [self.real[i] for i in self.test_sampler.sample(*request)]
         names = sorted(set.intersection(*(set(c.fields) for c in used))) if used else []
         fields = {name: [c.fields[name] for c in used] for name in names}
-        return PastedBatch(pasted, used, class_ids, test, fields)
+        return PastedBatch(pasted, used, class_ids, test, fields, calibration)
+
+    def calibration_pieces(self, class_ids: Sequence[int], count: int) -> list[Candidate]:
+        """``count`` real instances of the step's candidate classes, cut out of real training
+        images (drawn as the real "test" images are, one class after another), to be pasted
+        and scored as candidates for the calibrated threshold's reference; positions from
+        `CALIBRATION_POSITIONS` on. They are never trained on: the training pass re-renders
+        the images with accepted candidates only."""
+        wanted = list(dict.fromkeys(int(c) for c in class_ids))
+        pieces = []
+        for k, index in enumerate(self.test_sampler.sample(wanted, count)):
+            sample = self.real[index]
+            labels = [int(x) for x in sample["labels"]]
+            mine = [j for j, label in enumerate(labels)
+                    if self.category_of.get(label) == wanted[k % len(wanted)]
+                    and int(np.asarray(sample["masks"][j]).sum()) >= self.min_mask_pixels]
+            if not mine:
+                continue
+            j = mine[int(self.paster.rng.integers(0, len(mine)))]
+            cid = self.category_of[labels[j]]
+            pieces.append(cut_out(CALIBRATION_POSITIONS + k, {
+                "sample_id": f"real-{sample.get('image_id', index)}-{j}", "class_id": cid,
+                "image": sample["image"], "mask": sample["masks"][j]}, self.label_of[cid]))
+        return pieces
 
     def train_pasted(self, batch: PastedBatch) -> tuple[StepResult, dict[str, Any]]:
         """One optimizer step on a pasted batch (decisions included); returns the step's

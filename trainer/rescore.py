@@ -23,9 +23,10 @@ The paste context of a batch (which real images, where) is drawn from generators
 the run seed and the batch's first stream offset, so the same batch is pasted the same way
 whichever worker scores it.
 
-The threshold (the per-class percentile over a window of recent scores) is a sequential
-state; `decide` applies it on one process, in stream order, starting from the checkpoint's
-windows, as the run would have. Scoring (`Rescorer.score`) is stateless between batches and
+The threshold (the per-class percentile over a window of recent scores, or the calibrated
+threshold's reference of real-instance scores) is a sequential state; `decide` applies it on
+one process, in stream order, starting from the checkpoint's windows, as the run would have
+(the calibrated reference is the checkpoint's: a re-score pastes no real instances of its own). Scoring (`Rescorer.score`) is stateless between batches and
 runs wherever there are workers.
 """
 

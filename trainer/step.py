@@ -26,6 +26,10 @@ from trainer.real_data import original_inputs, pasted_inputs, real_inputs
 
 TRAINED_ON_PASTED = "pasted"
 TRAINED_ON_ORIGINAL = "original"
+#: Batch positions of the real instances pasted for calibration (`PastedBatch.calibration`):
+#: above any candidate batch's positions, so that they are "generated" instances of the pasted
+#: images (scored as candidates are) and never meet a candidate's position.
+CALIBRATION_POSITIONS = 1 << 30
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -58,6 +62,9 @@ class PastedBatch:
         real_test: real samples containing those classes (when the step scores against real
             gradients drawn for it), or None.
         fields: numeric candidate fields by name, one value per candidate.
+        calibration: real instances pasted beside the candidates (positions from
+            `CALIBRATION_POSITIONS`), scored as candidates are for the calibrated threshold's
+            reference; never decided on, never trained on.
     """
 
     pasted: list[PastedImage]
@@ -65,6 +72,7 @@ class PastedBatch:
     class_ids: list[int]
     real_test: list[dict[str, Any]] | None
     fields: dict[str, list[float]]
+    calibration: list[Candidate] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,9 @@ class TrainingStep:
     Subclasses implement ``run(step, batch, *, rerender, lookahead_lr) -> StepResult`` and
     say whether they need the real "test" batch (`needs_real_test`).
     """
+
+    #: Real instances to paste per step for a calibrated threshold's reference (0: none).
+    calibration_pastes = 0
 
     def __init__(self, backend: DetectorBackend) -> None:
         self.backend = backend

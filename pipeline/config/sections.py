@@ -169,12 +169,31 @@ class SelectionConfig:
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
     # per_worker: the reference's separate cache per GPU; all_reduce: averaged real gradient.
     cache_sync: Literal["per_worker", "all_reduce"] = "per_worker"
-    threshold: Literal["fixed", "dynamic", "schedule"] = "fixed"
+    # auto: the paper's fixed threshold at batch granularity, the calibrated one at instance
+    # granularity (the selection benchmark's best: README, Results). fixed: score >=
+    # fixed_threshold; dynamic: the percentile keeping keep_fraction (batch: of the last
+    # `window` batch scores; instance: of each class's candidates of the last
+    # threshold_window_steps steps); schedule (batch only): keep_fraction ramped from
+    # keep_fraction_start to _end; calibrated (instance only): reject a candidate whose score
+    # is below the alpha-quantile of real instances of its class.
+    threshold: Literal["auto", "fixed", "dynamic", "schedule", "calibrated"] = "auto"
     fixed_threshold: float = -0.05
     keep_fraction: float = 0.5
     keep_fraction_start: float = 0.5
     keep_fraction_end: float = 0.5
     window: int = 1000
+    # calibrated: the target fraction of good candidates rejected.
+    alpha: float = 0.1
+    # Instance granularity: the percentile's scores and the calibrated reference are those of
+    # the last N steps (the scores drift as the detector learns; a window of steps holds scores
+    # taken at nearly the current weights for every class).
+    threshold_window_steps: int = 100
+    # calibrated: real scores a class needs for a reference of its own (it keeps at least its
+    # last N however old); a class with fewer is judged against the pool of every class's.
+    calibration_min_reference: int = 10
+    # calibrated: real instances of the step's candidate classes, cut out of real training
+    # images, pasted beside the candidates and scored as they are (never trained on).
+    calibration_pastes: int = 4
     # Per-class option: keep at least this acceptance rate for rare classes (0 disables).
     rare_min_accept_rate: float = 0.0
     random_p: float = 0.5
@@ -186,8 +205,8 @@ class SelectionConfig:
     # Instance granularity: hard minimums on candidate fields (quality_gate, composite).
     quality_gates: dict = field(default_factory=lambda: {"mask_score": 0.8})
     # Instance granularity: contribution gradients over the box head + predictor ("heads") or
-    # all trainable parameters ("all"); class caches' update rule; the threshold is always the
-    # percentile keeping keep_fraction of the last `window` scores, per class or pooled.
+    # all trainable parameters ("all"); class caches' update rule; the percentile threshold per
+    # class or pooled.
     score_parameters: Literal["heads", "all"] = "heads"
     class_cache_update: Literal["momentum", "average"] = "average"
     per_class_threshold: bool = True

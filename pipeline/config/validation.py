@@ -39,6 +39,9 @@ def validate(cfg: RunConfig) -> None:
     positive(cfg.annotation.batch_size, "annotation.batch_size")
     positive(cfg.annotation.concurrency, "annotation.concurrency")
     positive(cfg.selection.window, "selection.window")
+    positive(cfg.selection.threshold_window_steps, "selection.threshold_window_steps")
+    positive(cfg.selection.calibration_min_reference, "selection.calibration_min_reference")
+    positive(cfg.selection.calibration_pastes, "selection.calibration_pastes")
     positive(cfg.selection.real_batch_size, "selection.real_batch_size")
     positive(cfg.output.shard_max_rows, "output.shard_max_rows")
     positive(cfg.output.log_every, "output.log_every")
@@ -217,12 +220,31 @@ def _check_output_dir(out: str) -> None:
 
 def _check_granularity(sel: SelectionConfig) -> None:
     """The method must exist at the granularity; instance-level options must be well formed."""
-    from selector.methods import selection_method
+    from selector.methods import calibratable, resolved_threshold, selection_method
 
     try:
         selection_method(sel.granularity, sel.method)
     except ValueError as exc:
         raise ConfigError(f"selection.method: {exc}") from None
+    if not 0.0 < sel.alpha < 1.0:
+        raise ConfigError(f"selection.alpha: the fraction of good candidates the calibrated "
+                          f"threshold may reject must be in (0, 1), e.g. 0.1; got {sel.alpha}")
+    spec = selection_method(sel.granularity, sel.method)
+    can_calibrate = calibratable(spec, sel.score_parameters)
+    threshold = resolved_threshold(sel.granularity, sel.threshold, calibratable=can_calibrate)
+    if sel.granularity == "batch" and threshold == "calibrated":
+        raise ConfigError("selection.threshold: calibrated judges each candidate against real "
+                          "instances of its class; it needs selection.granularity=instance (at "
+                          "batch granularity use fixed, dynamic or schedule)")
+    if sel.granularity == "instance" and threshold == "schedule":
+        raise ConfigError("selection.threshold: schedule ramps a batch-level keep fraction; at "
+                          "instance granularity use calibrated, dynamic or fixed")
+    if sel.granularity == "instance" and threshold == "calibrated" and spec.thresholded \
+            and not can_calibrate:
+        raise ConfigError(f"selection.threshold: calibrated scores real instances with the "
+                          f"contribution over the box head (methods composite, bsgal with "
+                          f"score_parameters=heads); method {sel.method!r} with score_parameters="
+                          f"{sel.score_parameters} cannot: set selection.threshold=dynamic")
     if sel.granularity == "instance" and sel.rare_min_accept_rate > 0:
         raise ConfigError("selection.rare_min_accept_rate: a batch-level floor; at instance "
                           "granularity the per-class threshold already keeps keep_fraction of "

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 # The tables of ``bsgal inspect`` by name (kept here so the CLI can list them without loading
 # DuckDB).
-TABLE_NAMES = ("counts", "groups", "classes", "scores", "steps", "truth", "truth_failures",
-               "cost", "cost_classes", "options", "rows")
+TABLE_NAMES = ("counts", "groups", "classes", "scores", "thresholds", "steps", "truth",
+               "truth_failures", "cost", "cost_classes", "options", "rows")
 #: ``generators.columns.DECISION_KINDS`` for ``--decision`` (importing that module would load
 #: numpy for ``bsgal --help``); tests/test_inspect.py checks the two are equal.
 DECISION_CHOICES = ("accepted", "rejected", "invalid")

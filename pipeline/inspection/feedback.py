@@ -100,9 +100,8 @@ def feedback_line(feedback: dict[str, Any] | None) -> str | None:
             f"loop; accepted by prompt option: {parts or '-'}")
 
 
-def run_allocation_history(uri: str, storage_options: dict | None = None
-                           ) -> list[dict[str, Any]]:
-    """:func:`allocation_history` of the run folder ``uri`` (or of the run whose ``shards``
+def run_metrics(uri: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
+    """The ``metrics.jsonl`` records of the run folder ``uri`` (or of the run whose ``shards``
     folder it is); empty when there is no metrics log or it cannot be read."""
     from pipeline.storage.run_dir import RunDir, read_metrics
 
@@ -110,6 +109,12 @@ def run_allocation_history(uri: str, storage_options: dict | None = None
     if root.endswith("/shards"):
         root = root[: -len("/shards")]
     try:
-        return allocation_history(read_metrics(RunDir(root, storage_options or {})))
-    except Exception:  # noqa: BLE001 - the report is still useful without it
+        return read_metrics(RunDir(root, storage_options or {}))
+    except Exception:  # noqa: BLE001 - the report and tables are still useful without it
         return []
+
+
+def run_allocation_history(uri: str, storage_options: dict | None = None
+                           ) -> list[dict[str, Any]]:
+    """:func:`allocation_history` of the run folder ``uri`` (`run_metrics`)."""
+    return allocation_history(run_metrics(uri, storage_options))

@@ -20,6 +20,7 @@ import json
 
 from pipeline.inspection.costs import NO_COSTS, cost_by_class, cost_by_stage
 from pipeline.inspection.feedback import option_acceptance, run_allocation_history
+from pipeline.inspection.thresholds import class_thresholds
 from pipeline.inspection.query import DecisionQuery
 from pipeline.inspection.render import describe_filters, format_value
 from pipeline.inspection.report_charts import (
@@ -213,6 +214,9 @@ def build_report(q: DecisionQuery, options: ReportOptions | None = None) -> tupl
                  if cost_table is not None else f'<p class="note">{html.escape(NO_COSTS)}.</p>')
     meta["cost_per_accepted"] = (cost_table.rows[-1]["per_accepted"]
                                  if cost_table is not None else None)
+    thresholds_table = class_thresholds(q)
+    thresholds_html = (table_html(thresholds_table, "thresholds-table")
+                       if thresholds_table is not None else "")
     history = run_allocation_history(q.uri, q.storage_options)
     options_table = option_acceptance(q)
     feedback_html = allocation_svg(history) + (table_html(options_table, "options-table")
@@ -238,6 +242,7 @@ files &middot; filters: {esc(describe_filters(meta['filters']))} &middot; {selec
 {histogram_svg(q, options.histogram_bins)}
 {margin_html}
 {table_html(score_quantiles(q), "scores-table")}
+{thresholds_html}
 <h2>Cost: where the time went</h2>
 {cost_html}
 <h2>Generation allocation over training steps</h2>

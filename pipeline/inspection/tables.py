@@ -24,6 +24,7 @@ from pipeline.inspection.summary import (
     truth_precision_recall,
 )
 from pipeline.inspection.table import Summary, Table
+from pipeline.inspection.thresholds import NO_THRESHOLDS, class_thresholds
 
 NO_TRUTH = ("precision/recall skipped: no generator truth in these rows (truth_failure is "
             "empty, e.g. Stable Diffusion candidates)")
@@ -35,6 +36,7 @@ TABLES: dict[str, tuple[Callable[[DecisionQuery, int, int], Table | None], str]]
     "groups": (lambda q, bins, limit: frequency_groups(q), ""),
     "classes": (lambda q, bins, limit: class_acceptance(q), ""),
     "scores": (lambda q, bins, limit: score_quantiles(q), ""),
+    "thresholds": (lambda q, bins, limit: class_thresholds(q), NO_THRESHOLDS),
     "steps": (lambda q, bins, limit: acceptance_over_steps(q, bins), ""),
     "truth": (lambda q, bins, limit: truth_precision_recall(q), NO_TRUTH),
     "truth_failures": (lambda q, bins, limit: truth_by_failure(q), NO_TRUTH),

@@ -324,6 +324,13 @@ class TrainWorker:
         if metrics is not None:
             self.metrics.log("eval", step=step + 1, rank=self.rank, metrics=metrics)
 
+    def _log_calibration(self, step: int) -> None:
+        """A calibrated threshold's reference per class (``bsgal inspect --table thresholds``)."""
+        summary = getattr(getattr(self.trainer.selector, "threshold", None), "summary", None)
+        if summary is not None:
+            self.metrics.log("calibration", step=step, rank=self.rank,
+                             classes={str(c): v for c, v in summary().items()})
+
     def _after_step(self, before: int) -> None:
         step, every = self.trainer.step, self.cfg.output.log_every
         if step // every > before // every:
@@ -331,6 +338,7 @@ class TrainWorker:
             self.metrics.log("window", step=step, rank=self.rank, **record,
                              totals=self.counters.to_dict())
             self._log_allocation(step)
+            self._log_calibration(step)
         self._report()
         kill = self.plan.kill_demand_at_step
         if kill is not None and step >= kill and self.rank == 0 and self.plan.demand is not None \

@@ -105,6 +105,32 @@ class TorchvisionMaskRCNN(ModuleBackend):
         return loss.float()
 
     @torch.no_grad()
+    def gt_mask_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> Tensor:
+        """N per-box binary cross-entropies (mean over the M x M mask grid) of the mask head's
+        prediction for each ground-truth box's own class against its own mask, projected on the
+        box as in training (targets' boxes concatenated in order; no gradient): how far a mask
+        is from the shape the detector expects of its class in that box."""
+        from torchvision.models.detection.roi_heads import project_masks_on_boxes
+
+        model = self.module
+        heads = model.roi_heads
+        with self._autocast():
+            batch, resized = model.transform(images, targets)
+            features = model.backbone(batch.tensors)
+            dtype = next(iter(features.values())).dtype
+            boxes = [t["boxes"].to(dtype) for t in resized]
+            logits = heads.mask_predictor(heads.mask_head(
+                heads.mask_roi_pool(features, boxes, batch.image_sizes)))
+        size = logits.shape[-1]
+        labels = torch.cat([t["labels"] for t in resized]).to(logits.device)
+        projected = torch.cat([
+            project_masks_on_boxes(t["masks"], b.float(), torch.arange(len(b), device=b.device),
+                                   size) for t, b in zip(resized, boxes)])
+        chosen = logits[torch.arange(len(labels), device=logits.device), labels].float()
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            chosen, projected.float(), reduction="none").mean(dim=(1, 2))
+
+    @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections in the input images' frame; masks thresholded at 0.5 (bool)."""
         with self._eval_mode():
