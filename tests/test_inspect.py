@@ -260,6 +260,27 @@ def test_every_table_can_be_chosen(run_dir) -> None:
 # ----------------------------------------------------------------------------- bad input
 
 
+def test_a_truncated_shard_is_named_with_the_fix_or_skipped_on_request(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    rows = make_rows()
+    write_run(str(out), rows)
+    files = list_shard_files(str(out / "shards"))
+    bad = files[1]
+    data = Path(bad).read_bytes()
+    Path(bad).write_bytes(data[: len(data) // 2])
+    for command in (["inspect", str(out)], ["export-pool", str(out), str(tmp_path / "pool")]):
+        code, text = invoke_cli(*command)
+        assert code != 0 and bad in text and "--skip-unreadable" in text, text
+        assert len(text.strip().splitlines()) == 1 and "Traceback" not in text, text
+    code, text = invoke_cli("inspect", str(out), "--skip-unreadable", "--json")
+    assert code == 0, text
+    doc = json.loads(text[text.index("{"):])
+    assert doc["files"] == len(files) - 1
+    assert "1 unreadable shard file(s) left out" in text and bad in text
+    code, text = invoke_cli("export-pool", str(out), str(tmp_path / "pool"), "--skip-unreadable")
+    assert code == 0 and "exported" in text, text
+
+
 def test_path_without_shards(tmp_path: Path) -> None:
     code, text = invoke_cli("inspect", str(tmp_path))
     assert code == 1 and "no decision shards found" in text

@@ -35,6 +35,9 @@ def _filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Only this reason (rejected_score, invalid_empty_mask, or a pattern "
                           "such as 'invalid_*'); repeat for several."),
         click.option("--where", "where", metavar="SQL", help=WHERE_HELP),
+        click.option("--skip-unreadable", is_flag=True,
+                     help="Leave out shard files that cannot be read (truncated, not Parquet) "
+                          "and say how many, instead of stopping at the first."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -42,12 +45,17 @@ def _filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _open_query(uri: str, classes: tuple[str, ...], decisions: tuple[str, ...],
-                reasons: tuple[str, ...], where: str | None, storage: dict[str, Any] | None):
+                reasons: tuple[str, ...], where: str | None, storage: dict[str, Any] | None,
+                skip_unreadable: bool = False):
     from pipeline.inspection.query import DecisionFilter, DecisionQuery
 
     filters = DecisionFilter(classes=classes, decisions=decisions, reasons=reasons,
                              where=where or None)
-    return DecisionQuery(uri, filters, storage_options=storage)
+    q = DecisionQuery(uri, filters, storage_options=storage, skip_unreadable=skip_unreadable)
+    if q.skipped:
+        click.echo(f"warning: {len(q.skipped)} unreadable shard file(s) left out, e.g. "
+                   f"{q.skipped[0]}", err=True)
+    return q
 
 
 def _human_bytes(n: float) -> str:
@@ -98,7 +106,8 @@ def _human_bytes(n: float) -> str:
 @storage_flags
 @user_errors
 def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ...],
-                    reasons: tuple[str, ...], where: str | None, as_json: bool, as_csv: bool,
+                    reasons: tuple[str, ...], where: str | None, skip_unreadable: bool,
+                    as_json: bool, as_csv: bool,
                     tables: tuple[str, ...], show_rows: bool, limit: int, top: int,
                     step_bins: int, html_path: str | None, thumbs_per_class: int,
                     thumb_size: int, max_classes: int, seed: int, other: str | None,
@@ -130,12 +139,14 @@ def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ..
     from pipeline.storage.filesystem import remote_options
 
     storage = storage_options_from(endpoint_url, storage_pairs)
-    with _open_query(uri, classes, decisions, reasons, where, remote_options(uri, storage)) as q:
+    with _open_query(uri, classes, decisions, reasons, where, remote_options(uri, storage),
+                     skip_unreadable) as q:
         if other:
             from pipeline.inspection.compare import compare
             from pipeline.inspection.render import summary_json, summary_text
 
-            with _open_query(other, (), (), (), None, remote_options(other, storage)) as o:
+            with _open_query(other, (), (), (), None, remote_options(other, storage),
+                             skip_unreadable) as o:
                 result = compare(q, o)
             click.echo(summary_json(result) if as_json else summary_text(result, top=top),
                        nl=False)
@@ -177,6 +188,8 @@ def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ..
 @click.option("--where", "where", metavar="SQL", help=WHERE_HELP)
 @click.option("--overwrite", is_flag=True,
               help="Replace a pool already in OUT (the files its pool.json lists).")
+@click.option("--skip-unreadable", is_flag=True,
+              help="Leave out shard files that cannot be read and say how many.")
 @click.option("--xpaste-root", metavar="DIR",
               help="Absolute local folder the pool will be read from, e.g. where `aws s3 sync "
                    "OUT DIR` puts it: the paths in xpaste_pool.json start there (X-Paste's "
@@ -184,8 +197,8 @@ def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ..
 @storage_flags
 @user_errors
 def export_pool_command(uri: str, out: str, classes: tuple[str, ...], where: str | None,
-                        overwrite: bool, xpaste_root: str | None, endpoint_url: str | None,
-                        storage_pairs: tuple[str, ...]) -> None:
+                        overwrite: bool, skip_unreadable: bool, xpaste_root: str | None,
+                        endpoint_url: str | None, storage_pairs: tuple[str, ...]) -> None:
     """Write a run's accepted instances to OUT as an instance pool for copy-paste training.
 
     OUT/<class>/<sample_id>.png are RGBA cut-outs cropped to the mask (alpha = mask), indexed
@@ -205,7 +218,8 @@ def export_pool_command(uri: str, out: str, classes: tuple[str, ...], where: str
 
     storage = storage_options_from(endpoint_url, storage_pairs)
     t0 = time.monotonic()
-    with _open_query(uri, classes, ("accepted",), (), where, remote_options(uri, storage)) as q:
+    with _open_query(uri, classes, ("accepted",), (), where, remote_options(uri, storage),
+                     skip_unreadable) as q:
         stats = export_pool(q, out, remote_options(out, storage), overwrite=overwrite,
                             xpaste_root=xpaste_root)
     skipped = (f"; {stats.skipped} accepted rows skipped (listed in export.json)"

@@ -216,11 +216,16 @@ class DecisionQuery:
         filters: DecisionFilter | None = None,
         storage_options: dict | None = None,
         threads: int = 2,
+        skip_unreadable: bool = False,
     ) -> None:
         self.uri = uri
         self.filters = filters or DecisionFilter()
         self.storage_options = dict(storage_options or {})
-        fs, self.shards_path, files = locate_shards(uri, self.storage_options)
+        #: shard files left out because they cannot be read (``skip_unreadable``)
+        self.skipped: list[str] = []
+        fs, self.shards_path, files = locate_shards(uri, self.storage_options,
+                                                    skip_unreadable=skip_unreadable,
+                                                    skipped=self.skipped)
         self.fs = fs
         self.files = files
         # No extension auto-install: that would reach the network.

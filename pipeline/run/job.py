@@ -42,7 +42,7 @@ from pipeline.config import ConfigError, RunConfig, config_to_dict, feedback_set
 from pipeline.errors import UserError
 from pipeline.paths import absolute_paths
 from pipeline.run.graph import StageKill
-from pipeline.storage.checkpoints import read_info
+from pipeline.storage.checkpoints import newest_readable_checkpoint, read_info
 from pipeline.storage.filesystem import StorageError, fast_fail_options
 from pipeline.storage.run_config import resume_config, write_run_config
 from pipeline.storage.run_dir import MetricsLog, RunDir, remove_failed_start
@@ -153,6 +153,8 @@ class ResumePoint:
     positions: np.ndarray
     decided: int
     dropped_files: int
+    #: newer checkpoints that could not be read and were set aside (one line each)
+    set_aside: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -188,7 +190,7 @@ def plan_resume(cfg: RunConfig, sampler: Any) -> ResumePoint:
     out, opts = cfg.output.dir, cfg.output.storage_options
     run = RunDir(out, opts)
     run.fs.invalidate_cache()  # other processes wrote the run: list it afresh
-    name = run.latest_checkpoint()
+    name, set_aside = newest_readable_checkpoint(run)
     n = cfg.generation.num_candidates
     if name is None:
         offsets = [0] * cfg.training.num_workers
@@ -205,7 +207,8 @@ def plan_resume(cfg: RunConfig, sampler: Any) -> ResumePoint:
         dropped += len(drop_after(out, rank, offset, opts))
     decided = sum(offsets)
     if decided == 0:
-        return ResumePoint(name, step, np.arange(n, dtype=np.int64), 0, dropped)
+        return ResumePoint(name, step, np.arange(n, dtype=np.int64), 0, dropped,
+                           tuple(set_aside))
     ids = read_decisions(out, columns=["sample_id"], storage_options=opts).column(
         "sample_id").to_pylist()
     if len(ids) != decided or len(set(ids)) != len(ids):
@@ -231,7 +234,7 @@ def plan_resume(cfg: RunConfig, sampler: Any) -> ResumePoint:
         every = sampler.sample_batch(n)["sample_id"]
         positions = np.array([i for i, sid in enumerate(every) if sid not in done],
                              dtype=np.int64)
-    return ResumePoint(name, step, positions, decided, dropped)
+    return ResumePoint(name, step, positions, decided, dropped, tuple(set_aside))
 
 
 # ------------------------------------------------------------------------------ the run
@@ -337,6 +340,8 @@ def _checked_run(cfg: RunConfig, run: RunDir, resume: bool, started: float, prog
     sampler = prompt_sampler(cfg, categories)
     if resume:
         point = plan_resume(cfg, sampler)
+        for line in point.set_aside:
+            echo(f"warning: checkpoint {line}; resuming from the newest one before it")
         if point.checkpoint is None:
             echo(f"resuming {out}: no checkpoint yet, starting over "
                  f"({point.dropped_files} shard files removed)")

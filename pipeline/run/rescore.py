@@ -28,9 +28,9 @@ import numpy as np
 
 from pipeline.config import ConfigError, RunConfig, candidate_batch_size, config_to_dict
 from pipeline.errors import UserError
-from pipeline.storage.checkpoints import config_hash, read_info
+from pipeline.storage.checkpoints import FORMAT, checkpoint_problem, config_hash, read_info
 from pipeline.storage.run_config import resume_config
-from pipeline.storage.run_dir import RunDir
+from pipeline.storage.run_dir import CHECKPOINT_NAME, RunDir
 from pipeline.storage.shard_schema import DECISIONS, shards_root
 from pipeline.storage.shard_writer import ShardWriter
 from pipeline.storage.shards import list_shard_files
@@ -76,13 +76,32 @@ def locate_checkpoint(uri: str, storage_options: dict[str, Any]) -> tuple[RunDir
         run = RunDir(posixpath.dirname(folder), storage_options)
         if not run.exists(f"checkpoints/{name}"):
             raise UserError(f"--checkpoint {uri}: no such file")
+        _check_bsgal_checkpoint(uri, run, f"checkpoints/{name}")
         return run, f"checkpoints/{name}"
     run = RunDir(uri, storage_options)
     latest = run.latest_checkpoint()
     if latest is None:
         raise UserError(f"--checkpoint {uri}: no checkpoint there (give RUN/checkpoints/"
                         "step-N.pt or a run folder that has one)")
+    _check_bsgal_checkpoint(uri, run, latest)
     return run, latest
+
+
+def _check_bsgal_checkpoint(uri: str, run: RunDir, name: str) -> None:
+    """A one-line refusal, before any work, of a file that is not a whole bsgal checkpoint
+    (e.g. a torchvision ``.pt`` copied into a run, or a truncated one)."""
+    expected = ("a bsgal checkpoint is RUN/checkpoints/step-NNNNNNNNN.pt, written by bsgal run "
+                "beside its step-NNNNNNNNN.json")
+    if not CHECKPOINT_NAME.match(posixpath.basename(name)):
+        raise UserError(f"--checkpoint {uri}: not a bsgal checkpoint name ({expected})")
+    problem = checkpoint_problem(run, name)
+    if problem is not None:
+        raise UserError(f"--checkpoint {uri}: {run.uri(name)} cannot be used: {problem} "
+                        f"({expected})")
+    info = read_info(run, name)
+    if info.get("format") != FORMAT:
+        raise UserError(f"--checkpoint {uri}: format {info.get('format')!r} is not "
+                        f"{FORMAT!r} ({expected})")
 
 
 def rescore_config(request: RescoreRequest, run: RunDir) -> RunConfig:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 from typing import Any
 
@@ -121,3 +122,39 @@ def load_trainer_state(run: RunDir, name: str, rank: int) -> dict[str, Any]:
         own = run.load_checkpoint(rank_name(int(main["step"]), rank))
         state.update(own["trainer"])
     return state
+
+
+def checkpoint_problem(run: RunDir, name: str) -> str | None:
+    """Why checkpoint ``name`` (``checkpoints/step-N.pt``) cannot be resumed from, or None: its
+    ``.pt`` must be a whole torch archive (every member's CRC checked) and its JSON part must
+    parse. Reads the file once and loads no tensor."""
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(run.read_bytes(name))) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            return f"member {bad} is corrupt"
+        read_info(run, name)
+    except zipfile.BadZipFile:
+        return "not a whole torch archive: truncated or overwritten"
+    except (OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    return None
+
+
+def newest_readable_checkpoint(run: RunDir) -> tuple[str | None, list[str]]:
+    """The newest checkpoint that :func:`checkpoint_problem` passes, and one line per newer one
+    that it did not. Those are renamed ``step-N.pt.unreadable`` (kept for a look, never listed
+    again), so that everything after this resumes from the same checkpoint."""
+    set_aside = []
+    for _, name in reversed(run.list_checkpoints()):
+        problem = checkpoint_problem(run, name)
+        if problem is None:
+            return name, set_aside
+        aside = f"{name}.unreadable"
+        run.fs.mv(run.path_of(name), run.path_of(aside))
+        set_aside.append(f"{run.uri(name)} cannot be read ({problem}); set aside as "
+                         f"{posixpath.basename(aside)}")
+    return None, set_aside

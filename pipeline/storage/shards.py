@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.storage.filesystem import StorageError, filesystem, is_uri
+from pipeline.storage.filesystem import StorageError, filesystem, is_local, is_uri
 from pipeline.storage.shard_schema import (
     DECISIONS,
     PART_NAME,
@@ -95,9 +95,13 @@ def drop_after(out: str, rank: int, offset: int, storage_options: dict | None = 
 
 
 def locate_shards(
-    uri: str, storage_options: dict | None = None
+    uri: str, storage_options: dict | None = None, *, skip_unreadable: bool = False,
+    skipped: list[str] | None = None,
 ) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
     """Find and check the shards of a run folder or of its ``shards`` folder.
+
+    A file whose Parquet footer cannot be read is an error naming it and the fix, or, with
+    ``skip_unreadable``, left out (appended to ``skipped``).
 
     Returns the filesystem, the shards folder's path in it and the shard files (paths as the
     filesystem names them, without a protocol). Every file's schema version is checked.
@@ -125,8 +129,13 @@ def locate_shards(
     if not files:
         raise ShardSchemaError(f"{uri}: no decision shards found (expected "
                                "shards/decision=*/part-*.parquet)")
+    unreadable = []
     for path in files:
-        meta = pq.read_schema(path, filesystem=fs).metadata or {}
+        try:
+            meta = pq.read_schema(path, filesystem=fs).metadata or {}
+        except (OSError, pa.ArrowException):
+            unreadable.append(path)
+            continue
         version = meta.get(SCHEMA_VERSION_KEY)
         if version not in {str(v).encode() for v in READABLE_VERSIONS}:
             found = version.decode() if version else "none"
@@ -135,7 +144,17 @@ def locate_shards(
                 f"{', '.join(map(str, READABLE_VERSIONS))}; read it with the bsgal release "
                 "that wrote it"
             )
-    return fs, root_path, files
+    if unreadable and not skip_unreadable:
+        shown = unreadable[0] if is_local(fs) else fs.unstrip_protocol(unreadable[0])
+        raise ShardSchemaError(
+            f"{shown}: not a readable Parquet file ({len(unreadable)} of the {len(files)} shard "
+            "files are not: truncated or not written by bsgal); pass --skip-unreadable to read "
+            "the others, or move the file out of the shards folder")
+    if unreadable and len(unreadable) == len(files):
+        raise ShardSchemaError(f"{uri}: none of the {len(files)} shard files can be read")
+    if skipped is not None:
+        skipped.extend(unreadable)
+    return fs, root_path, [f for f in files if f not in set(unreadable)]
 
 
 def _storage_hint(uri: str) -> str:
