@@ -281,6 +281,24 @@ def test_a_truncated_shard_is_named_with_the_fix_or_skipped_on_request(tmp_path:
     assert code == 0 and "exported" in text, text
 
 
+def test_output_paths_that_cannot_be_written_are_refused_before_any_work(
+        run_dir, tmp_path: Path) -> None:
+    from pipeline.run.rescore import _check_fresh
+
+    out, _ = run_dir
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [(["inspect", str(out), "--html", str(tmp_path)], "is a folder; name a file"),
+             (["inspect", str(out), "--html", str(a_file / "r.html")], "is a file, not a folder"),
+             (["export-pool", str(out), str(a_file)], "is a file; name a folder")]
+    for args, said in cases:
+        code, text = invoke_cli(*args)
+        assert code != 0 and said in text and len(text.strip().splitlines()) == 1, text
+    assert not (tmp_path / "report.html").exists()
+    with pytest.raises(Exception, match="--out .*is a file; name a folder"):
+        _check_fresh(str(a_file), {})
+
+
 def test_path_without_shards(tmp_path: Path) -> None:
     code, text = invoke_cli("inspect", str(tmp_path))
     assert code == 1 and "no decision shards found" in text

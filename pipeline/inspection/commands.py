@@ -136,9 +136,12 @@ def inspect_command(uri: str, classes: tuple[str, ...], decisions: tuple[str, ..
     if as_csv and len(names) != 1:
         raise click.UsageError("--csv prints one table: choose it with --table "
                                f"({', '.join(TABLE_NAMES)}) or use --rows alone")
-    from pipeline.storage.filesystem import remote_options
+    from pipeline.storage.filesystem import check_output_path, remote_options
 
     storage = storage_options_from(endpoint_url, storage_pairs)
+    if html_path:
+        check_output_path(html_path, remote_options(html_path, storage), kind="file",
+                          option="--html")
     with _open_query(uri, classes, decisions, reasons, where, remote_options(uri, storage),
                      skip_unreadable) as q:
         if other:
@@ -214,9 +217,10 @@ def export_pool_command(uri: str, out: str, classes: tuple[str, ...], where: str
       bsgal export-pool runs/demo s3://bucket/pool --xpaste-root /data/pool
     """
     from pipeline.inspection.export_pool import export_pool
-    from pipeline.storage.filesystem import remote_options
+    from pipeline.storage.filesystem import check_output_path, remote_options
 
     storage = storage_options_from(endpoint_url, storage_pairs)
+    check_output_path(out, remote_options(out, storage), kind="folder", option="OUT")
     t0 = time.monotonic()
     with _open_query(uri, classes, ("accepted",), (), where, remote_options(uri, storage),
                      skip_unreadable) as q:

@@ -29,6 +29,7 @@ import numpy as np
 from pipeline.config import ConfigError, RunConfig, candidate_batch_size, config_to_dict
 from pipeline.errors import UserError
 from pipeline.storage.checkpoints import FORMAT, checkpoint_problem, config_hash, read_info
+from pipeline.storage.filesystem import check_output_path
 from pipeline.storage.run_config import resume_config
 from pipeline.storage.run_dir import CHECKPOINT_NAME, RunDir
 from pipeline.storage.shard_schema import DECISIONS, shards_root
@@ -123,6 +124,7 @@ def rescore_config(request: RescoreRequest, run: RunDir) -> RunConfig:
 
 
 def _check_fresh(out: str, storage_options: dict[str, Any]) -> None:
+    check_output_path(out, storage_options, kind="folder", option="--out")
     if list_shard_files(shards_root(out), storage_options):
         raise UserError(f"--out {out} already holds decision shards; choose a new folder")
 

@@ -54,3 +54,34 @@ def remote_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any] |
     """The storage options that apply to ``uri``: None for a local path, else
     :func:`fast_fail_options`."""
     return fast_fail_options(uri, options) if is_uri(uri) else None
+
+
+def check_output_path(uri: str, storage_options: dict | None, *, kind: str, option: str
+                      ) -> None:
+    """Refuse, before any work, an output that cannot be written: ``kind="file"``: ``uri`` is
+    a folder, or a part of its parent path is a file; ``kind="folder"``: ``uri`` (or a part
+    of its path) is a file. ``option`` names the flag in the message."""
+    import posixpath
+
+    fs, path = filesystem(uri, storage_options)
+    path = path.rstrip("/")
+    try:
+        if fs.exists(path):
+            is_dir = fs.isdir(path)
+            if kind == "file" and is_dir:
+                raise UserError(f"{option} {uri}: is a folder; name a file, e.g. "
+                                f"{posixpath.join(uri.rstrip('/'), 'report.html')}")
+            if kind == "folder" and not is_dir:
+                raise UserError(f"{option} {uri}: is a file; name a folder (new or empty)")
+        parent = posixpath.dirname(path)
+        while parent and parent not in ("/", "."):
+            if fs.exists(parent):
+                if not fs.isdir(parent):
+                    raise UserError(f"{option} {uri}: {parent} is a file, not a folder")
+                break
+            parent = posixpath.dirname(parent)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the storage cannot be asked: say so
+        raise UserError(f"{option} {uri}: cannot be checked ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
