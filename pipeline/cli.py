@@ -377,7 +377,8 @@ def rescore(source: str, checkpoint: str, out: str, decisions: tuple[str, ...], 
     JSON. Every candidate is scored at CKPT's weights with its run's selection settings
     (batched, on a GPU where the cluster has one) and gets one row in OUT/shards, whose
     judged_by names CKPT; OUT/rescore.json records the run. OVERRIDES may change only keys
-    that cannot change a decision (ray.*, storage options).
+    that cannot change a decision (ray.*, storage options) and those that describe SOURCE
+    (generation.pool_*, e.g. pool_format or pool_path_map, and selection.quality_gates).
 
     \b
     Examples:

@@ -83,7 +83,7 @@ def test_a_killed_start_is_named_and_resume_may_fix_any_key(tmp_path: Path) -> N
                                          "generation.num_candidates=16"])
     assert fixed.training.steps == 7 and fixed.generation.num_candidates == 16
     run.write_bytes("checkpoints/step-000000004.pt", b"x")  # once a checkpoint exists ...
-    with pytest.raises(ConfigError, match="training.steps cannot change when resuming"):
+    with pytest.raises(ConfigError, match="training.steps cannot change here"):
         resume_config(str(out), ["training.steps=400"])
 
 

@@ -34,6 +34,7 @@ def test_run_over_an_xpaste_pool(local_ray, builtin_data: Path, tmp_path: Path) 
     keys = {
         "data.root": str(builtin_data), "data.max_val_images": 6,
         "generation.backend": "pool", "generation.pool": str(pool),
+        "generation.pool_unknown_classes": "rows",  # the "99" key: drawn as invalid rows
         "selection.quality_gates": "{}",
         "generation.num_candidates": CANDIDATES, "generation.batch_size": 16,
         "annotation.check_batch_size": 8,

@@ -213,8 +213,13 @@ def test_corrupt_entries_become_invalid_rows_that_name_the_file(tmp_path: Path) 
     (tmp_path / "pool.json.x").write_text(json.dumps(pool))
     path = tmp_path / "xpaste.json"
     (tmp_path / "pool.json.x").rename(path)
-    draws = pool_draws(pool_config(str(path), "selection.quality_gates={}"), [
-        {"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+    two = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    # By default a class the training set lacks refuses the run at the start, naming it.
+    with pytest.raises(PoolFormatError, match='1 of the pool.s 3 classes.*key "41".*'
+                                              "pool_unknown_classes=rows"):
+        pool_draws(pool_config(str(path), "selection.quality_gates={}"), two)
+    draws = pool_draws(pool_config(str(path), "selection.quality_gates={}",
+                                   "generation.pool_unknown_classes=rows"), two)
     index = draws.index
     by_source = {}
     for start in range(0, 120, 40):
@@ -285,9 +290,12 @@ def test_pool_errors_before_anything_runs(tmp_path: Path, exported) -> None:
         pool_draws(pool_config(str(base / "pool" / "xpaste_pool.json")), CATEGORIES)
     with pytest.raises(ConfigError, match="generation.pool: required"):
         load_config("configs/demo.yaml", ["generation.backend=pool"])
-    # A pool made for another vocabulary (same id, other name) gives invalid rows.
-    draws = pool_draws(pool_config(str(base / "pool")), [
-        {"id": 1, "name": "cat"}, {"id": 2, "name": "wolf"}, {"id": 3, "name": "yak"}])
+    # A pool made for another vocabulary (same id, other name): refused, or invalid rows.
+    other = [{"id": 1, "name": "cat"}, {"id": 2, "name": "wolf"}, {"id": 3, "name": "yak"}]
+    with pytest.raises(PoolFormatError, match="'dog' in the pool but 'wolf'"):
+        pool_draws(pool_config(str(base / "pool")), other)
+    draws = pool_draws(pool_config(str(base / "pool"), "generation.pool_unknown_classes=rows"),
+                       other)
     rows = draws.sample_batch(40)
     dog = rows["class_id"] == 2
     assert (rows["status"][dog] == "invalid_unknown_class").all()
@@ -375,3 +383,50 @@ def test_a_folder_of_plain_images_per_class_is_annotated_during_the_run(tmp_path
     (root / "wolf" / "0.png").write_bytes((root / "cat" / "0.png").read_bytes())
     with pytest.raises(PoolFormatError, match="folder 'wolf' is not a class"):
         pool_draws(cfg, CATEGORIES)
+
+
+def test_a_relative_entry_that_leaves_the_pool_folder_is_an_invalid_row(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.png"
+    _png(outside, _rgba(), "RGBA")
+    pool_dir = tmp_path / "pools" / "p"
+    _png(pool_dir / "images" / "0" / "in.png", _rgba(), "RGBA")
+    (pool_dir / "x.json").write_text(json.dumps(
+        {"0": ["*images/0/in.png", "*../../outside.png", "images/../images/0/in.png"]}))
+    draws = pool_draws(pool_config(str(pool_dir / "x.json"), "selection.quality_gates={}"),
+                       CATEGORIES)
+    batch = PoolReader(image_size=64)(draws.sample_batch(12))
+    by_source = dict(zip(batch["source_id"], zip(batch["status"], batch["error"])))
+    assert by_source["*../../outside.png"][0] == "invalid_pool_entry"
+    assert "leaves the pool's folder" in by_source["*../../outside.png"][1]
+    assert by_source["*images/0/in.png"][0] == "ok"
+    assert by_source["images/../images/0/in.png"][0] == "ok"  # stays inside: followed
+
+
+def test_an_xpaste_pool_saved_as_pool_json_is_read_as_xpaste(tmp_path: Path) -> None:
+    folder = tmp_path / "xp"
+    _png(folder / "images" / "0" / "a.png", _rgba(), "RGBA")
+    (folder / "pool.json").write_text(json.dumps({"0": ["*images/0/a.png"]}))
+    for given in (folder / "pool.json", folder):
+        index = read_pool(str(given))
+        assert index.format == "xpaste" and len(index) == 1, given
+    assert read_pool(str(folder), "xpaste").format == "xpaste"  # the format key still wins
+
+
+def test_a_rescore_may_set_what_describes_its_source(tmp_path: Path) -> None:
+    from pipeline.run.rescore import SOURCE_KEYS
+    from pipeline.storage.run_config import resume_config, write_run_config
+    from pipeline.storage.run_dir import RunDir
+
+    out = tmp_path / "run"
+    cfg = load_config("configs/demo.yaml", [f"output.dir={out}"])
+    run = RunDir(str(out))
+    write_run_config(run, cfg)
+    run.save_checkpoint(4, {"x": 1})
+    keys = ["generation.pool_format=xpaste", "selection.quality_gates={}"]
+    with pytest.raises(ConfigError, match="cannot change here"):
+        resume_config(str(out), keys)
+    got = resume_config(str(out), keys, also_allowed=SOURCE_KEYS, flag="rescore")
+    assert got.generation.pool_format == "xpaste" and got.selection.quality_gates == {}
+    with pytest.raises(ConfigError, match="rescore: selection.alpha cannot change here"):
+        resume_config(str(out), ["selection.alpha=0.2"], also_allowed=SOURCE_KEYS,
+                      flag="rescore")

@@ -297,7 +297,7 @@ def test_resume_on_a_local_cluster_reads_and_checks_the_run(tmp_path: Path) -> N
     (out / "summary.json").unlink()
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "step-000000004.pt").write_bytes(b"x")
-    with pytest.raises(ConfigError, match="decision_keys|cannot change when resuming"):
+    with pytest.raises(ConfigError, match="decision_keys|cannot change here"):
         build_submission(None, ["training.steps=400"], workdir=tmp_path / "k",
                          local_cluster=True, resume_out=str(out))
 

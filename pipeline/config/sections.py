@@ -112,6 +112,10 @@ class GenerationConfig:
     # built on another machine, its images synced to s3://bucket/pool).
     pool_path_map: dict = field(default_factory=dict)
     pool_fill: float = 0.8
+    # A pool class the training set does not have (or names otherwise): error (the run is
+    # refused at the start with the list) or rows (drawn anyway, each draw an
+    # invalid_unknown_class decision row naming the cause).
+    pool_unknown_classes: Literal["error", "rows"] = "error"
     # fsspec options for an s3:// pool (e.g. {"endpoint_url": ...}).
     pool_storage_options: dict = field(default_factory=dict)
 

@@ -28,7 +28,7 @@ from annotators.components import largest_component
 from annotators.cutout import mask_box, rgba_cutout
 from generators.columns import INVALID_POOL_ENTRY, INVALID_POOL_MISSING
 from pipeline.storage.filesystem import filesystem
-from pipeline.storage.pool_index import IMAGE_REF, SHARD_REF
+from pipeline.storage.pool_index import ESCAPING_REF, IMAGE_REF, SHARD_REF
 from pipeline.storage.shard_schema import decode_rle
 
 ALPHA_THRESHOLD = 128
@@ -57,6 +57,11 @@ class EntryReader:
         self._shard: tuple[str, Any] | None = None
 
     def read_bytes(self, path: str) -> bytes:
+        if path.startswith(ESCAPING_REF):
+            raise EntryError(INVALID_POOL_ENTRY,
+                             f"{path[len(ESCAPING_REF):]}: a relative entry path that leaves "
+                             "the pool's folder is not followed; give it as an absolute path "
+                             "or map it with generation.pool_path_map")
         try:
             fs, inner = filesystem(path, self.storage_options)
             with fs.open(inner, "rb") as fh:

@@ -8,9 +8,11 @@ and provenance attached, so a worker opens its entry without ever holding the in
 Columns: ``sample_id``, ``class_id``, ``class_name`` (the training set's name), ``prompt``
 (``""``), ``seed`` (the draw's position), ``generator`` (``pool:<format>@1``), ``source`` (the pool's URI), ``source_id`` (the
 entry's id in the pool), ``pool_ref`` (what the reader opens), ``mask_score`` (the pool's, or
-NaN), ``status`` and ``error``: a class the training set does not have is
-``invalid_unknown_class`` with the pool file and the fix in ``error`` (never dropped); a pool
-whose classes the training set has none of is an error (its layout or id base is wrong).
+NaN), ``status`` and ``error``. A pool class the training set does not have (or names
+otherwise) refuses the run at the start with the list (``generation.pool_unknown_classes:
+error``), or with ``rows`` is drawn anyway, each draw ``invalid_unknown_class`` with the pool
+file and the fix in ``error`` (never dropped); a pool whose classes the training set has none
+of is an error either way (its layout or id base is wrong).
 """
 
 from __future__ import annotations
@@ -55,11 +57,19 @@ class PoolDraws:
     """
 
     def __init__(self, index: PoolIndex, categories: Sequence[Mapping[str, Any]], *,
-                 run_id: str, seed: int) -> None:
+                 run_id: str, seed: int, unknown_classes: str = "error") -> None:
         self.index = index
         self.names = {int(c["id"]): str(c["name"]) for c in categories}
         self.problems = {int(cid): self._problem(int(cid)) for cid in index.class_ids}
         usable = [cid for cid, p in self.problems.items() if not p]
+        bad = [p for p in self.problems.values() if p]
+        if bad and usable and unknown_classes == "error":
+            shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise PoolFormatError(
+                f"{len(bad)} of the pool's {len(index.class_ids)} classes are not classes of "
+                f"the training set ({shown}); fix the pool, or set "
+                "generation.pool_unknown_classes=rows to draw them anyway as "
+                "invalid_unknown_class rows")
         if not usable:
             raise PoolFormatError(
                 f"{index.uri}: none of the pool's {len(index.class_ids)} classes (ids "
@@ -152,4 +162,5 @@ def pool_draws(cfg: RunConfig, categories: Sequence[Mapping[str, Any]]) -> PoolD
             f"{g.pool} (a {index.format} pool records no mask score, every candidate would be "
             "invalid_nan_field); set selection.quality_gates={} or choose "
             "selection.method=bsgal")
-    return PoolDraws(index, categories, run_id=cfg.name, seed=cfg.seed)
+    return PoolDraws(index, categories, run_id=cfg.name, seed=cfg.seed,
+                     unknown_classes=g.pool_unknown_classes)

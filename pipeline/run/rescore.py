@@ -6,7 +6,8 @@ SOURCE is anything ``generation.backend: pool`` reads (an earlier run's folder o
 is judged once, in the index's order (``stream_offset`` = that position). CKPT is a
 checkpoint file (``RUN/checkpoints/step-N.pt``) or a run folder (its latest checkpoint); the
 settings are that run's ``config.yaml`` (its selection, its trainer), of which only keys that
-cannot change a decision may be overridden (``ray.*``, storage options).
+cannot change a decision may be overridden (``ray.*``, storage options), and those that
+describe the source (`SOURCE_KEYS`: ``generation.pool_*``, ``selection.quality_gates``).
 
 The graph: source rows ─► pool reader ─► quality checks ─► score (one actor per GPU, or per
 ``--workers`` CPU actors; `pipeline.run.rescore_stage`) ─► the driver, which applies the
@@ -47,7 +48,8 @@ class RescoreRequest:
         source: the candidates (a run, its shards, or a pool).
         checkpoint: a checkpoint file or a run folder (its latest checkpoint).
         out: where the decision shards go (must hold none).
-        overrides: ``section.key=value`` for keys that cannot change a decision.
+        overrides: ``section.key=value`` for keys that cannot change a decision, or that
+            describe the source (`SOURCE_KEYS`).
         decisions: for a run as the source, the partitions to judge again.
         cache: ``real`` or ``checkpoint`` (`trainer.rescore`).
         real_images: real images per class for ``cache=real``.
@@ -64,6 +66,12 @@ class RescoreRequest:
     real_images: int = 8
     workers: int | None = None
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+#: Keys a rescoring may set although they are the run's decision keys: what describes the
+#: source (its format, paths, decisions), and the quality gates (a source that records no mask
+#: score cannot pass a mask_score gate: the hint for that case says to clear them).
+SOURCE_KEYS = ("generation.pool_", "selection.quality_gates")
 
 
 def locate_checkpoint(uri: str, storage_options: dict[str, Any]) -> tuple[RunDir, str]:
@@ -107,15 +115,20 @@ def _check_bsgal_checkpoint(uri: str, run: RunDir, name: str) -> None:
 
 def rescore_config(request: RescoreRequest, run: RunDir) -> RunConfig:
     """The checkpoint's run config, ``out`` as its output, ``source`` as its pool."""
-    cfg = resume_config(run.out, request.overrides, request.storage_options or None)
+    cfg = resume_config(run.out, request.overrides, request.storage_options or None,
+                        also_allowed=SOURCE_KEYS, flag="rescore")
     if cfg.selection.granularity != "instance" or cfg.selection.method == "none":
         raise ConfigError(f"--checkpoint: the run in {run.out} decides per batch "
                           f"(selection.granularity={cfg.selection.granularity}, method="
                           f"{cfg.selection.method}); rescoring judges candidates one by one "
                           "and needs a run with selection.granularity=instance")
     out_opts = {**cfg.output.storage_options, **request.storage_options}
+    # The source's format: auto, unless the command names one (generation.pool_format=...).
+    named = [o.split("=", 1)[1].strip() for o in request.overrides
+             if o.split("=", 1)[0].strip() == "generation.pool_format"]
     generation = dataclasses.replace(
-        cfg.generation, backend="pool", pool=request.source, pool_format="auto",
+        cfg.generation, backend="pool", pool=request.source,
+        pool_format=named[-1] if named else "auto",
         pool_decisions=list(request.decisions),
         pool_storage_options={**cfg.generation.pool_storage_options,
                               **request.storage_options})
@@ -161,7 +174,8 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
     run, name = locate_checkpoint(request.checkpoint, request.storage_options)
     cfg = rescore_config(request, run)
     run_hash = config_hash(resume_config(run.out, request.overrides,
-                                         request.storage_options or None))
+                                         request.storage_options or None,
+                                         also_allowed=SOURCE_KEYS, flag="rescore"))
     _check_fresh(cfg.output.dir, cfg.output.storage_options)
     step = int(read_info(run, name)["step"])
     judged_by = f"{run.uri(name)}@step{step}"

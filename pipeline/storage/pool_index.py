@@ -161,15 +161,23 @@ def pool_index_of(uri: str, fmt: str, by_class: dict[int, list[tuple[str, str, f
 
 def resolve_path(path: str, base: str, path_map: dict[str, str] | None = None) -> str:
     """Where an entry path lies: ``path_map``'s longest matching prefix replaced, then
-    absolute paths and URIs as they are and relative ones under ``base`` (the JSON's
-    folder)."""
+    absolute paths and URIs as they are and relative ones under ``base`` (the JSON's folder);
+    a relative path that leaves ``base`` (``../``) is not followed: it becomes
+    ``ESCAPING_REF + path``, which the entry reader turns into an ``invalid_pool_entry``."""
     for prefix in sorted(path_map or {}, key=len, reverse=True):
         if path.startswith(prefix):
             path = path_map[prefix] + path[len(prefix):]
             break
     if is_uri(path) or path.startswith("/"):
         return path
-    return posixpath.join(base, path)
+    inside = posixpath.normpath(path)
+    if inside == ".." or inside.startswith("../"):
+        return ESCAPING_REF + path  # the reader makes it an invalid_pool_entry row
+    return posixpath.join(base, inside)
+
+
+#: Marks a relative entry path that leaves the pool's folder (`resolve_path`).
+ESCAPING_REF = "escapes-the-pool-folder:"
 
 
 def xpaste_ref(entry: str, base: str, path_map: dict[str, str] | None = None) -> str:
@@ -431,8 +439,12 @@ def read_pool(uri: str, fmt: str = "auto", *, decisions: Sequence[str] = ("accep
     """
     if fmt == "auto":
         kind, target = detect_format(uri, storage_options)
-    else:
+    else:  # the format is given; where a folder is given, its file as the format finds it
         kind, target = pool_format(fmt), uri
+        if kind.recognise is not None and not _is_json(uri.rstrip("/")):
+            fs, path = filesystem(uri, storage_options)
+            if fs.isdir(path.rstrip("/")):
+                target = kind.recognise(fs, path.rstrip("/"), uri) or uri
     index = kind.read(PoolRequest(target, tuple(decisions), storage_options, path_map,
                                   class_ids))
     return dataclasses.replace(index, needs_masks=kind.needs_masks,
@@ -443,18 +455,43 @@ def _is_json(path: str) -> bool:
     return path.endswith(".json")
 
 
+def _xpaste_entries(fs: Any, path: str) -> bool:
+    """Whether the pool JSON at ``path`` holds X-Paste entries (strings) rather than bsgal's
+    (objects with ``file``): the first entry found decides."""
+    try:
+        with fs.open(path, "rb") as fh:
+            doc = json.loads(fh.read())
+    except (OSError, ValueError):
+        return False  # the reader says what is wrong with it
+    if isinstance(doc, dict):
+        for entries in doc.values():
+            if isinstance(entries, list) and entries:
+                return isinstance(entries[0], str)
+    return False
+
+
+def _recognise_bsgal(fs: Any, path: str, uri: str) -> str | None:
+    """A folder with ``pool.json``, or a ``pool.json`` itself, unless its entries are X-Paste's
+    (an X-Paste pool saved as pool.json is read as one)."""
+    if posixpath.basename(path) == "pool.json":
+        return None if _xpaste_entries(fs, path) else uri
+    if not _is_json(path) and fs.exists(f"{path}/pool.json"):
+        return None if _xpaste_entries(fs, f"{path}/pool.json") else f"{uri.rstrip('/')}/pool.json"
+    return None
+
+
 register_pool_format(PoolFormat(
     "bsgal", lambda r: read_bsgal_pool(r.uri if _is_json(r.uri.rstrip("/")) else
                                        f"{r.uri.rstrip('/')}/pool.json",
                                        r.storage_options, r.path_map),
-    recognise=lambda fs, path, uri: (uri if posixpath.basename(path) == "pool.json" else
-                                     f"{uri.rstrip('/')}/pool.json"
-                                     if not _is_json(path) and fs.exists(f"{path}/pool.json")
-                                     else None),
+    recognise=_recognise_bsgal,
     layout="the pool.json of bsgal export-pool (by class id, entries with 'file')"))
 register_pool_format(PoolFormat(
     "xpaste", lambda r: read_xpaste(r.uri, r.storage_options, r.path_map),
-    recognise=lambda fs, path, uri: uri if _is_json(path) else None, layout=XPASTE_LAYOUT))
+    recognise=lambda fs, path, uri: uri if _is_json(path) else (
+        f"{uri.rstrip('/')}/pool.json" if fs.exists(f"{path}/pool.json")
+        and _xpaste_entries(fs, f"{path}/pool.json") else None),
+    layout=XPASTE_LAYOUT))
 register_pool_format(PoolFormat(
     "shards", lambda r: read_shard_pool(r.uri, r.decisions, r.storage_options),
     recognise=lambda fs, path, uri: uri if not _is_json(path) and (

@@ -28,13 +28,16 @@ def write_run_config(run: RunDir, cfg: RunConfig) -> None:
 
 
 def resume_config(out: str, overrides: Sequence[str] = (),
-                  storage_options: dict[str, Any] | None = None) -> RunConfig:
+                  storage_options: dict[str, Any] | None = None, *,
+                  also_allowed: Sequence[str] = (), flag: str = "--resume") -> RunConfig:
     """The config of the run in ``out`` with the allowed ``overrides`` applied.
 
     Only keys that cannot change a decision may be overridden (``ray.*``, storage options,
     logging); anything else is a :class:`ConfigError` naming the key. A run with no
     checkpoint yet decided nothing that is kept: any key may change (the retry of a run that
-    failed to start), and :func:`resume_job` records the new config.
+    failed to start), and :func:`resume_job` records the new config. ``also_allowed``: more
+    key prefixes the caller lets change (``bsgal rescore``: what describes its source), named
+    in the message as ``flag``'s.
     """
     run = RunDir(out, storage_options or {})
     if not run.exists(CONFIG_NAME):
@@ -49,11 +52,12 @@ def resume_config(out: str, overrides: Sequence[str] = (),
     before = config_from_dict(copy.deepcopy(data))
     after = config_from_dict(apply_overrides(data, overrides))
     old, new = decision_keys(before), decision_keys(after)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                     and not k.startswith(tuple(also_allowed)))
     if changed and run.latest_checkpoint() is not None:
+        extra = f", {', '.join(also_allowed)}" if also_allowed else ""
         raise ConfigError(
-            f"--resume: {', '.join(changed)} cannot change when resuming (it changes which "
-            "candidates are made or how they are judged); only ray.*, output/data "
-            "storage_options and logging keys may. Start a new run in another output.dir "
-            "instead")
+            f"{flag}: {', '.join(changed)} cannot change here (it changes which candidates "
+            "are made or how they are judged); only ray.*, output/data storage_options and "
+            f"logging keys{extra} may. Start a new run in another output.dir instead")
     return dataclasses.replace(after, output=dataclasses.replace(after.output, dir=out))
