@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import re
 import pytest
 
 from pipeline.config import (
@@ -117,3 +118,21 @@ def test_bad_files(tmp_path: Path) -> None:
 def test_schema_version_mismatch_is_explained() -> None:
     with pytest.raises(ConfigError, match="schema_version: 99"):
         load_config(None, ["schema_version=99"])
+
+
+@pytest.mark.parametrize("override, said", [
+    ("generation.image_size=-5", "generation.image_size: must be >= 16, got -5"),
+    ("generation.pool_fill=1.5", "generation.pool_fill: must be > 0 and <= 1, got 1.5"),
+    ("generation.resolution=500", "multiple of 8"),
+    ("feedback.half_life=0", "feedback.half_life: must be > 0"),
+    ("training.momentum=1.5", "training.momentum: must be >= 0 and <= 1"),
+    ("selection.sketch_rank=0", "selection.sketch_rank: must be >= 1"),
+])
+def test_every_numeric_key_is_checked_when_the_config_loads(override: str, said: str) -> None:
+    from pipeline.config.validation import RANGES
+
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_config(CONFIGS / "demo.yaml", [override])
+    for key in RANGES:  # every listed key exists (a renamed key would silently go unchecked)
+        section, name = key.split(".")
+        assert hasattr(getattr(load_config(CONFIGS / "demo.yaml"), section), name), key

@@ -17,8 +17,72 @@ from pipeline.config.sections import (
 from pipeline.errors import ConfigError, did_you_mean
 
 
+#: The range of every numeric key the other checks do not cover: key -> (lowest, highest,
+#: whether the lowest itself is allowed); None: no bound on that side. NaN is never allowed.
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "data.max_val_images": (0, None, True),
+    "data.synth_num_classes": (1, None, True),
+    "data.synth_train_images": (1, None, True),
+    "data.synth_val_images": (1, None, True),
+    "data.synth_image_size": (16, None, True),
+    "generation.steps": (1, None, True),
+    "generation.guidance": (0, None, True),
+    "generation.resolution": (64, None, True),
+    "generation.image_size": (16, None, True),
+    "generation.pool_fill": (0, 1, False),
+    "selection.fixed_threshold": (None, None, True),
+    "selection.quality_threshold": (None, None, True),
+    "selection.topup_images": (0, None, True),
+    "selection.cache_max_age": (0, None, True),
+    "selection.sketch_rank": (1, None, True),
+    "selection.basis_images": (1, None, True),
+    "selection.basis_refresh_steps": (0, None, True),
+    "selection.cache_memory_mb": (0, None, False),
+    "training.image_size": (32, None, True),
+    "training.weight_decay": (0, None, True),
+    "training.momentum": (0, 1, True),
+    "training.warmup_steps": (0, None, True),
+    "training.grad_clip": (0, None, True),
+    "training.max_pastes_per_image": (0, None, True),
+    "training.repeat_factor_threshold": (0, None, True),
+    "feedback.floor": (0, 1, True),
+    "feedback.half_life": (0, None, False),
+    "feedback.temperature": (0, None, False),
+    "feedback.exploration": (0, 1, True),
+    "feedback.timeout_s": (0, None, False),
+    "feedback.max_ahead": (0, None, True),
+    "feedback.max_wait_s": (0, None, False),
+    "output.shard_flush_seconds": (0, None, False),
+    "output.keep_checkpoints": (0, None, True),
+}
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Every key of :data:`RANGES` in its range (one message naming the key, the value and the
+    range)."""
+    for key, (low, high, low_ok) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        bad = value != value  # NaN
+        if low is not None:
+            bad = bad or value < low or (value == low and not low_ok)
+        if high is not None:
+            bad = bad or value > high
+        if bad:
+            lower = "" if low is None else f"{'>=' if low_ok else '>'} {low:g}"
+            upper = "" if high is None else f"<= {high:g}"
+            wanted = " and ".join(p for p in (lower, upper) if p) or "a number"
+            raise ConfigError(f"{key}: must be {wanted}, got {value}")
+    if cfg.generation.resolution % 8:
+        raise ConfigError(f"generation.resolution: Stable Diffusion needs a multiple of 8 "
+                          f"pixels, got {cfg.generation.resolution}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that types alone cannot express."""
+    _check_ranges(cfg)
 
     def positive(value: float, key: str) -> None:
         if value <= 0:
