@@ -70,6 +70,19 @@ def test_a_start_that_fails_before_its_first_checkpoint_leaves_nothing_in_the_wa
         run.fs.invalidate_cache()
         assert not run.exists("config.yaml") and not run.exists("metrics.jsonl")
     assert any("nothing of it was kept" in m for m in messages), messages
+    if where == "local":  # not even the empty folder
+        assert not Path(out).exists()
+
+
+def test_a_check_leaves_no_folder_behind(tmp_path: Path) -> None:
+    from pipeline.storage.shard_writer import preflight_writable
+
+    out = tmp_path / "new" / "deeper" / "run"
+    preflight_writable(str(out))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    preflight_writable(str(tmp_path / "kept"))  # a folder that was there stays
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_a_killed_start_is_named_and_resume_may_fix_any_key(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import posixpath
 import re
 import threading
@@ -229,11 +230,17 @@ def remove_failed_start(run: RunDir) -> bool:
     if run.latest_checkpoint() is not None or run.exists("summary.json"):
         return False
     removed = False
-    for name in ("config.yaml", "metrics.jsonl", "eval.json", "shards", "checkpoints"):
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "shards", "checkpoints",
+                 ".ray-train"):
         if run.exists(name):
             run.fs.rm(run.path_of(name), recursive=True)
             removed = True
     for path in run.fs.glob(run.path_of("metrics-r*.jsonl")):
         run.fs.rm(path)
         removed = True
+    if run.local:  # the folder itself, when the start left nothing else in it
+        try:
+            os.rmdir(run.path_of())
+        except OSError:
+            pass  # not empty (the user's files) or already gone
     return removed

@@ -9,6 +9,7 @@ exactly once.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import queue
 import threading
@@ -190,9 +191,14 @@ def preflight_writable(out: str, storage_options: dict | None = None) -> None:
     seconds with a clear message instead of after hours of training.
     """
     probe = f"{out.rstrip('/')}/_bsgal_write_probe-{uuid.uuid4().hex}"
+    created: list[str] = []  # local folders the probe made, deepest first: removed after it
     try:
         fs, path = filesystem(probe, storage_options)
         if is_local(fs):
+            folder = posixpath.dirname(path)
+            while folder and not fs.exists(folder):
+                created.append(folder)
+                folder = posixpath.dirname(folder)
             fs.makedirs(posixpath.dirname(path), exist_ok=True)
         with fs.open(path, "wb") as fh:
             fh.write(b"ok")
@@ -209,3 +215,9 @@ def preflight_writable(out: str, storage_options: dict | None = None) -> None:
         )
         raise StorageError(f"output {out} is not writable ({type(exc).__name__}: {exc}); "
                            f"{hint}") from None
+    finally:
+        for folder in created:  # a check leaves no empty folder behind
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break  # not empty: something else was put there
