@@ -328,3 +328,21 @@ def test_a_second_interrupt_exits_at_once(name: str) -> None:
     assert done.returncode == 128 + getattr(signal, name), done.stdout + done.stderr
     assert f"stop asked: {name}" in done.stdout and "second interrupt: exiting now" in done.stdout
     assert "not reached" not in done.stdout
+
+
+def test_check_names_an_initial_checkpoint_of_another_architecture(tmp_path: Path,
+                                                                   builtin_data: Path) -> None:
+    from trainer.factory import build_detector
+
+    small = tmp_path / "small.pt"
+    torch.save(build_detector(13, arch="small").module.state_dict(), small)
+    base = [f"output.dir={tmp_path / 'out'}", f"data.root={builtin_data}",
+            f"training.init_checkpoint={small}"]
+    report = preflight(load_config(DEMO_CONFIG, [*base, "training.arch=resnet50_fpn"]))
+    problems = [p.line() for p in report.problems if p.key == "training.init_checkpoint"]
+    assert len(problems) == 1 and "another architecture" in problems[0], report.problems
+    assert "training.arch=resnet50_fpn" in problems[0]
+    report = preflight(load_config(DEMO_CONFIG, base))  # the small model it was saved from
+    assert not [p for p in report.problems if p.key == "training.init_checkpoint"], \
+        report.problems
+    assert any("entries load from" in p for p in report.passed), report.passed

@@ -81,6 +81,25 @@ def load_initial_weights(module: torch.nn.Module, path: str) -> dict[str, list[s
     return {"loaded": sorted(fitting), "skipped": sorted(set(state) - set(fitting))}
 
 
+def initial_weights_fit(path: str, num_classes: int, *, backend: str, arch: str,
+                        image_size: int) -> tuple[int, int, list[str]]:
+    """How much of the weights at ``path`` `load_initial_weights` would load into the detector
+    the settings build: (entries that fit by name and shape, the model's entries, a few of
+    the file's entries that do not fit). The model is built on the meta device (no memory,
+    no weights); the file is read with ``weights_only=True`` and memory-mapped."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: not a state dict or bsgal checkpoint")
+    with torch.device("meta"):
+        own = build_backend(backend, num_classes, arch, image_size, torch.device("meta"),
+                            False).module.state_dict()
+    fitting = [k for k, v in state.items() if k in own and hasattr(v, "shape")
+               and tuple(v.shape) == tuple(own[k].shape)]
+    return len(fitting), len(own), sorted(set(state) - set(fitting))[:3]
+
+
 def build_detector(num_classes: int, *, backend: str = TRAINING_DEFAULTS["backend"],
                    arch: str = TRAINING_DEFAULTS["arch"],
                    image_size: int = TRAINING_DEFAULTS["image_size"],

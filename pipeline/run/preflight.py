@@ -261,6 +261,34 @@ def check_weights(cfg: RunConfig, report: PreflightReport) -> None:
                    f"training.init_checkpoint: {init!r} does not exist")
 
 
+def check_initial_weights(cfg: RunConfig, num_classes: int, report: PreflightReport) -> None:
+    """``training.init_checkpoint`` against the configured detector, by names and shapes
+    (`trainer.factory.initial_weights_fit`; nothing is built but on the meta device)."""
+    init = cfg.training.init_checkpoint
+    if not init or is_uri(init) or not Path(init).expanduser().is_file():
+        return  # absent: check_weights says so; remote: read when the run starts
+    from trainer.factory import initial_weights_fit
+
+    t = cfg.training
+    try:
+        fit, total, other = initial_weights_fit(str(Path(init).expanduser()), num_classes,
+                                                backend=t.backend, arch=t.arch,
+                                                image_size=t.image_size)
+    except Exception as exc:  # noqa: BLE001 - any reason it cannot be read is the finding
+        report.add("training.init_checkpoint", f"training.init_checkpoint: {init} cannot be "
+                   f"read as weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        return
+    if fit < total / 2:  # another class count costs the predictor only: a few entries
+        report.add("training.init_checkpoint",
+                   f"training.init_checkpoint: only {fit} of the {total} entries of "
+                   f"training.arch={t.arch} ({t.backend}) fit {init} by name and shape (it "
+                   f"holds e.g. {', '.join(other) or 'nothing that fits'}); is it a checkpoint "
+                   "of another architecture? set training.arch to the one it was trained with")
+        return
+    report.passed.append(f"training.init_checkpoint: {fit} of the detector's {total} entries "
+                         f"load from {init}")
+
+
 # ------------------------------------------------------------------------------------ data
 
 
@@ -288,6 +316,7 @@ def check_data(cfg: RunConfig, report: PreflightReport) -> None:
             (Path(data.root) / n).is_file() for n in (data.train_json, data.val_json)):
         report.passed.append(f"data: the built-in set will be written to {data.root}")
         check_cache_memory(cfg, data.synth_num_classes, report)
+        check_initial_weights(cfg, data.synth_num_classes, report)
         return
     try:
         train, val = open_splits(data)
@@ -296,6 +325,7 @@ def check_data(cfg: RunConfig, report: PreflightReport) -> None:
                    f"data.root: {type(exc).__name__}: {exc}")
         return
     check_cache_memory(cfg, train.num_classes, report)
+    check_initial_weights(cfg, train.num_classes, report)
     n = len(train)
     sample = sorted({round(i * (n - 1) / max(1, TRAIN_IMAGE_SAMPLE - 1))
                      for i in range(min(n, TRAIN_IMAGE_SAMPLE))}) if n else []
