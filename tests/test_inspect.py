@@ -127,6 +127,8 @@ def test_bad_where_is_one_line_with_duckdb_message(run_dir) -> None:
     assert code != 0 and len(text.strip().splitlines()) == 1
     code, text = invoke_cli("inspect", str(out), "--class", "zebra")
     assert code != 0 and "'zebra'" in text and "cat, dog, yak" in text
+    code, text = invoke_cli("inspect", str(out), "--class", "Dgo")
+    assert code != 0 and "did you mean 'dog'?" in text, text
 
 
 @pytest.mark.parametrize("predicate, why", [

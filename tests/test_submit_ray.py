@@ -146,6 +146,8 @@ def test_demo_job_runs_to_the_end_and_leaves_its_shards(
     assert f"shards:     {out}/shards" in output
     code, output = invoke_cli("job", "logs", "--address", ray_head.address, job)
     assert code == 0 and "candidates made: 16" in output
+    code, latest = invoke_cli("job", "status", "--address", ray_head.address)  # no id: newest
+    assert code == 0 and latest.startswith(f"{job}: SUCCEEDED"), latest
     code, output = invoke_cli("job", "list", "--address", ray_head.address)
     assert f"{job}  SUCCEEDED  {out}" in output
 

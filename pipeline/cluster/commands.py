@@ -154,13 +154,20 @@ def job() -> None:
 @job.command("status", context_settings=CONTEXT)
 @ADDRESS
 @TIMEOUT
-@click.argument("job_id")
+@click.argument("job_id", required=False)
 @user_errors
-def job_status(address: str | None, timeout: float, job_id: str) -> None:
-    """The status of JOB_ID, its message, and where its output goes."""
-    from pipeline.cluster.job_client import job_request, job_server_url, open_job_client
+def job_status(address: str | None, timeout: float, job_id: str | None) -> None:
+    """The status of JOB_ID (default: the newest job bsgal sent), its message, and where its
+    output goes."""
+    from pipeline.cluster.job_client import (
+        job_request,
+        job_server_url,
+        latest_bsgal_job,
+        open_job_client,
+    )
 
     client = open_job_client(job_server_url(address or ""), timeout)
+    job_id = job_id or latest_bsgal_job(client)
     info = job_request("status of", job_id, lambda: client.get_job_info(job_id))
     click.echo(f"{job_id}: {info.status}")
     if info.message:
@@ -188,14 +195,21 @@ def _when(seconds: float) -> str:
 @TIMEOUT
 @click.option("--follow", is_flag=True, help="Keep streaming until the job ends; exit with "
               "its status (0 SUCCEEDED, 1 FAILED, 2 STOPPED).")
-@click.argument("job_id")
+@click.argument("job_id", required=False)
 @user_errors
-def job_logs(address: str | None, timeout: float, follow: bool, job_id: str) -> None:
-    """The driver log of JOB_ID (progress lines, summary, errors)."""
-    from pipeline.cluster.job_client import job_request, job_server_url, open_job_client
+def job_logs(address: str | None, timeout: float, follow: bool, job_id: str | None) -> None:
+    """The driver log of JOB_ID (default: the newest job bsgal sent): progress lines, summary,
+    errors."""
+    from pipeline.cluster.job_client import (
+        job_request,
+        job_server_url,
+        latest_bsgal_job,
+        open_job_client,
+    )
 
     _quiet_ray_client()
     client = open_job_client(job_server_url(address or ""), timeout)
+    job_id = job_id or latest_bsgal_job(client)
     if follow:
         _follow(client, job_id)
     click.echo(job_request("logs of", job_id, lambda: client.get_job_logs(job_id)), nl=False)
@@ -243,6 +257,7 @@ def job_list(address: str | None, timeout: float, show_all: bool) -> None:
     from pipeline.cluster.job_client import (
         JobServerError,
         job_server_url,
+        newest_first,
         open_job_client,
     )
 
@@ -251,8 +266,7 @@ def job_list(address: str | None, timeout: float, show_all: bool) -> None:
         jobs = client.list_jobs()
     except RuntimeError as exc:
         raise JobServerError(f"listing jobs: {str(exc).splitlines()[0]}") from None
-    jobs = sorted(jobs, key=lambda j: j.start_time or 0, reverse=True)
-    for info in jobs:
+    for info in newest_first(jobs):
         out = (info.metadata or {}).get("bsgal_out")
         if out is None and not show_all:
             continue

@@ -218,3 +218,22 @@ def status_line(client: Any, job_id: str, status: str) -> str:
         if message:
             line += f": {message[0]}"
     return line
+
+
+def newest_first(jobs: list[Any]) -> list[Any]:
+    """Job infos, the newest start first."""
+    return sorted(jobs, key=lambda j: j.start_time or 0, reverse=True)
+
+
+def latest_bsgal_job(client: Any) -> str:
+    """The id of the newest job ``bsgal submit`` sent (its metadata names a run folder);
+    a `JobServerError` saying how to send one when there is none."""
+    try:
+        jobs = client.list_jobs()
+    except RuntimeError as exc:
+        raise JobServerError(f"listing jobs: {str(exc).splitlines()[0]}") from None
+    for info in newest_first(jobs):
+        if (info.metadata or {}).get("bsgal_out") is not None:
+            return str(info.submission_id or info.job_id)
+    raise JobServerError("no job sent by bsgal on this cluster yet (send one with bsgal "
+                         "submit; bsgal job list --all shows the others)")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import duckdb
 import pyarrow as pa
 
-from pipeline.errors import UserError, duckdb_error_line
+from pipeline.errors import UserError, did_you_mean, duckdb_error_line
 from pipeline.storage.filesystem import is_local
 from pipeline.storage.shard_schema import DECISIONS, not_computed_floats
 from pipeline.storage.shards import locate_shards
@@ -311,8 +311,9 @@ class DecisionQuery:
                 alternatives.append(f"class_id = {int(c)}")
             else:
                 listing = ", ".join(sorted(names)[:20]) + (", ..." if len(names) > 20 else "")
+                hint = did_you_mean(c, names) or did_you_mean(c.lower(), names)
                 raise QueryError(f"--class {c!r}: no decision of this run has that class name "
-                                 f"or id; classes here: {listing}")
+                                 f"or id{hint}; classes here: {listing}")
         return "(" + " OR ".join(alternatives) + ")"
 
     def _reason_condition(self, reasons: Sequence[str]) -> str:
