@@ -430,3 +430,27 @@ def test_a_rescore_may_set_what_describes_its_source(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="rescore: selection.alpha cannot change here"):
         resume_config(str(out), ["selection.alpha=0.2"], also_allowed=SOURCE_KEYS,
                       flag="rescore")
+
+
+def test_check_reads_the_pool_as_the_run_will(tmp_path: Path, builtin_data: Path) -> None:
+    from pipeline.run.preflight import preflight
+
+    base = [f"output.dir={tmp_path / 'out'}", f"data.root={builtin_data}",
+            "generation.backend=pool", "selection.quality_gates={}"]
+    _png(tmp_path / "images" / "0" / "a.png", _rgba(), "RGBA")
+
+    def problems(pool: object, *extra: str) -> list[str]:
+        path = tmp_path / "p.json"
+        path.write_text(pool if isinstance(pool, str) else json.dumps(pool))
+        report = preflight(load_config("configs/demo.yaml", [*base, f"generation.pool={path}",
+                                                             *extra]))
+        return [p.line() for p in report.problems if p.key == "generation.pool"]
+
+    assert any("not a JSON file" in p for p in problems('{"0": ["*images/0/a.png"'))
+    assert any("is not a class number" in p for p in problems({"cat": ["*images/0/a.png"]}))
+    assert any("JSON list" in p for p in problems([["*images/0/a.png"]]))
+    assert any("not classes of the training set" in p
+               for p in problems({"0": ["*images/0/a.png"], "99": ["*images/0/a.png"]}))
+    gone = {"0": ["*images/0/a.png"] + [f"*images/0/gone{i}.png" for i in range(5)]}
+    assert any("cannot be used" in p and "no such file" in p for p in problems(gone))
+    assert problems({"0": ["*images/0/a.png"] * 3}) == []

@@ -289,6 +289,71 @@ def check_initial_weights(cfg: RunConfig, num_classes: int, report: PreflightRep
                          f"load from {init}")
 
 
+# ------------------------------------------------------------------------------------ pool
+
+#: Pool entries opened by the check, spread evenly over the index.
+POOL_ENTRY_SAMPLE = 16
+
+
+def check_pool(cfg: RunConfig, report: PreflightReport) -> None:
+    """``generation.backend: pool``: the index as the run will read it (format, layout, its
+    classes against the training set's where the data is there) and a sample of its entries
+    opened; more than half of them unusable is a problem (the run would make mostly invalid
+    rows), fewer are said."""
+    from pipeline.config.sections import POOL_BACKEND
+
+    g = cfg.generation
+    if g.backend != POOL_BACKEND:
+        return
+    from pipeline.run.datasets import train_categories
+    from pipeline.run.pool_entries import EntryError, EntryReader
+    from pipeline.run.pool_source import pool_draws
+    from pipeline.storage.pool_index import PoolFormatError, read_pool
+
+    try:
+        try:
+            categories = train_categories(cfg.data)
+        except (FileNotFoundError, OSError):
+            categories = None  # the built-in set, written when the run starts
+        if categories is None and g.pool_format == "images":
+            report.passed.append(f"pool {g.pool}: its class folders are checked against the "
+                                 "built-in set once it is written (when the run starts)")
+            return
+        if categories is None:
+            index = read_pool(g.pool, g.pool_format, decisions=tuple(g.pool_decisions),
+                              storage_options=g.pool_storage_options,
+                              path_map=dict(g.pool_path_map))
+        else:
+            index = pool_draws(cfg, categories).index
+    except (PoolFormatError, ConfigError) as exc:
+        report.add("generation.pool", exc)
+        return
+    except Exception as exc:  # noqa: BLE001 - any reason it cannot be read is the finding
+        report.add("generation.pool", f"generation.pool: {g.pool} cannot be read "
+                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        return
+    n = len(index)
+    sample = sorted({round(i * (n - 1) / max(1, POOL_ENTRY_SAMPLE - 1))
+                     for i in range(min(n, POOL_ENTRY_SAMPLE))})
+    reader = EntryReader(g.pool_storage_options)
+    bad = []
+    for entry in sample:
+        try:
+            if index.needs_masks:
+                reader.plain_image(index.refs[entry])
+            else:
+                reader.read(index.refs[entry])
+        except EntryError as exc:
+            bad.append(str(exc))
+    what = (f"pool {g.pool}: {index.format}, {n} entries of {len(index.class_ids)} classes; "
+            f"{len(sample) - len(bad)} of {len(sample)} sampled entries open")
+    if len(bad) * 2 > len(sample):
+        report.add("generation.pool", f"generation.pool: {len(bad)} of {len(sample)} sampled "
+                   f"entries of {g.pool} cannot be used (e.g. {bad[0]})")
+    else:
+        report.passed.append(what + (f" ({bad[0]})" if bad else ""))
+
+
 # ------------------------------------------------------------------------------------ data
 
 
@@ -388,4 +453,5 @@ def preflight(cfg: RunConfig, *, resume: bool = False,
     check_ray(cfg, report, cluster)
     check_weights(cfg, report)
     check_data(cfg, report)
+    check_pool(cfg, report)
     return report
