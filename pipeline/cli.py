@@ -401,7 +401,9 @@ def rescore(source: str, checkpoint: str, out: str, decisions: tuple[str, ...], 
                f"{info['seconds']:.0f} s: accepted {counts['accepted']}, rejected "
                f"{counts['rejected']}, invalid {counts['invalid']}")
     click.echo(f"decision shards: {out.rstrip('/')}/shards")
-    click.echo(f"next: bsgal inspect {out} --compare {source}")
+    compare_with = info.get("compare_with")
+    click.echo(f"next: bsgal inspect {out}" + (f" --compare {compare_with}" if compare_with
+                                               else ""))
 
 
 # ------------------------------------------------------------------ inspect, export-pool

@@ -454,3 +454,16 @@ def test_check_reads_the_pool_as_the_run_will(tmp_path: Path, builtin_data: Path
     gone = {"0": ["*images/0/a.png"] + [f"*images/0/gone{i}.png" for i in range(5)]}
     assert any("cannot be used" in p and "no such file" in p for p in problems(gone))
     assert problems({"0": ["*images/0/a.png"] * 3}) == []
+
+
+def test_a_rescoring_of_an_exported_pool_keeps_the_run_ids_and_compares_with_the_run(
+        exported) -> None:
+    from pipeline.run.rescore import comparable_judgement
+
+    base, rows = exported
+    draws = pool_draws(pool_config(str(base / "pool")), CATEGORIES)
+    ids = draws.every_entry()["sample_id"].tolist()
+    assert sorted(ids) == sorted(r["sample_id"] for r in rows if r["reason"] == "accepted")
+    assert comparable_judgement("bsgal", str(base / "pool"), {}) == str(base / "run")
+    assert comparable_judgement("shards", str(base / "run"), {}) == str(base / "run")
+    assert comparable_judgement("xpaste", str(base / "pool" / "xpaste_pool.json"), {}) is None

@@ -101,8 +101,9 @@ class PoolDraws:
     def every_entry(self) -> dict[str, np.ndarray]:
         """One row per entry of the pool, in the index's order, each once (``bsgal
         rescore``): ``seed`` is the row's position; ``sample_id`` is the entry's own id for
-        an earlier run's shards (the rows judged again keep their ids) and otherwise a hash
-        of the pool and the entry's id, the same for every rescoring of the pool."""
+        an earlier run's shards or a bsgal export-pool folder (the rows judged again keep the
+        run's ids, so the two judgements join) and otherwise a hash of the pool and the
+        entry's id, the same for every rescoring of the pool."""
         index = self.index
         entries = np.arange(len(index), dtype=np.int64)
         cids = np.repeat(index.class_ids, index.counts).astype(np.int64)

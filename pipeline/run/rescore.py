@@ -136,6 +136,24 @@ def rescore_config(request: RescoreRequest, run: RunDir) -> RunConfig:
         cfg.output, dir=request.out, storage_options=out_opts))
 
 
+def comparable_judgement(source_format: str, source: str,
+                         storage_options: dict[str, Any]) -> str | None:
+    """The judgement a rescoring of ``source`` can be compared with on ``sample_id``: the
+    source run itself (shards), the run a ``bsgal export-pool`` folder came from (its
+    export.json; its entries carry that run's sample ids), or None (an X-Paste or images pool:
+    no earlier judgement of these candidates)."""
+    if source_format == "shards":
+        return source
+    if source_format == "bsgal":
+        folder = source[: -len("/pool.json")] if source.endswith("/pool.json") else source
+        try:
+            return str(RunDir(folder.rstrip("/"), storage_options).read_json("export.json")
+                       ["source"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
 def _check_fresh(out: str, storage_options: dict[str, Any]) -> None:
     check_output_path(out, storage_options, kind="folder", option="--out")
     if list_shard_files(shards_root(out), storage_options):
@@ -181,7 +199,10 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
     judged_by = f"{run.uri(name)}@step{step}"
     categories = train_categories(cfg.data)
     frequency = {int(c["id"]): str(c.get("frequency", "")) for c in categories}
-    rows = pool_draws(cfg, categories).every_entry()
+    draws = pool_draws(cfg, categories)
+    rows = draws.every_entry()
+    compare_with = comparable_judgement(draws.index.format, request.source,
+                                        cfg.generation.pool_storage_options)
     n = len(rows["sample_id"])
     rows[STREAM_OFFSET] = np.arange(n, dtype=np.int64)
     # The driver's copy decides (thresholds in stream order); it checks the checkpoint first.
@@ -234,6 +255,6 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
             "judged_by": judged_by, "config_hash": run_hash, "cache": request.cache,
             "real_images": request.real_images, "decisions_judged": list(request.decisions),
             "candidates": n, "counts": counts, "workers": workers, "gpus_per_worker": gpus,
-            "seconds": time.monotonic() - started}
+            "seconds": time.monotonic() - started, "compare_with": compare_with}
     RunDir(cfg.output.dir, cfg.output.storage_options).write_json(RESCORE_JSON, info)
     return info

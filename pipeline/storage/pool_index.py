@@ -98,7 +98,9 @@ class PoolIndex:
         mask_scores: float32 [N], NaN where the pool records none (X-Paste pools).
         class_names: class id → the name the pool gives it (bsgal pools and shards only).
         needs_masks: its entries are plain images that the run's annotator cuts out.
-        keeps_sample_ids: its entries are decision rows whose sample ids a rescoring keeps.
+        keeps_sample_ids: its entries carry the sample ids of the decision rows they came from
+            (a run's shards; a bsgal export-pool folder), which a rescoring keeps so that it
+            joins that run on ``sample_id``.
     """
 
     uri: str
@@ -357,7 +359,8 @@ class PoolFormat:
         recognise: for ``auto``: ``(fs, path, uri)`` → the file or folder to read when the
             pool at ``uri`` is in this layout, else None; None: never guessed.
         needs_masks: its entries are plain images that the annotation stage cuts out.
-        keeps_sample_ids: its entries are decision rows (a rescoring keeps their sample ids).
+        keeps_sample_ids: its entries carry the sample ids of the rows they came from (a
+            rescoring keeps them).
         layout: the layout in one line, for errors.
     """
 
@@ -484,7 +487,7 @@ register_pool_format(PoolFormat(
     "bsgal", lambda r: read_bsgal_pool(r.uri if _is_json(r.uri.rstrip("/")) else
                                        f"{r.uri.rstrip('/')}/pool.json",
                                        r.storage_options, r.path_map),
-    recognise=_recognise_bsgal,
+    recognise=_recognise_bsgal, keeps_sample_ids=True,
     layout="the pool.json of bsgal export-pool (by class id, entries with 'file')"))
 register_pool_format(PoolFormat(
     "xpaste", lambda r: read_xpaste(r.uri, r.storage_options, r.path_map),
