@@ -346,3 +346,28 @@ def test_check_names_an_initial_checkpoint_of_another_architecture(tmp_path: Pat
     assert not [p for p in report.problems if p.key == "training.init_checkpoint"], \
         report.problems
     assert any("entries load from" in p for p in report.passed), report.passed
+
+
+def test_a_failing_stage_names_itself_and_its_batch() -> None:
+    import numpy as np
+
+    from pipeline.run.graph import StageError, TimedStage
+    from pipeline.run.job import _worker_error_line
+
+    def broken() -> object:
+        def stage(batch: dict) -> dict:
+            raise ValueError("image_size must be >= 16 px, got -5")
+        return stage
+
+    timed = TimedStage("generate", broken, {})
+    batch = {"sample_id": np.array(["s-1", "s-2", "s-3"])}
+    with pytest.raises(StageError) as info:
+        timed(batch)
+    said = str(info.value)
+    assert said == ("the generate stage failed on a batch of 3 candidates, s-1 .. s-3: "
+                    "ValueError: image_size must be >= 16 px, got -5")
+    # as the driver finds it at the end of a worker's traceback
+    text = ("ray::MapWorker(MapBatches(TimedStage)).submit()\n  File x.py, line 1\n"
+            "ValueError: image_size must be >= 16 px, got -5\n\nThe above exception was the "
+            f"direct cause of the following exception:\n\npipeline.run.graph.StageError: {said}")
+    assert _worker_error_line(RuntimeError(text)).endswith(f"StageError: {said}")

@@ -60,6 +60,11 @@ class StageSpec:
     resources: Mapping[str, float] = field(default_factory=dict)
 
 
+class StageError(RuntimeError):
+    """A stage failed on a batch: the message names the stage, the batch and the cause (the
+    driver's one line says this instead of "training failed")."""
+
+
 class TimedStage:
     """Ray Data stage wrapper: builds the real stage once, times each batch.
 
@@ -82,7 +87,14 @@ class TimedStage:
                     fh.write(f"{self.name} pid {os.getpid()}\n")
                 os._exit(1)
         started = time.perf_counter()
-        out = self.stage(batch)
+        try:
+            out = self.stage(batch)
+        except Exception as exc:
+            ids = [str(x) for x in batch.get("sample_id", [])]
+            which = (f"{len(ids)} candidates, {ids[0]} .. {ids[-1]}" if ids else "an empty batch")
+            cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise StageError(f"the {self.name} stage failed on a batch of {which}: "
+                             f"{type(exc).__name__}: {cause}") from exc
         # A stage may wait without working (the closed loop's read-ahead bound): not busy.
         seconds = time.perf_counter() - started - getattr(self.stage, "idle_seconds", 0.0)
         n = len(out["sample_id"])

@@ -533,7 +533,12 @@ def _fit_once(cfg: RunConfig, categories: list[dict], point: ResumePoint, progre
                 time.sleep(2.0)  # the GCS marks a lost node dead within seconds
                 raise _NodeLost(_worker_error_line(exc), lost_since(nodes)) from None
             if watch.timed_out is None:
-                raise TrainingFailed(f"training failed: {_worker_error_line(exc)} (worker "
+                line = _worker_error_line(exc)
+                if "StageError: " in line:  # a stage, not the trainer: say which and where
+                    line = line.split("StageError: ", 1)[1]
+                    raise TrainingFailed(f"{line} (worker logs: set ray.log_to_driver=true to "
+                                         "see them here)") from None
+                raise TrainingFailed(f"training failed: {line} (worker "
                                      "logs: set ray.log_to_driver=true to see them here)"
                                      ) from None
         finally:
