@@ -167,7 +167,7 @@ def test_config_checks_the_feedback_section() -> None:
 
 
 def test_inspection_reads_options_lag_and_the_allocation_history(tmp_path) -> None:
-    from pipeline.inspection.feedback import feedback_summary, option_acceptance
+    from pipeline.inspection.feedback import feedback_line, feedback_summary, option_acceptance
     from pipeline.inspection.query import DecisionQuery
     from pipeline.inspection.report import build_report
     from pipeline.inspection.report_charts import allocation_svg
@@ -198,6 +198,8 @@ def test_inspection_reads_options_lag_and_the_allocation_history(tmp_path) -> No
     lags = sorted(r["step"] - r["allocation_step"] for r in rows[4:])
     assert fb["lag_steps"]["rows"] == len(rows) - 4 and fb["lag_steps"]["max"] == lags[-1]
     assert fb["open_loop_rows"] == 4
+    assert feedback_line(fb).startswith(f"closed loop: engaged after 4 of {len(rows)} "
+                                        "candidates; decisions reached generation within")
     assert meta["allocation_records"] == 2 and 'id="allocation-chart"' in page
     assert "<b>evil</b>" not in page and "&lt;b&gt;evil&lt;/b&gt;" in page
     assert "Open loop" in allocation_svg([])
@@ -215,3 +217,23 @@ def test_generation_may_run_only_so_far_ahead_of_the_decisions() -> None:
     # A batch larger than the bound is still granted when nothing is ahead (no deadlock).
     board.record([2] * 8, [0] * 8, [True] * 8, step=4)
     assert board.allocation(20, max_ahead=12)["granted"]
+
+
+def test_a_closed_loop_that_never_engaged_says_so_and_why(tmp_path) -> None:
+    from pipeline.inspection.feedback import feedback_line, feedback_summary
+    from pipeline.inspection.query import DecisionQuery
+    from tests.conftest import make_rows, write_run
+
+    rows = make_rows()
+    for i, r in enumerate(rows):
+        r["prompt_option"] = 0
+        r["allocation_step"] = -1  # every candidate drawn before any decision came back
+        r["stream_position"] = i
+    out = str(tmp_path / "run")
+    write_run(out, rows)
+    with DecisionQuery(out) as q:
+        fb = feedback_summary(q)
+    assert fb["engaged"] is False and fb["open_loop_rows"] == len(rows)
+    line = feedback_line(fb)
+    assert line.startswith(f"closed loop: never engaged: all {len(rows)} candidates")
+    assert "feedback.max_ahead" in line and "generation.batch_size" in line

@@ -79,25 +79,39 @@ def allocation_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def feedback_summary(q: DecisionQuery) -> dict[str, Any] | None:
     """The run summary's ``feedback``: the lag and the acceptance by prompt option (None for an
-    open-loop run)."""
-    lag = loop_lag(q)
-    if lag is None:
+    open-loop run); ``engaged`` is False for a closed-loop run whose decisions never reached
+    generation (every candidate drawn open loop)."""
+    if "allocation_step" not in q.columns():
         return None
+    lag = loop_lag(q)
+    open_rows = open_loop_rows(q)
+    if lag is None:
+        if not open_rows:
+            return None
+        return {"engaged": False, "lag_steps": None, "open_loop_rows": open_rows,
+                "rows": q.count(), "options": []}
     options = option_acceptance(q)
-    return {"lag_steps": lag, "open_loop_rows": open_loop_rows(q),
+    return {"engaged": True, "lag_steps": lag, "open_loop_rows": open_rows, "rows": q.count(),
             "options": options.records() if options is not None else []}
 
 
 def feedback_line(feedback: dict[str, Any] | None) -> str | None:
-    """One line for the printed summary."""
+    """One line for the printed summary (and why, when the loop never engaged)."""
     if not feedback:
         return None
+    if not feedback.get("engaged", True):
+        return (f"closed loop: never engaged: all {feedback['open_loop_rows']} candidates were "
+                "drawn before a decision reached generation (generation ran that far ahead of "
+                "training at these sizes); lower feedback.max_ahead or generation.batch_size, "
+                "or make more candidates (generation.num_candidates)")
     lag = feedback["lag_steps"]
     parts = ", ".join(f"option {o['option']} {100 * (o['accept_rate'] or 0):.0f}%"
                       for o in feedback["options"])
-    return (f"closed loop: decisions reached generation within {lag['median']:.0f} steps "
-            f"(median; max {lag['max']}), {feedback['open_loop_rows']} candidates drawn open "
-            f"loop; accepted by prompt option: {parts or '-'}")
+    total = feedback.get("rows")
+    engaged = (f"engaged after {feedback['open_loop_rows']} of {total} candidates; "
+               if total else f"{feedback['open_loop_rows']} candidates drawn open loop; ")
+    return (f"closed loop: {engaged}decisions reached generation within {lag['median']:.0f} "
+            f"steps (median; max {lag['max']}); accepted by prompt option: {parts or '-'}")
 
 
 def run_metrics(uri: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
