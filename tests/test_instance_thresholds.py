@@ -142,7 +142,7 @@ def test_the_fixed_threshold_works_per_instance() -> None:
 def test_the_config_names_each_threshold_where_it_applies() -> None:
     demo = CONFIGS / "demo.yaml"
     assert resolved_threshold("batch", "auto") == "fixed"
-    assert resolved_threshold("instance", "auto") == "calibrated"
+    assert resolved_threshold("instance", "auto") == "dynamic"
     assert resolved_threshold("instance", "auto", calibratable=False) == "dynamic"
     load_config(demo, ["selection.threshold=auto", "selection.method=gated_loss"])  # -> dynamic
     with pytest.raises(ConfigError, match="needs selection.granularity=instance"):

@@ -23,8 +23,9 @@ def test_demo_config_builds_the_instance_composite_trainer(train_set: LvisDatase
     trainer = build_trainer(train_set, training=trainer_settings(cfg),
                             selection=dataclasses.asdict(cfg.selection), seed=cfg.seed)
     assert trainer.granularity == "instance" and trainer.method == "composite"
-    assert trainer.selector.threshold.alpha == cfg.selection.alpha
-    assert trainer.step_fn.calibration_pastes == cfg.selection.calibration_pastes > 0
+    assert trainer.selector.threshold.keep_fraction == cfg.selection.keep_fraction
+    assert trainer.selector.threshold.window.window_steps == cfg.selection.threshold_window_steps
+    assert trainer.step_fn.calibration_pastes == 0  # the percentile pastes no real pieces
     assert trainer.selector.caches.mode == "average"
 
 

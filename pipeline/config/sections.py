@@ -173,8 +173,8 @@ class SelectionConfig:
     cache_dtype: Literal["float32", "bfloat16"] = "float32"
     # per_worker: the reference's separate cache per GPU; all_reduce: averaged real gradient.
     cache_sync: Literal["per_worker", "all_reduce"] = "per_worker"
-    # auto: the paper's fixed threshold at batch granularity, the calibrated one at instance
-    # granularity (the selection benchmark's best: README, Results). fixed: score >=
+    # auto: the paper's fixed threshold at batch granularity, the per-class percentile
+    # (dynamic) at instance granularity (the selection benchmarks' best: README, Results). fixed: score >=
     # fixed_threshold; dynamic: the percentile keeping keep_fraction (batch: of the last
     # `window` batch scores; instance: of each class's candidates of the last
     # threshold_window_steps steps); schedule (batch only): keep_fraction ramped from
