@@ -86,7 +86,7 @@ def test_secrets_are_redacted_and_resume_takes_them_from_elsewhere(tmp_path: Pat
     assert config_hash(resumed) == config_hash(cfg)
     run.write_bytes("checkpoints/step-000000004.pt", b"x")  # decisions are kept from here on
     with pytest.raises(ConfigError, match="selection.threshold, training.steps cannot change"):
-        resume_config(str(out), ["training.steps=400", "selection.threshold=dynamic"])
+        resume_config(str(out), ["training.steps=400", "selection.threshold=calibrated"])
 
 
 def _trainer_state(rank: int) -> dict:

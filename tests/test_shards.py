@@ -145,7 +145,10 @@ def test_reader_errors(tmp_path: Path) -> None:
 
 def test_preflight_local(tmp_path: Path) -> None:
     preflight_writable(str(tmp_path / "new" / "run"))
-    assert list((tmp_path / "new" / "run").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # the probe leaves no folder it made behind
+    (tmp_path / "kept").mkdir()
+    preflight_writable(str(tmp_path / "kept"))
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
     with pytest.raises(StorageError, match="blocker.*not writable"):
