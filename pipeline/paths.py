@@ -49,10 +49,18 @@ def looks_local(key: str, value: str) -> bool:
     return not is_uri(value)
 
 
+def absolute_local(uri: str, cwd: Path | None = None) -> str:
+    """``uri`` resolved against ``cwd`` (default: this process's) when it is a relative local
+    path; a URI or an absolute path as given."""
+    if not uri or is_uri(uri) or os.path.isabs(uri):
+        return uri
+    return str(((cwd or Path.cwd()) / uri).resolve())
+
+
 def absolute_paths(cfg: RunConfig, cwd: Path) -> RunConfig:
     """``cfg`` with ``output.dir`` and every local path key made absolute against ``cwd``."""
     for key in ("output.dir", *SHIPPED_FILE_KEYS, *NODE_PATH_KEYS):
         value = get_key(cfg, key)
-        if value and looks_local(key, value) and not os.path.isabs(value):
-            cfg = set_key(cfg, key, str((cwd / value).resolve()))
+        if value and looks_local(key, value):
+            cfg = set_key(cfg, key, absolute_local(value, cwd))
     return cfg

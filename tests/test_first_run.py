@@ -278,6 +278,60 @@ def test_progress_lines_give_an_eta_from_the_rates_seen() -> None:
     assert [format_seconds(s) for s in (42, 185, 7620)] == ["42 s", "3 min 05 s", "2 h 07 min"]
 
 
+def test_worker_warnings_are_kept_once_bounded_and_printed_once(
+        capsys: pytest.CaptureFixture) -> None:
+    from pipeline.run.progress import MAX_NOTICES, NoticePrinter, ProgressBoard
+
+    board = ProgressBoard()
+    for _ in range(3):
+        board.notice("warning (generate stage): feedback: the demand actor is gone")
+    for i in range(2 * MAX_NOTICES):  # a warning in a loop with a changing text
+        board.notice(f"warning (check stage): batch {i}")
+    notices = board.snapshot()["notices"]
+    assert len(notices) == MAX_NOTICES and notices[0].startswith("warning (generate stage)")
+    printer = NoticePrinter(board=None)
+    printer.show(notices[:2])
+    printer.show(notices[:3])
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"bsgal {t}" for t in notices[:3]]
+
+
+def test_the_eta_restarts_when_the_trainer_changes_phase() -> None:
+    import io
+
+    from pipeline.run.progress import ProgressDisplay, TrainerTotals
+
+    display = ProgressDisplay(board=None, candidates=100, steps=100, mode="lines",
+                              stream=io.StringIO())
+    display.eta(10.0, TrainerTotals(step=10, phase="warmup"))
+    assert display.eta(20.0, TrainerTotals(step=50, phase="warmup")) == pytest.approx(12.5)
+    # Candidate steps are slower than warm-up steps: the rate is measured again.
+    assert display.eta(30.0, TrainerTotals(step=55, phase="candidates")) is None
+    assert display.eta(40.0, TrainerTotals(step=60, decided=20, phase="candidates")) == \
+        pytest.approx(max(40 * 10 / 5, 80 * 10 / 20))
+
+
+def test_rescore_progress_prints_a_line_per_interval_with_an_eta() -> None:
+    import io
+
+    from pipeline.run.progress import CountProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    shown = CountProgress(100, "rescored", interval=10.0, stream=out, clock=lambda: now[0])
+    now[0] = 5.0
+    shown.update(10)  # within the interval: no line
+    assert out.getvalue() == ""
+    now[0] = 12.0
+    shown.update(10)  # 20 of 100 in 12 s: 80 more take 48 s
+    now[0] = 60.0
+    shown.update(80)
+    shown.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("rescored 20/100, ETA 48 s"), lines
+    assert lines[-1].endswith("rescored 100/100") and len(lines) == 3, lines
+
+
 def test_a_trainer_waiting_for_candidates_sees_an_interrupt() -> None:
     import threading
 

@@ -281,6 +281,12 @@ def test_a_truncated_shard_is_named_with_the_fix_or_skipped_on_request(tmp_path:
     assert "1 unreadable shard file(s) left out" in text and bad in text
     code, text = invoke_cli("export-pool", str(out), str(tmp_path / "pool"), "--skip-unreadable")
     assert code == 0 and "exported" in text, text
+    # As a pool source there is no such flag: the message says only what does help.
+    from pipeline.storage.pool_index import PoolFormatError, read_shard_pool
+
+    with pytest.raises(PoolFormatError, match="move the file out") as err:
+        read_shard_pool(str(out), ("accepted", "rejected"))
+    assert bad in str(err.value) and "--skip-unreadable" not in str(err.value)
 
 
 def test_output_paths_that_cannot_be_written_are_refused_before_any_work(

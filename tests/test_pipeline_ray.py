@@ -202,7 +202,7 @@ def _allocations(out: Path) -> list[dict]:
 
 
 def test_closed_loop_steers_generation_resumes_with_its_state_and_outlives_its_actor(
-        local_ray, builtin_data: Path, tmp_path: Path) -> None:
+        local_ray, builtin_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "closed"
     cfg = demo_config(overrides(builtin_data, **CLOSED_LOOP, **{"training.max_failures": 0}),
                       str(out))
@@ -232,6 +232,9 @@ def test_closed_loop_steers_generation_resumes_with_its_state_and_outlives_its_a
         saved["state"]["decisions"]
     assert abs(sum(c["share"] for c in after[0]["classes"].values()) - 1) < 1e-3
     assert any("unavailable" in r for r in records if r["step"] >= killed_at)
+    # The trainer's warning reached this console (worker output does not: log_to_driver off).
+    err = capsys.readouterr().err
+    assert "bsgal warning (trainer rank 0): feedback: the demand actor is unavailable" in err, err
     fb = s["feedback"]
     assert fb["lag_steps"]["rows"] == len(steered) and fb["lag_steps"]["max"] >= 0
     assert "closed loop:" in job_summary_text(s)

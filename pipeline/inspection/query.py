@@ -223,7 +223,7 @@ class DecisionQuery:
         self.storage_options = dict(storage_options or {})
         #: shard files left out because they cannot be read (``skip_unreadable``)
         self.skipped: list[str] = []
-        fs, self.shards_path, files = locate_shards(uri, self.storage_options,
+        fs, self.shards_path, files = locate_shards(uri, self.storage_options, can_skip=True,
                                                     skip_unreadable=skip_unreadable,
                                                     skipped=self.skipped)
         self.fs = fs

@@ -20,6 +20,7 @@ ignores them. A stage actor that dies is restarted and its batch retried by Ray 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -75,6 +76,10 @@ class TimedStage:
     def __init__(self, name: str, build: Callable[..., Any], kwargs: Mapping[str, Any],
                  progress: Any = None, kill: StageKill | None = None) -> None:
         self.name = name
+        if progress is not None:  # before the build: loading a model may warn too
+            from pipeline.run.progress import forward_warnings
+
+            forward_warnings(progress, f"{name} stage")
         self.stage = build(**kwargs)
         self.column = timing_column(name)
         self.progress = progress
@@ -239,6 +244,27 @@ def build_candidate_dataset(cfg: RunConfig, prompts: Mapping[str, np.ndarray],
     return ds
 
 
+class _DropChosenSettings(logging.Filter):
+    """Ray Data's notice that progress bars are off: bsgal turned them off on purpose
+    (``ray.data_progress_bars``) and draws its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def quiet_ray_data_logs() -> None:
+    """Ray Data's INFO lines (execution plans, "Starting execution of Dataset ...") stay in
+    its log files (``/tmp/ray/session_*/logs/ray-data``) instead of this console; its
+    warnings still show, except the one about a setting bsgal chose."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler" or (
+                isinstance(handler, logging.StreamHandler)
+                and not isinstance(handler, logging.FileHandler)):
+            handler.setLevel(max(handler.level, logging.WARNING))
+            if not any(isinstance(f, _DropChosenSettings) for f in handler.filters):
+                handler.addFilter(_DropChosenSettings())
+
+
 def configure_data_context(cfg: RunConfig, cluster_cpus: float) -> None:
     """Ray Data options of the driver's context, which the dataset carries to its executor:
     stream order, progress bars, and the CPU budget (``ray.data_cpu_fraction`` of the
@@ -246,6 +272,7 @@ def configure_data_context(cfg: RunConfig, cluster_cpus: float) -> None:
     import ray
 
     ctx = ray.data.DataContext.get_current()
+    quiet_ray_data_logs()  # after ray.data's import, which sets up its loggers
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
     ctx.enable_progress_bars = cfg.ray.data_progress_bars
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(

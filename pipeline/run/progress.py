@@ -8,6 +8,7 @@ line every ``interval`` seconds instead, so logs stay readable.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -29,6 +30,9 @@ class ProgressBoard:
         self.ranks: dict[int, dict[str, Any]] = {}
         self.started = time.time()
         self.stop: str | None = None
+        # Warnings of bsgal's own code in stage actors and trainer workers (whose output does
+        # not reach the console with ray.log_to_driver=false): text -> times seen, in order.
+        self.notices: dict[str, int] = {}
 
     def reset(self) -> None:
         """Forget the counters (the run restarts from a checkpoint); a stop request stays."""
@@ -50,10 +54,54 @@ class ProgressBoard:
     def trainer_state(self, rank: int, state: dict[str, Any]) -> None:
         self.ranks[rank] = dict(state)
 
+    def notice(self, text: str) -> None:
+        """A warning from a worker process; the same text again only counts (at most
+        `MAX_NOTICES` distinct texts are kept, so a warning in a loop cannot grow the actor)."""
+        if text in self.notices:
+            self.notices[text] += 1
+        elif len(self.notices) < MAX_NOTICES:
+            self.notices[text] = 1
+
     def snapshot(self) -> dict[str, Any]:
         return {"stages": {k: list(v) for k, v in self.stages.items()},
                 "ranks": {k: dict(v) for k, v in self.ranks.items()},
+                "notices": list(self.notices),
                 "elapsed": time.time() - self.started}
+
+
+#: Distinct worker warnings a board keeps.
+MAX_NOTICES = 50
+
+#: The top-level packages whose loggers' warnings are bsgal's own.
+OWN_LOGGERS = ("pipeline", "selector", "trainer", "generators", "annotators")
+
+
+class NoticeForwarder(logging.Handler):
+    """Sends WARNING and above of bsgal's own loggers in this process to a board's
+    :meth:`ProgressBoard.notice` (fire-and-forget), prefixed with where it happened."""
+
+    def __init__(self, board: Any, where: str) -> None:
+        super().__init__(logging.WARNING)
+        self.board, self.where = board, where
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage().removeprefix("bsgal ")  # the driver says "bsgal"
+            self.board.notice.remote(f"{record.levelname.lower()} ({self.where}): {message}")
+        except Exception:  # noqa: BLE001 - a warning must never fail the work it is about
+            pass
+
+
+def forward_warnings(board: Any, where: str) -> None:
+    """In a stage actor or trainer worker: make bsgal's own warnings reach the driver's
+    console through ``board``. Replaces the forwarder of an earlier run in the same process."""
+    for name in OWN_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, NoticeForwarder)]:
+            logger.removeHandler(handler)
+        logger.addHandler(NoticeForwarder(board, where))
+        if logger.getEffectiveLevel() > logging.WARNING:
+            logger.setLevel(logging.WARNING)
 
 
 #: Where the run's control actors live: the head node, which outlives the worker nodes (losing
@@ -108,6 +156,34 @@ class TrainerTotals:
                 f"waiting {wait}" + (f", {self.phase}" if self.phase else ""))
 
 
+class NoticePrinter:
+    """Prints the workers' warnings a :class:`ProgressBoard` collected, each once, on stderr."""
+
+    def __init__(self, board: Any) -> None:
+        self.board = board
+        self.printed = 0
+
+    def show(self, notices: list[str], above_bars: bool = False) -> None:
+        for text in notices[self.printed:]:
+            if above_bars:
+                from tqdm import tqdm
+
+                tqdm.write(f"bsgal {text}", file=sys.stderr)
+            else:
+                print(f"bsgal {text}", file=sys.stderr, flush=True)
+        self.printed = max(self.printed, len(notices))
+
+    def poll(self) -> None:
+        """Ask the board (bounded wait) and print what is new; a board away prints nothing."""
+        import ray
+
+        try:
+            snap = ray.get(self.board.snapshot.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - warnings are best effort, like progress
+            return
+        self.show(snap.get("notices", []))
+
+
 class ProgressDisplay:
     """Driver-side view of a :class:`ProgressBoard`: tqdm bars or periodic lines.
 
@@ -139,12 +215,13 @@ class ProgressDisplay:
         self._bars: dict[str, Any] = {}
         self.last: dict[str, Any] | None = None
         self._first: tuple[float, int, int] | None = None  # (elapsed, step, decided) seen first
+        self._phase = ""  # the trainer's phase when _first was seen
+        self._notices = NoticePrinter(board)
 
     def __enter__(self) -> "ProgressDisplay":
-        if self.mode != "off":
-            self._thread = threading.Thread(target=self._run, name="bsgal-progress",
-                                            daemon=True)
-            self._thread.start()
+        # "off" polls too: the workers' warnings are printed in every mode.
+        self._thread = threading.Thread(target=self._run, name="bsgal-progress", daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -165,19 +242,24 @@ class ProgressDisplay:
         return self.last
 
     def _run(self) -> None:
-        period = 0.5 if self.mode == "bars" else self.interval
+        period = {"bars": 0.5, "off": 2.0}.get(self.mode, min(self.interval, 2.0))
+        last_line = time.monotonic()
         while not self._stop.wait(period):
-            self._poll_and_draw()
+            now = time.monotonic()
+            self._poll_and_draw(lines=now - last_line >= self.interval)
+            if now - last_line >= self.interval:
+                last_line = now
 
-    def _poll_and_draw(self, final: bool = False) -> None:
-        if self.mode == "off":
-            return
+    def _poll_and_draw(self, final: bool = False, lines: bool = True) -> None:
         snap = self._poll()
         if snap is None:
             return
+        self._notices.show(snap.get("notices", []), above_bars=bool(self._bars))
+        if self.mode == "off":
+            return
         if self.mode == "bars":
             self._draw_bars(snap)
-        elif final or not self._stop.is_set():
+        elif final or (lines and not self._stop.is_set()):
             self._print_line(snap, final)
 
     def _draw_bars(self, snap: dict[str, Any]) -> None:
@@ -218,11 +300,12 @@ class ProgressDisplay:
         print(line, file=self.stream or sys.stdout, flush=True)
 
     def eta(self, elapsed: float, totals: TrainerTotals) -> float | None:
-        """Seconds left at the rates seen since the trainer's first report: the longer of the
-        steps still scheduled and the candidates still to decide (None before two reports)."""
-        if self._first is None:
-            if totals.step > 0:
-                self._first = (elapsed, totals.step, totals.decided)
+        """Seconds left at the rates seen since the trainer's first report in its current phase
+        (warm-up steps are faster than candidate steps): the longer of the steps still scheduled
+        and the candidates still to decide (None before two reports in one phase)."""
+        if self._first is None or totals.phase != self._phase:
+            self._phase = totals.phase
+            self._first = (elapsed, totals.step, totals.decided) if totals.step > 0 else None
             return None
         t0, step0, decided0 = self._first
         dt = elapsed - t0
@@ -243,3 +326,41 @@ def format_seconds(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class CountProgress:
+    """Driver-side progress of work counted in items (``bsgal rescore``): a line every
+    ``interval`` seconds with the rate seen so far and an ETA, and the workers' warnings from
+    ``board`` (a :class:`ProgressBoard`, or None) as they come.
+
+    Call :meth:`update` with the items just done; :meth:`close` prints the last line.
+    """
+
+    def __init__(self, total: int, verb: str, board: Any = None, interval: float = 15.0,
+                 stream: TextIO | None = None,
+                 clock: Any = time.monotonic) -> None:
+        self.total, self.verb, self.board = int(total), verb, board
+        self.interval, self.stream, self.clock = float(interval), stream, clock
+        self.done = 0
+        self.started = self.last = clock()
+        self._notices = NoticePrinter(board) if board is not None else None
+
+    def line(self) -> str:
+        elapsed = self.clock() - self.started
+        text = f"[{elapsed:6.0f}s] {self.verb} {self.done}/{self.total}"
+        if 0 < self.done < self.total and elapsed > 0:
+            text += f", ETA {format_seconds((self.total - self.done) * elapsed / self.done)}"
+        return text
+
+    def update(self, n: int) -> None:
+        self.done += int(n)
+        if self.clock() - self.last >= self.interval:
+            self.last = self.clock()
+            if self._notices is not None:
+                self._notices.poll()
+            print(self.line(), file=self.stream or sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._notices is not None:
+            self._notices.poll()
+        print(self.line(), file=self.stream or sys.stdout, flush=True)

@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, RunConfig, candidate_batch_size, config_to_dict
 from pipeline.errors import UserError
+from pipeline.paths import absolute_local
 from pipeline.storage.checkpoints import FORMAT, checkpoint_problem, config_hash, read_info
 from pipeline.storage.filesystem import check_output_path
 from pipeline.storage.run_config import resume_config
@@ -178,6 +179,7 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
         stage_specs,
     )
     from pipeline.run.pool_source import pool_draws
+    from pipeline.run.progress import CountProgress, start_board
     from pipeline.run.rescore_stage import STREAM_OFFSET, RescoreStage, restored_trainer
     from pipeline.run.rows import decision_row
     from trainer.candidates import batch_rows
@@ -189,6 +191,9 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
     if bad:
         raise UserError(f"--decision {bad}: not among {DECISIONS}")
     started = time.monotonic()
+    # The scoring actors run in folders of their own: local paths are resolved here.
+    request = dataclasses.replace(request, **{
+        k: absolute_local(getattr(request, k)) for k in ("source", "checkpoint", "out")})
     run, name = locate_checkpoint(request.checkpoint, request.storage_options)
     cfg = rescore_config(request, run)
     run_hash = config_hash(resume_config(run.out, request.overrides,
@@ -225,13 +230,15 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
             {"config": config_to_dict(cfg), "run_uri": run.out, "checkpoint": name,
              "cache": request.cache, "real_images": request.real_images},
             size, workers, float(cfg.training.num_cpus_per_worker), gpus))
-        ds = build_candidate_dataset(cfg, rows, categories, specs=specs)
+        board = start_board()
+        ds = build_candidate_dataset(cfg, rows, categories, specs=specs, progress=board)
         devices = stage_devices(cfg, gpus > 0)  # the score stage holds what the trainer would
         units = units_text(devices)
         counts = dict.fromkeys(DECISIONS, 0)
         writer = ShardWriter(cfg.output.dir, rank=0, max_rows=cfg.output.shard_max_rows,
                              flush_seconds=cfg.output.shard_flush_seconds,
                              storage_options=cfg.output.storage_options)
+        shown = CountProgress(n, "rescored", board)
         with writer:
             for batch in ds.iter_batches(batch_size=size, batch_format="numpy"):
                 batch_list = batch_rows(batch)
@@ -248,6 +255,8 @@ def rescore(request: RescoreRequest, *, connect: Callable[[RunConfig], Any],
                                                  frequency=frequency, devices=devices,
                                                  units=units, judged_by=judged_by))
                 writer.add(out_rows)
+                shown.update(len(out_rows))
+        shown.close()
     finally:
         if conn.started:
             ray.shutdown()

@@ -25,6 +25,7 @@ trainer guarantees it per batch; the writer is flushed before each checkpoint an
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -48,7 +49,9 @@ from pipeline.storage.shard_writer import ShardWriter
 
 #: TrainingConfig keys that belong to the pipeline, not to `trainer.factory.build_trainer`.
 PIPELINE_TRAINING_KEYS = ("num_cpus_per_worker", "candidate_batch_size", "prefetch_batches",
-                          "late_candidates", "resources_per_worker", "max_failures")
+                          "late_candidates", "resources_per_worker", "max_failures", "weights")
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +83,12 @@ class WorkerPlan:
 
 
 def trainer_settings(cfg: RunConfig) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(cfg.training).items()
-            if k not in PIPELINE_TRAINING_KEYS}
+    """The trainer's keys of ``training`` (``weights: random`` drops ``init_checkpoint``)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg.training).items()
+                if k not in PIPELINE_TRAINING_KEYS}
+    if cfg.training.weights == "random":
+        settings["init_checkpoint"] = None
+    return settings
 
 
 class RankSync:
@@ -130,6 +137,10 @@ class TrainWorker:
         self.plan = plan
         self.cfg = cfg = config_from_dict(plan.config)
         self.rank, self.world = rank, world
+        if plan.progress is not None:
+            from pipeline.run.progress import forward_warnings
+
+            forward_warnings(plan.progress, f"trainer rank {rank}")
         torch.set_num_threads(max(1, int(cfg.training.num_cpus_per_worker)))
         ensure_builtin_data(cfg.data)
         train_set, val_set = open_splits(cfg.data)
@@ -473,7 +484,12 @@ class FeedbackLink:
         try:
             self.board.record.remote(classes, options, accepted, step)
         except Exception as exc:  # noqa: BLE001 - the actor is gone: training goes on
-            self.failed = f"{type(exc).__name__}: {exc}"
+            self._fail(f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, why: str) -> None:
+        self.failed = why
+        log.warning("bsgal feedback: the demand actor is unavailable (%s); generation draws "
+                    "open loop and training goes on", why)
 
     def _ask(self, method: str) -> Any:
         import ray
@@ -483,7 +499,7 @@ class FeedbackLink:
         try:
             return ray.get(getattr(self.board, method).remote(), timeout=self.timeout_s)
         except Exception as exc:  # noqa: BLE001 - timeout or a dead actor
-            self.failed = f"{type(exc).__name__}"
+            self._fail(type(exc).__name__)
             return None
 
     def report(self) -> dict[str, Any]:

@@ -96,11 +96,12 @@ def drop_after(out: str, rank: int, offset: int, storage_options: dict | None = 
 
 def locate_shards(
     uri: str, storage_options: dict | None = None, *, skip_unreadable: bool = False,
-    skipped: list[str] | None = None,
+    skipped: list[str] | None = None, can_skip: bool = False,
 ) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
     """Find and check the shards of a run folder or of its ``shards`` folder.
 
-    A file whose Parquet footer cannot be read is an error naming it and the fix, or, with
+    A file whose Parquet footer cannot be read is an error naming it and the fix (the
+    ``--skip-unreadable`` flag too where the caller's command has it: ``can_skip``), or, with
     ``skip_unreadable``, left out (appended to ``skipped``).
 
     Returns the filesystem, the shards folder's path in it and the shard files (paths as the
@@ -148,8 +149,9 @@ def locate_shards(
         shown = unreadable[0] if is_local(fs) else fs.unstrip_protocol(unreadable[0])
         raise ShardSchemaError(
             f"{shown}: not a readable Parquet file ({len(unreadable)} of the {len(files)} shard "
-            "files are not: truncated or not written by bsgal); pass --skip-unreadable to read "
-            "the others, or move the file out of the shards folder")
+            "files are not: truncated or not written by bsgal); "
+            + ("pass --skip-unreadable to read the others, or " if can_skip else "")
+            + "move the file out of the shards folder")
     if unreadable and len(unreadable) == len(files):
         raise ShardSchemaError(f"{uri}: none of the {len(files)} shard files can be read")
     if skipped is not None:
