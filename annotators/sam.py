@@ -126,6 +126,7 @@ class SamAnnotator(MaskAnnotator):
         images_per_forward: images per ``Sam.forward`` call (one image-encoder batch).
         box_margin: margin of the centred box, as a fraction of the image side.
         device: torch device; default ``cuda`` when available, else ``cpu``.
+        version: the ``annotator`` column's value (default ``sam:<type>@<fingerprint>``).
 
     ``mask_score`` is SAM's predicted IoU of the kept mask, clipped to [0, 1].
     """
@@ -141,6 +142,7 @@ class SamAnnotator(MaskAnnotator):
         images_per_forward: int = 8,
         box_margin: float = 0.05,
         device: str | None = None,
+        version: str | None = None,
     ) -> None:
         import torch
 
@@ -158,7 +160,8 @@ class SamAnnotator(MaskAnnotator):
             fingerprint = checkpoint_fingerprint(checkpoint)
             kind = model_type
         else:
-            fingerprint = module_fingerprint(model)
+            # A given version (random weights) spares hashing a large model's values.
+            fingerprint = "" if version else module_fingerprint(model)
             kind = "custom"
         from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -169,7 +172,7 @@ class SamAnnotator(MaskAnnotator):
         self.multimask = bool(multimask)
         self.images_per_forward = int(images_per_forward)
         self.box_margin = float(box_margin)
-        self.version = f"sam:{kind}@{fingerprint}"
+        self.version = version or f"sam:{kind}@{fingerprint}"
 
     @classmethod
     def from_checkpoint(cls, model_type: str, checkpoint: str | Path, **kwargs) -> "SamAnnotator":
@@ -236,15 +239,49 @@ class SamAnnotator(MaskAnnotator):
 STAGE = SamAnnotator
 
 
+#: ``annotation.weights``: the checkpoint's, or random weights of ``sam_model_type``'s real
+#: size (``random``) or of the tiny test SAM (``random_tiny``), for throughput and memory runs.
+WEIGHTS = ("pretrained", "random", "random_tiny")
+
+
+def build_random_sam(model_type: str, device: Any = None) -> Any:
+    """SAM of ``model_type`` (``vit_h``: 641 M parameters) or ``tiny`` with random weights,
+    initialised on ``device``: it costs what the real one costs, its masks mean nothing."""
+    import torch
+
+    if model_type == "tiny":
+        from annotators.tiny import build_tiny_sam
+
+        return build_tiny_sam()
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {MODEL_TYPES}")
+    from segment_anything import sam_model_registry
+
+    with torch.device(device or "cpu"):
+        return sam_model_registry[model_type](checkpoint=None).eval()
+
+
 def build(section: Mapping[str, Any]) -> SamAnnotator:
     """The stage from the ``annotation`` section (``sam_model_type``, ``sam_checkpoint``,
-    ``prompt``)."""
-    return SamAnnotator(model_type=section["sam_model_type"],
-                        checkpoint=section["sam_checkpoint"], prompt=section["prompt"])
+    ``prompt``, ``weights``)."""
+    weights = section.get("weights", "pretrained")
+    if weights == "pretrained":
+        return SamAnnotator(model_type=section["sam_model_type"],
+                            checkpoint=section["sam_checkpoint"], prompt=section["prompt"])
+    if weights not in WEIGHTS:
+        raise ValueError(f"annotation.weights {weights!r}: one of {list(WEIGHTS)}")
+    import torch
+
+    kind = "tiny" if weights == "random_tiny" else section["sam_model_type"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return SamAnnotator(model=build_random_sam(kind, device), prompt=section["prompt"],
+                        version=f"sam:random-{kind}")
 
 
 def check_section(section: Mapping[str, Any]) -> list[str]:
     """The problems of the ``annotation`` keys this backend reads."""
+    if section.get("weights", "pretrained") != "pretrained":
+        return []  # random weights read no checkpoint
     if not section.get("sam_checkpoint"):
         return ["annotation.sam_checkpoint: required when annotation.backend=sam; download e.g. "
                 "sam_vit_h_4b8939.pth and pass annotation.sam_checkpoint=/path/to/it"]
@@ -271,6 +308,10 @@ def check_sam_checkpoint(path: str) -> str | None:
 
 def check_weights(section: Mapping[str, Any], report: Any) -> None:
     """``annotation.sam_checkpoint`` opens as a tensor state dict (memory-mapped, not read)."""
+    if section.get("weights", "pretrained") != "pretrained":
+        report.passed.append(f"annotation.weights: {section['weights']} (no SAM checkpoint "
+                             "read; throughput and memory only)")
+        return
     path = section.get("sam_checkpoint")
     if not path:
         return

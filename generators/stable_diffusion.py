@@ -115,6 +115,10 @@ class StableDiffusionGenerator:
         negative_prompt: optional negative prompt for every sample.
         max_batch_size: at most this many prompts per pipeline call (None: the whole batch).
         offline: load from local files only (default: ``HF_HUB_OFFLINE``, offline when unset).
+        weights: ``pretrained`` (load ``model``), or ``random`` / ``random_tiny``: build SD
+            1.5's architecture (or the tiny test one) with random weights instead, for
+            throughput and memory runs (:mod:`generators.random_weights`; the version says
+            ``random``).
     """
 
     name = "sd"
@@ -133,8 +137,11 @@ class StableDiffusionGenerator:
         negative_prompt: str | None = None,
         max_batch_size: int | None = None,
         offline: bool | None = None,
+        weights: str = "pretrained",
     ) -> None:
         import torch
+
+        from generators.random_weights import WEIGHTS, architecture_of
 
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {list(SCHEDULERS)}")
@@ -144,7 +151,11 @@ class StableDiffusionGenerator:
             raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        self.model = str(model)
+        if weights not in WEIGHTS:
+            raise ValueError(f"unknown weights {weights!r}; expected one of {list(WEIGHTS)}")
+        self.weights = weights
+        self.model = str(model) if weights == "pretrained" else \
+            f"random-{architecture_of(weights)}"
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             dtype = "float16" if self.device.type == "cuda" else "float32"
@@ -155,7 +166,8 @@ class StableDiffusionGenerator:
         self.negative_prompt = negative_prompt
         self.max_batch_size = max_batch_size
         self.offline = hub_offline(offline)
-        self.pipe = self._load(safety_checker)
+        self.pipe = self._load(safety_checker) if weights == "pretrained" else \
+            self._build_random(architecture_of(weights))
         # Fingerprint the configs as loaded (before the scheduler swap) plus the settings.
         settings = {"scheduler": scheduler, "steps": self.steps, "guidance": self.guidance,
                     "resolution": self.resolution, "dtype": dtype}
@@ -169,6 +181,18 @@ class StableDiffusionGenerator:
         self.pipe.to(self.device)
         short = Path(self.model.rstrip("/")).name or self.model
         self.version = f"{self.name}:{short}@{fingerprint}"
+
+    def _build_random(self, architecture: str):
+        from generators.random_weights import build_random_pipeline
+
+        pipe = build_random_pipeline(architecture, device=self.device)
+        import torch
+
+        for name in ("unet", "vae", "text_encoder"):
+            # torch's own cast: diffusers' warns about keeping modules in float32, which is
+            # about loading weights saved in another precision (there are none here).
+            torch.nn.Module.to(getattr(pipe, name), dtype=self.dtype)
+        return pipe
 
     def _load(self, safety_checker: bool):
         from diffusers import AutoPipelineForText2Image
@@ -284,7 +308,8 @@ def build(section: Mapping[str, Any], *, categories: Any = ()) -> StableDiffusio
     return StableDiffusionGenerator(
         model=section["model"], scheduler=section["scheduler"], steps=int(section["steps"]),
         guidance=float(section["guidance"]), resolution=int(section["resolution"]),
-        dtype=section["dtype"], safety_checker=bool(section["safety_checker"]))
+        dtype=section["dtype"], safety_checker=bool(section["safety_checker"]),
+        weights=str(section.get("weights", "pretrained")))
 
 
 def check_section(section: Mapping[str, Any]) -> list[str]:
@@ -303,6 +328,11 @@ def check_section(section: Mapping[str, Any]) -> list[str]:
 
 
 def check_weights(section: Mapping[str, Any], report: Any) -> None:
-    """``generation.model``: a diffusers folder holding model_index.json, or a cached hub id."""
+    """``generation.model``: a diffusers folder holding model_index.json, or a cached hub id
+    (nothing to check with ``generation.weights: random``: no file is read)."""
+    if section.get("weights", "pretrained") != "pretrained":
+        report.passed.append(f"generation.weights: {section['weights']} (no weight file read; "
+                             "throughput and memory only)")
+        return
     check_hub_model(report, "generation.model", section["model"], "model_index.json",
                     lambda m: missing_model_message(m, True, None))

@@ -406,6 +406,59 @@ def rescore(source: str, checkpoint: str, out: str, decisions: tuple[str, ...], 
                                                else ""))
 
 
+# ------------------------------------------------------------------------------------ plan
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("source")
+@click.option("--train-gpus", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Training GPUs (Ray Train workers) to keep busy.")
+@click.option("--accept-rate", default=None, type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="Share of candidates accepted, for the cost per accepted instance "
+                   "(default: the run's; 0.7 for a gpu_check file, which measures none).")
+@click.option("--write-overrides", "write_to", default=None, type=click.Path(dir_okay=False),
+              help="Also write the run overrides and the deploy/cluster.yaml counts to this "
+                   "YAML file.")
+@functools.partial(storage_flags, what="SOURCE")
+@user_errors
+def plan(source: str, train_gpus: int, accept_rate: float | None, write_to: str | None,
+         endpoint_url: str | None, storage_pairs: tuple[str, ...]) -> None:
+    """How many generation and annotation GPUs keep N training GPUs busy, from measured costs.
+
+    SOURCE is a run folder (the device-seconds per candidate and stage that its shards record)
+    or a benchmarks/gpu_check.py results file (gpu_check.json). Prints the candidates/s the
+    trainers decide, the devices each stage needs, the cost per accepted instance, the run's
+    overrides and the node counts for deploy/cluster.yaml (and the KubeRay groups).
+
+    \b
+    Examples:
+      bsgal plan runs/demo --train-gpus 4
+      bsgal plan benchmarks/results/gpu_check.json --train-gpus 8 --write-overrides plan.yaml
+    """
+    import yaml
+
+    from pipeline.inspection.capacity_plan import (
+        cluster_overrides,
+        load_costs,
+        make_plan,
+        plan_text,
+        run_overrides,
+    )
+
+    costs = load_costs(source, storage_options_from(endpoint_url, storage_pairs) or None,
+                       accept_rate)
+    result = make_plan(costs, train_gpus)
+    click.echo(plan_text(result))
+    if write_to:
+        from pipeline.storage.filesystem import check_output_path
+
+        check_output_path(write_to, None, kind="file", option="--write-overrides")
+        with open(write_to, "w") as fh:
+            yaml.safe_dump({"run_overrides": run_overrides(result),
+                            "cluster": cluster_overrides(result)}, fh, sort_keys=False)
+        click.echo(f"overrides written to {write_to}")
+
+
 # ------------------------------------------------------------------ inspect, export-pool
 
 from pipeline.inspection.commands import export_pool_command, inspect_command  # noqa: E402

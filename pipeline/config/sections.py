@@ -63,6 +63,10 @@ class GenerationConfig:
     guidance: float = 7.5
     resolution: int = 512
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    # pretrained: load `model`. random / random_tiny: Stable Diffusion 1.5's architecture (or
+    # the tiny test one) with random weights, no file read: for throughput and memory runs
+    # only (the images are noise; summary, shards and report say so).
+    weights: Literal["pretrained", "random", "random_tiny"] = "pretrained"
     safety_checker: bool = False
     # One template or a list of them ({name}, {definition}); with several, each class's
     # prompt is drawn among them (uniformly, or steered by feedback.template_policy).
@@ -131,6 +135,9 @@ class AnnotationConfig:
     options: dict = field(default_factory=dict)
     sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
     sam_checkpoint: Optional[str] = None
+    # pretrained: load sam_checkpoint. random / random_tiny: sam_model_type's architecture
+    # (or the tiny test SAM) with random weights, no file read: throughput and memory only.
+    weights: Literal["pretrained", "random", "random_tiny"] = "pretrained"
     prompt: Literal["corners", "box", "point"] = "corners"
     batch_size: int = 8
     concurrency: int = 1
@@ -174,8 +181,8 @@ class SelectionConfig:
     # per_worker: the reference's separate cache per GPU; all_reduce: averaged real gradient.
     cache_sync: Literal["per_worker", "all_reduce"] = "per_worker"
     # auto: the paper's fixed threshold at batch granularity, the per-class percentile
-    # (dynamic) at instance granularity (the selection benchmarks' best: README, Results). fixed: score >=
-    # fixed_threshold; dynamic: the percentile keeping keep_fraction (batch: of the last
+    # (dynamic) at instance granularity (the selection benchmarks' best: README, Results).
+    # fixed: score >= fixed_threshold; dynamic: the percentile keeping keep_fraction (batch: of the last
     # `window` batch scores; instance: of each class's candidates of the last
     # threshold_window_steps steps); schedule (batch only): keep_fraction ramped from
     # keep_fraction_start to _end; calibrated (instance only): reject a candidate whose score
@@ -262,6 +269,9 @@ class TrainingConfig:
     checkpoint_every: int = 100
     # Start from these weights (a checkpoint written by bsgal, or a torchvision/detectron2 file).
     init_checkpoint: Optional[str] = None
+    # pretrained: init_checkpoint where given. random: the arch's random initialisation even
+    # where init_checkpoint is set (no file read): throughput and memory runs only.
+    weights: Literal["pretrained", "random"] = "pretrained"
     device: str = "auto"
     amp: bool = False
     # Ray Train workers (DDP when > 1) and whether each takes a GPU.

@@ -23,6 +23,7 @@ from pipeline.inspection.feedback import option_acceptance, run_allocation_histo
 from pipeline.inspection.thresholds import class_thresholds
 from pipeline.inspection.query import DecisionQuery
 from pipeline.inspection.render import describe_filters, format_value
+from pipeline.inspection.run_summary import random_weights_line
 from pipeline.inspection.report_charts import (
     allocation_svg,
     cost_svg,
@@ -117,6 +118,7 @@ def table_html(table: Table, table_id: str | None = None) -> str:
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:20px;color:#222}
 h1{font-size:20px;margin:0 0 4px}
+.warning{background:#fde2e1;border:2px solid #c0392b;padding:6px 10px;font-weight:bold}
 h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 h3{font-size:14px;margin:16px 0 6px}small{color:#666;font-weight:normal}
 table{border-collapse:collapse;margin:4px 0 8px}
@@ -168,6 +170,29 @@ _JS = """
   apply();
 })();
 """
+
+
+def random_weight_stages(q: DecisionQuery) -> list[str]:
+    """The stages of the run behind ``q`` that ran random weights: generation and annotation
+    from the rows' versions (``sd:random-sd15@…``, ``sam:random-vit_h``), training from the
+    run's config.yaml where there is one."""
+    import yaml
+
+    from pipeline.storage.run_dir import RunDir
+
+    stages = []
+    for stage, column in (("generation", "generator"), ("annotation", "annotator")):
+        if column in q.columns() and q.rows(
+                f"SELECT 1 FROM selected WHERE {column} LIKE '%:random-%' LIMIT 1"):
+            stages.append(stage)
+    root = q.uri.rstrip("/").removesuffix("/shards")
+    try:
+        config = yaml.safe_load(RunDir(root, q.storage_options).read_bytes("config.yaml"))
+        if (config.get("training") or {}).get("weights", "pretrained") != "pretrained":
+            stages.append("training")
+    except Exception:  # noqa: BLE001 - no run folder (a shards copy): the rows say the rest
+        pass
+    return stages
 
 
 def build_report(q: DecisionQuery, options: ReportOptions | None = None) -> tuple[str, dict]:
@@ -222,6 +247,10 @@ def build_report(q: DecisionQuery, options: ReportOptions | None = None) -> tupl
     feedback_html = allocation_svg(history) + (table_html(options_table, "options-table")
                                                if options_table is not None else "")
     meta["allocation_records"] = len(history)
+    meta["random_weights"] = random_weight_stages(q)
+    warning = random_weights_line(meta["random_weights"])
+    warning_html = (f'<p class="warning" id="random-weights">{html.escape(warning)}</p>'
+                    if warning else "")
     meta_json = json.dumps(meta).replace("<", "\\u003c")  # cannot close the script element
     esc = html.escape
     page = f"""<!DOCTYPE html>
@@ -230,6 +259,7 @@ def build_report(q: DecisionQuery, options: ReportOptions | None = None) -> tupl
 <title>bsgal decisions: {esc(q.uri)}</title><style>{_CSS}</style></head>
 <body>
 <h1>bsgal decisions</h1>
+{warning_html}
 <p class="meta">{esc(q.uri)} &middot; {meta['total_rows']} decisions in {meta['files']} shard
 files &middot; filters: {esc(describe_filters(meta['filters']))} &middot; {selected} selected
 &middot; generated {generated}</p>

@@ -93,6 +93,7 @@ def summarize_run(cfg: RunConfig) -> dict[str, Any]:
     totals = _worker_totals(run, cfg.training.num_workers)
     summary["workers"] = totals
     summary["skipped_images"] = _skipped_images(run, cfg.training.num_workers)
+    summary["random_weights"] = random_weight_stages(cfg)
     summary["final_step"] = max((t["step"] for t in totals), default=None)
     return summary
 
@@ -101,10 +102,32 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
+def random_weight_stages(cfg: RunConfig) -> list[str]:
+    """The stages of ``cfg`` that run random weights (``*.weights: random*``), in order."""
+    stages = []
+    if cfg.generation.backend == "stable_diffusion" and cfg.generation.weights != "pretrained":
+        stages.append("generation")
+    if cfg.annotation.backend == "sam" and cfg.annotation.weights != "pretrained":
+        stages.append("annotation")
+    if cfg.training.weights != "pretrained":
+        stages.append("training")
+    return stages
+
+
+def random_weights_line(stages: list[str] | None) -> str | None:
+    """The warning that leads the summary (and the report) of a random-weight run."""
+    if not stages:
+        return None
+    return (f"RANDOM WEIGHTS ({', '.join(stages)}): a throughput and memory run; its images, "
+            "masks, decisions and AP mean nothing")
+
+
 def summary_text(summary: dict[str, Any]) -> str:
     """A short human summary of :func:`summarize_run`'s output."""
     d = summary["decisions"]
-    lines = [
+    warning = random_weights_line(summary.get("random_weights"))
+    lines = [warning] if warning else []
+    lines += [
         f"run {summary['run']} finished in {summary.get('seconds', 0):.0f} s "
         f"(step {summary.get('final_step')})",
         f"candidates made: {summary['candidates_planned']}  →  accepted {d['accepted']}, "

@@ -255,7 +255,10 @@ def check_weights(cfg: RunConfig, report: PreflightReport) -> None:
             lambda m: (f"CLIP model {m!r} is not available here: download it once "
                        f"(`hf download {m}`) into the cache this machine reads (HF_HOME), or "
                        "pass a folder holding a CLIP model; or set annotation.clip_score=false"))
-    init = cfg.training.init_checkpoint
+    init = cfg.training.init_checkpoint if cfg.training.weights == "pretrained" else None
+    if cfg.training.weights == "random":
+        report.passed.append("training.weights: random (no initial checkpoint read; throughput "
+                             "and memory only)")
     if init and not is_uri(init) and not Path(init).expanduser().is_file():
         report.add("training.init_checkpoint",
                    f"training.init_checkpoint: {init!r} does not exist")
@@ -264,7 +267,7 @@ def check_weights(cfg: RunConfig, report: PreflightReport) -> None:
 def check_initial_weights(cfg: RunConfig, num_classes: int, report: PreflightReport) -> None:
     """``training.init_checkpoint`` against the configured detector, by names and shapes
     (`trainer.factory.initial_weights_fit`; nothing is built but on the meta device)."""
-    init = cfg.training.init_checkpoint
+    init = cfg.training.init_checkpoint if cfg.training.weights == "pretrained" else None
     if not init or is_uri(init) or not Path(init).expanduser().is_file():
         return  # absent: check_weights says so; remote: read when the run starts
     from trainer.factory import initial_weights_fit
