@@ -188,7 +188,7 @@ def test_inspection_reads_options_lag_and_the_allocation_history(tmp_path) -> No
     log.close()
     with DecisionQuery(out) as q:
         table = option_acceptance(q)
-        fb = feedback_summary(q)
+        fb = feedback_summary(q, closed_loop=True)
         page, meta = build_report(q)
     by_option = {r["option"]: r for r in table.rows}
     for option in (0, 1):
@@ -232,7 +232,9 @@ def test_a_closed_loop_that_never_engaged_says_so_and_why(tmp_path) -> None:
     out = str(tmp_path / "run")
     write_run(out, rows)
     with DecisionQuery(out) as q:
-        fb = feedback_summary(q)
+        fb = feedback_summary(q, closed_loop=True)
+        # The same rows of an open-loop run (the demo's default) say nothing of a loop.
+        assert feedback_summary(q, closed_loop=False) is None
     assert fb["engaged"] is False and fb["open_loop_rows"] == len(rows)
     line = feedback_line(fb)
     assert line.startswith(f"closed loop: never engaged: all {len(rows)} candidates")

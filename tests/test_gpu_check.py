@@ -105,3 +105,18 @@ def test_a_random_weight_run_says_so_in_its_summary_and_report(tmp_path: Path) -
                "counts_add_up": True, "groups": [], "random_weights": ["training"],
                "shards": "r/shards", "out": "r"}
     assert summary_text(summary).splitlines()[0].startswith("RANDOM WEIGHTS (training)")
+
+
+def test_the_weights_keys_leave_the_hash_of_earlier_runs_alone() -> None:
+    """A run checkpointed before the weights keys existed resumes: at "pretrained" they are
+    not part of the config hash; "random" is, and cannot be switched on by a resume."""
+    from pipeline.config import load_config
+    from pipeline.storage.checkpoints import config_hash, decision_keys
+    from tests.conftest import REPO_ROOT
+
+    demo = REPO_ROOT / "configs" / "demo.yaml"
+    cfg = load_config(demo)
+    assert not [k for k in decision_keys(cfg) if k.endswith(".weights")]
+    random = load_config(demo, ["training.weights=random"])
+    assert decision_keys(random)["training.weights"] == "random"
+    assert config_hash(random) != config_hash(cfg)

@@ -75,6 +75,7 @@ def test_pool_rescore_and_closed_loop_examples_run_as_written(
 
     demo, export, from_pool = _run_block("pool", builtin_data)
     assert "counts add up" in demo and "counts add up" in from_pool, from_pool
+    assert "closed loop" not in demo, demo  # an open-loop run says nothing of a loop
     pool = json.loads((tmp_path / "runs/demo-pool/xpaste_pool.json").read_text())
     pooled = read_decisions(str(tmp_path / "runs/from-pool")).to_pylist()
     assert pooled and all(r["generator"] == "pool:xpaste@1" for r in pooled)

@@ -77,11 +77,12 @@ def allocation_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda h: h["step"])
 
 
-def feedback_summary(q: DecisionQuery) -> dict[str, Any] | None:
+def feedback_summary(q: DecisionQuery, closed_loop: bool) -> dict[str, Any] | None:
     """The run summary's ``feedback``: the lag and the acceptance by prompt option (None for an
-    open-loop run); ``engaged`` is False for a closed-loop run whose decisions never reached
-    generation (every candidate drawn open loop)."""
-    if "allocation_step" not in q.columns():
+    open-loop run: ``closed_loop`` False, from its config); ``engaged`` is False for a
+    closed-loop run whose decisions never reached generation (every candidate drawn open
+    loop)."""
+    if not closed_loop or "allocation_step" not in q.columns():
         return None
     lag = loop_lag(q)
     open_rows = open_loop_rows(q)

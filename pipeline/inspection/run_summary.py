@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, feedback_settings
 from pipeline.storage.run_dir import RunDir, read_metrics
 from pipeline.storage.shard_schema import DECISIONS, shards_root
 
@@ -82,7 +82,7 @@ def summarize_run(cfg: RunConfig) -> dict[str, Any]:
             truth = truth_by_failure(q)
             summary["truth_failures"] = truth.records() if truth is not None else None
             summary["cost"] = cost_summary(q)
-            summary["feedback"] = feedback_summary(q)
+            summary["feedback"] = feedback_summary(q, feedback_settings(cfg).closed)
     else:
         counts, rows, distinct = {"accepted": 0, "rejected": 0, "invalid": 0}, 0, 0
         summary.update(reasons={}, groups=[], truth_failures=None, cost=None, feedback=None)

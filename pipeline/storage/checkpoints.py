@@ -51,11 +51,20 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: Keys added after runs were already checkpointed, at the value those runs ran with: left out
+#: of the hash at that value, so that a run checkpointed before the key existed resumes.
+LATER_KEYS_AT_THEIR_OLD_VALUE = {"generation.weights": "pretrained",
+                                 "annotation.weights": "pretrained",
+                                 "training.weights": "pretrained"}
+
+
 def decision_keys(cfg: RunConfig) -> dict[str, Any]:
     """The flat config keys a resumed run must keep (all but :data:`RESUMABLE_KEYS`)."""
     flat = _flat(config_to_dict(cfg))
     return {k: v for k, v in flat.items()
-            if k != "output.dir" and not k.startswith(RESUMABLE_KEYS)}
+            if k != "output.dir" and not k.startswith(RESUMABLE_KEYS)
+            and not (k in LATER_KEYS_AT_THEIR_OLD_VALUE
+                     and v == LATER_KEYS_AT_THEIR_OLD_VALUE[k])}
 
 
 def config_hash(cfg: RunConfig) -> str:
