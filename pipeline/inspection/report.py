@@ -172,10 +172,11 @@ _JS = """
 """
 
 
-def random_weight_stages(q: DecisionQuery) -> list[str]:
-    """The stages of the run behind ``q`` that ran random weights: generation and annotation
-    from the rows' versions (``sd:random-sd15@…``, ``sam:random-vit_h``), training from the
-    run's config.yaml where there is one."""
+def random_weight_stages_of_rows(q: DecisionQuery) -> list[str]:
+    """The stages of the run behind ``q`` that ran random weights, for a report that may have
+    only the shards (`run_summary.random_weight_stages` asks the config): generation and
+    annotation from the rows' versions (``sd:random-sd15@…``, ``sam:random-vit_h``), training
+    from the run's config.yaml where there is one."""
     import yaml
 
     from pipeline.storage.run_dir import RunDir
@@ -247,7 +248,7 @@ def build_report(q: DecisionQuery, options: ReportOptions | None = None) -> tupl
     feedback_html = allocation_svg(history) + (table_html(options_table, "options-table")
                                                if options_table is not None else "")
     meta["allocation_records"] = len(history)
-    meta["random_weights"] = random_weight_stages(q)
+    meta["random_weights"] = random_weight_stages_of_rows(q)
     warning = random_weights_line(meta["random_weights"])
     warning_html = (f'<p class="warning" id="random-weights">{html.escape(warning)}</p>'
                     if warning else "")
